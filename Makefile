@@ -1,0 +1,47 @@
+# The two commands of the README: `make run` and `make test`.
+# Each does its own set-up on a fresh Debian 12 machine.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CONFIG := etc/compute-agent.conf
+PYTEST_ARGS ?=
+
+.PHONY: run test setup host lint genconfig bench clean
+
+run: host-min $(STAMP)
+	$(BIN)/compute-agent-manage --config-file $(CONFIG) db sync
+	exec $(BIN)/compute-agent --config-file $(CONFIG)
+
+test: host $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+setup: host $(STAMP)
+
+# apt packages and local services (PostgreSQL, MariaDB, RabbitMQ) for the tests.
+host:
+	tools/setup-host.sh
+
+# apt packages only: the agent's embedded default needs no service.
+host-min:
+	SETUP_SERVICES=0 tools/setup-host.sh
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+genconfig: $(STAMP)
+	$(BIN)/oslo-config-generator --config-file etc/oslo-config-generator.conf
+
+bench: host $(STAMP)
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) .tox .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""Console entry points. Each monkey-patches the standard library first."""

@@ -1,0 +1,80 @@
+"""``compute-agent``: the node service."""
+
+from compute_agent import green
+
+green.monkey_patch()
+
+import logging  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import sqlalchemy as sa  # noqa: E402
+
+from compute_agent import log  # noqa: E402
+from compute_agent.cmd.common import (  # noqa: E402
+    EXIT_FAILED,
+    EXIT_OK,
+    Fatal,
+    ensure_state_path,
+    fail,
+    load_config,
+)
+from compute_agent.conf import CONF, loader  # noqa: E402
+from compute_agent.db import migration  # noqa: E402
+from compute_agent.db.api import Database  # noqa: E402
+from compute_agent.service import NodeService  # noqa: E402
+
+LOG = logging.getLogger("compute_agent.agent")
+PROG = "compute-agent"
+
+
+def build_service(conf) -> NodeService:
+    db = Database(conf.database.connection, conf.database.pool_size)
+    try:
+        migration.check_schema(db)
+    except migration.SchemaError as exc:
+        raise Fatal(str(exc)) from None
+    except sa.exc.SQLAlchemyError as exc:
+        raise Fatal(
+            f"cannot use database {db.safe_url}: {exc.__class__.__name__}: "
+            f"{str(exc).splitlines()[0]}"
+        ) from None
+    return NodeService(conf, db)
+
+
+def run(argv: Sequence[str]) -> int:
+    load_config(CONF, argv, PROG)
+    log.setup(CONF)
+    for name in loader.unknown_options(CONF):
+        LOG.warning("ignoring unknown option %s in the config files", name)
+    ensure_state_path(CONF)
+    service = build_service(CONF)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        service.request_stop(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        service.start()
+        service.wait()
+    finally:
+        service.stop()
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except Fatal as exc:
+        return fail(PROG, str(exc), exc.status)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:
+        LOG.exception("compute-agent failed")
+        return fail(PROG, f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Options of the ``[DEFAULT]`` group: who this host is and where it keeps state."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from oslo_config import cfg
+
+
+def _default_state_path() -> str:
+    # Root runs the agent on real hosts; anyone else (a developer) gets a
+    # per-user directory instead of a permission error.
+    if os.geteuid() == 0:
+        return "/var/lib/compute-agent"
+    return os.path.join(os.path.expanduser("~"), ".local", "state", "compute-agent")
+
+
+opts = [
+    cfg.HostDomainOpt(
+        "host",
+        default=socket.gethostname(),
+        sample_default="<hostname>",
+        help="Name of this host as the scheduler and the database know it. "
+        "Instances are claimed by this name, so it must be unique in the cloud.",
+    ),
+    cfg.StrOpt(
+        "state_path",
+        default=_default_state_path(),
+        sample_default="/var/lib/compute-agent",
+        help="Directory for the agent's local state (the default SQLite database, "
+        "the admin socket).",
+    ),
+    cfg.IntOpt(
+        "report_interval",
+        default=10,
+        min=1,
+        help="Seconds between heartbeats written to this host's service row.",
+    ),
+    cfg.IntOpt(
+        "service_down_time",
+        default=60,
+        min=1,
+        help="A service whose last heartbeat is older than this many seconds is "
+        "considered down, as a scheduler would judge it.",
+    ),
+    cfg.IntOpt(
+        "periodic_fuzzy_delay",
+        default=60,
+        min=0,
+        help="Each periodic task first runs after a random delay of up to this many "
+        "seconds, so that hosts started together do not hit the database together.",
+    ),
+    cfg.FloatOpt(
+        "hub_lag_interval",
+        default=0.1,
+        min=0.01,
+        help="Seconds between the hub-lag monitor's wake-ups.",
+    ),
+    cfg.FloatOpt(
+        "hub_lag_warning",
+        default=0.2,
+        min=0.001,
+        help="Log a warning, naming the greenthread that ran longest, when the hub "
+        "wakes the lag monitor later than this many seconds.",
+    ),
+    cfg.FloatOpt(
+        "graceful_shutdown_timeout",
+        default=3.0,
+        min=0,
+        help="Seconds a running periodic task may take to finish when the agent "
+        "stops before it is cancelled.",
+    ),
+    cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
+    cfg.StrOpt("log_file", help="Write the log to this file instead of standard error."),
+]
+
+
+def register(conf: cfg.ConfigOpts) -> None:
+    conf.register_opts(opts)

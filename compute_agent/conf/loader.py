@@ -1,0 +1,113 @@
+"""Parse the command line and config files, and check every value up front.
+
+oslo.config reads values lazily; an agent that only discovers a bad value
+when a task first reads it, minutes after start, is an agent that crashes in
+production. ``load`` reads every option once so that a mistake is reported
+as one line before anything starts.
+"""
+
+from __future__ import annotations
+
+import configparser
+import logging
+import re
+from collections.abc import Sequence
+
+from oslo_config import cfg
+
+from compute_agent import __version__
+from compute_agent.conf.opts import list_opts
+
+LOG = logging.getLogger(__name__)
+
+# A libvirt domain name we are willing to create: conservative on purpose.
+DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is one line for the operator."""
+
+
+def load(conf: cfg.ConfigOpts, argv: Sequence[str], prog: str) -> None:
+    """Parse ``argv`` into ``conf`` and validate it; raise ConfigError if unusable."""
+    try:
+        conf(list(argv), project="compute-agent", prog=prog, version=__version__)
+        _read_every_option(conf)
+        _check_name_template(conf.compute.instance_name_template)
+    except cfg.ConfigFilesNotFoundError as exc:
+        raise ConfigError(f"config file not found: {', '.join(exc.config_files)}") from None
+    except cfg.ConfigFilesPermissionDeniedError as exc:
+        raise ConfigError(f"config file not readable: {', '.join(exc.config_files)}") from None
+    except cfg.ConfigFileParseError as exc:
+        raise ConfigError(f"config file {exc.config_file} is malformed: {exc.msg}") from None
+    except (cfg.ConfigFileValueError, cfg.ConfigSourceValueError) as exc:
+        raise ConfigError(_one_line(str(exc))) from None
+    except cfg.Error as exc:
+        raise ConfigError(_one_line(str(exc))) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {exc.filename} cannot be read: {exc.strerror}") from None
+    except ValueError as exc:
+        raise ConfigError(_one_line(str(exc))) from None
+
+
+def unknown_options(conf: cfg.ConfigOpts) -> list[str]:
+    """``group.option`` names found in the config files that no code registers.
+
+    A misspelt option is otherwise silently ignored, which is how an operator
+    ends up running on defaults they believe they changed.
+    """
+    known = {group: {opt.dest for opt in opts} for group, opts in list_opts()}
+    found = []
+    for path in conf.config_file or []:
+        parser = configparser.ConfigParser(strict=False, interpolation=None)
+        try:
+            parser.read(path)
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue  # oslo.config accepted it; this check is advisory only
+        for section in [parser.default_section, *parser.sections()]:
+            if section not in known:
+                continue
+            items = parser.defaults() if section == parser.default_section else parser[section]
+            for key in items:
+                name = key.replace("-", "_")
+                if name not in known[section] and not (
+                    section != parser.default_section and key in parser.defaults()
+                ):
+                    found.append(f"{section}.{key}")
+    return sorted(set(found))
+
+
+def render_domain_name(template: str, uuid: str) -> str:
+    return template % {"uuid": uuid}
+
+
+def _check_name_template(template: str) -> None:
+    a = "00000000-0000-4000-8000-000000000001"
+    b = "00000000-0000-4000-8000-000000000002"
+    try:
+        name_a, name_b = render_domain_name(template, a), render_domain_name(template, b)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ValueError(
+            f"[compute] instance_name_template {template!r} is not a valid template: {exc}"
+        ) from None
+    if name_a == name_b:
+        raise ValueError(
+            f"[compute] instance_name_template {template!r} must use %(uuid)s so that "
+            "two instances can never share a domain name"
+        )
+    if not DOMAIN_NAME_RE.match(name_a):
+        raise ValueError(
+            f"[compute] instance_name_template {template!r} gives {name_a!r}, which is not "
+            "a valid domain name (letters, digits, '.', '_', '-')"
+        )
+
+
+def _read_every_option(conf: cfg.ConfigOpts) -> None:
+    for group, opts in list_opts():
+        section = conf if group == "DEFAULT" else conf[group]
+        for opt in opts:
+            getattr(section, opt.dest)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

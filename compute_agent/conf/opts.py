@@ -1,0 +1,14 @@
+"""Entry point for oslo-config-generator (``compute_agent.conf.opts:list_opts``)."""
+
+from __future__ import annotations
+
+from compute_agent.conf import compute, database, default, libvirt
+
+
+def list_opts() -> list[tuple[str, list]]:
+    return [
+        ("DEFAULT", default.opts),
+        (compute.group.name, compute.opts),
+        (libvirt.group.name, libvirt.opts),
+        (database.group.name, database.opts),
+    ]

@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models, the data-access API and Alembic migrations."""

@@ -1,0 +1,41 @@
+"""Typed errors. RPC and the admin CLI report them by class name and message."""
+
+from __future__ import annotations
+
+
+class ComputeAgentError(Exception):
+    """Base of every error the agent reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ComputeAgentError):
+    """A request, argument or field failed validation."""
+
+
+class InstanceNotFound(ComputeAgentError):
+    def __init__(self, uuid: str, detail: str = "") -> None:
+        super().__init__(f"instance {uuid} not found" + (f": {detail}" if detail else ""))
+        self.uuid = uuid
+
+
+class InstanceInvalidState(ComputeAgentError):
+    """An operation was asked of an instance whose state does not allow it."""
+
+
+class InstanceExists(ComputeAgentError):
+    pass
+
+
+class HypervisorUnavailable(ComputeAgentError):
+    """The hypervisor cannot be reached now; the request may be retried later."""
+
+
+class ForeignDomain(ComputeAgentError):
+    """A domain has the instance's name but another UUID: never ours to touch."""
+
+
+class ServiceNotFound(ComputeAgentError):
+    pass

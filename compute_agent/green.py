@@ -1,0 +1,196 @@
+"""Green concurrency: the one module that talks to eventlet.
+
+Everything else in compute-agent spawns, sleeps, waits and runs blocking
+calls through these names, so that moving off eventlet later means rewriting
+this file rather than the agent.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+# eventlet warns at import that it is in maintenance mode; operators should
+# read one clean log, so the notice is filtered before the first import.
+warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"eventlet(\.|$)")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"oslo_messaging(\.|$)")
+
+import eventlet  # noqa: E402
+import eventlet.event  # noqa: E402
+import eventlet.greenthread  # noqa: E402
+import eventlet.hubs  # noqa: E402
+import eventlet.patcher  # noqa: E402
+import eventlet.queue  # noqa: E402
+import eventlet.semaphore  # noqa: E402
+import eventlet.timeout  # noqa: E402
+import eventlet.tpool  # noqa: E402
+import greenlet  # noqa: E402
+
+T = TypeVar("T")
+
+GreenThread = eventlet.greenthread.GreenThread
+Timeout = eventlet.timeout.Timeout
+Semaphore = eventlet.semaphore.Semaphore
+Queue = eventlet.queue.LightQueue
+QueueEmpty = eventlet.queue.Empty
+GreenletExit = greenlet.GreenletExit
+
+_native_time = eventlet.patcher.original("time")
+_native_threading = eventlet.patcher.original("threading")
+
+
+def monkey_patch() -> None:
+    """Patch the standard library for green I/O; entry points call this first."""
+    eventlet.monkey_patch()
+
+
+def is_monkey_patched() -> bool:
+    return eventlet.patcher.is_monkey_patched("socket")
+
+
+def spawn(
+    fn: Callable[..., Any], *args: Any, name: str | None = None, **kwargs: Any
+) -> GreenThread:
+    """Start ``fn`` in a new greenthread, labelled so lag reports can name it."""
+    gt = eventlet.spawn(fn, *args, **kwargs)
+    gt.task_name = name or getattr(fn, "__name__", "greenthread")
+    return gt
+
+
+def spawn_after(
+    seconds: float, fn: Callable[..., Any], *args: Any, name: str | None = None
+) -> GreenThread:
+    """Start ``fn`` after ``seconds``; ``cancel()`` on the result before then stops it."""
+    gt = eventlet.spawn_after(seconds, fn, *args)
+    gt.task_name = name or getattr(fn, "__name__", "timer")
+    return gt
+
+
+def sleep(seconds: float = 0) -> None:
+    """Green sleep; ``sleep(0)`` yields to every other ready greenthread."""
+    eventlet.sleep(seconds)
+
+
+def yield_now() -> None:
+    eventlet.sleep(0)
+
+
+def kill(gt: GreenThread) -> None:
+    gt.kill()
+
+
+def greenlet_name(glet: Any) -> str:
+    """The label given at spawn, or 'hub' / 'main' for eventlet's own greenlets."""
+    name = getattr(glet, "task_name", None)
+    if name:
+        return name
+    if glet is eventlet.hubs.get_hub().greenlet:
+        return "hub"
+    return "main" if glet.parent is None else "greenthread"
+
+
+def current_name() -> str:
+    return greenlet_name(greenlet.getcurrent())
+
+
+def execute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking (C-level) call in the native thread pool, not on the hub."""
+    return eventlet.tpool.execute(fn, *args, **kwargs)
+
+
+def proxy(obj: Any, autowrap: tuple[type, ...] = ()) -> Any:
+    """Wrap ``obj`` so every method call runs in the native thread pool.
+
+    Objects of the ``autowrap`` types returned by a call are wrapped as well,
+    so that, e.g., a domain returned by a proxied connection is proxied too.
+    """
+    return eventlet.tpool.Proxy(obj, autowrap=autowrap)
+
+
+def unproxy(obj: Any) -> Any:
+    """The object behind a :func:`proxy` (or ``obj`` itself)."""
+    return obj._obj if isinstance(obj, eventlet.tpool.Proxy) else obj
+
+
+def native_sleep(seconds: float) -> None:
+    """Block the calling native thread, as a slow C call would."""
+    _native_time.sleep(seconds)
+
+
+def native_thread(fn: Callable[..., Any], *args: Any, name: str) -> Any:
+    """Start a daemon native (OS) thread, e.g. for a C library's event loop."""
+    t = _native_threading.Thread(target=fn, args=args, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def native_lock() -> Any:
+    """A lock that is safe between native threads and the hub (never switches)."""
+    return _native_threading.Lock()
+
+
+class Event:
+    """A resettable flag a greenthread can wait on, with an optional timeout."""
+
+    def __init__(self) -> None:
+        self._ev = eventlet.event.Event()
+
+    def set(self) -> None:
+        if not self._ev.ready():
+            self._ev.send(True)
+
+    def clear(self) -> None:
+        if self._ev.ready():
+            self._ev.reset()
+
+    def is_set(self) -> bool:
+        return self._ev.ready()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True if set, False if ``timeout`` passed first."""
+        if self._ev.ready():
+            return True
+        return bool(self._ev.wait(timeout))
+
+
+class Future:
+    """The result of work done by another greenthread, delivered once."""
+
+    def __init__(self) -> None:
+        self._ev = eventlet.event.Event()
+
+    def set_result(self, value: Any) -> None:
+        if not self._ev.ready():
+            self._ev.send(value)
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self._ev.ready():
+            self._ev.send_exception(exc)
+
+    def done(self) -> bool:
+        return self._ev.ready()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the result; raise the work's exception, or TimeoutError."""
+        if timeout is not None and not self._ev.ready():
+            with eventlet.timeout.Timeout(timeout, False):
+                return self._ev.wait()
+            raise TimeoutError(f"no result within {timeout} s")
+        return self._ev.wait()
+
+
+def set_switch_tracer(tracer: Callable[[str, Any], None] | None) -> Any:
+    """Install a greenlet switch tracer (used by the hub-lag monitor)."""
+    return greenlet.settrace(tracer)
+
+
+def monotonic() -> float:
+    """Monotonic clock that is never patched."""
+    return _native_time.monotonic()
+
+
+# Re-exported so callers measure wall time with the unpatched clock too.
+wall_time = time.time

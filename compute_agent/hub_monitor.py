@@ -1,0 +1,131 @@
+"""Hub-lag monitor: how late the hub wakes a greenthread, and who is to blame.
+
+A greenthread sleeps for a fixed interval and measures how much later than
+asked it woke up. Any lag means some code ran on the hub without yielding.
+To name the culprit, a greenlet switch tracer times every uninterrupted run
+of every greenthread; when the lag passes the warning threshold, the log
+names the greenthread whose single run was longest since the last wake-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from compute_agent import green
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class LagFigures:
+    samples: int
+    last_s: float
+    max_s: float
+    p50_s: float
+    p99_s: float
+    warnings: int
+    worst_offender: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class SliceTracer:
+    """Times each greenthread's uninterrupted run between switches."""
+
+    def __init__(self) -> None:
+        self._since = green.monotonic()
+        self.longest = 0.0
+        self.longest_name: str | None = None
+
+    def __call__(self, event: str, args: Any) -> None:
+        if event not in ("switch", "throw"):
+            return
+        origin, _target = args
+        now = green.monotonic()
+        ran = now - self._since
+        self._since = now
+        if ran > self.longest:
+            self.longest, self.longest_name = ran, green.greenlet_name(origin)
+
+    def take(self) -> tuple[float, str | None]:
+        """The longest run since the last call, and its greenthread's name."""
+        result = (self.longest, self.longest_name)
+        self.longest, self.longest_name = 0.0, None
+        return result
+
+
+class HubLagMonitor:
+    def __init__(self, interval: float, warn_after: float, window: int = 1000) -> None:
+        self.interval = interval
+        self.warn_after = warn_after
+        self._recent: deque[float] = deque(maxlen=window)
+        self.samples = 0
+        self.last = 0.0
+        self.max = 0.0
+        self.warnings = 0
+        self.worst_offender: str | None = None
+        self._worst_slice = 0.0
+        self._tracer = SliceTracer()
+        self._previous_tracer: Any = None
+        self._thread: green.GreenThread | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        self._previous_tracer = green.set_switch_tracer(self._tracer)
+        self._thread = green.spawn(self._loop, name="hub-lag-monitor")
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._thread is not None:
+            green.kill(self._thread)
+            self._thread = None
+        green.set_switch_tracer(self._previous_tracer)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            asked = green.monotonic()
+            green.sleep(self.interval)
+            lag = max(0.0, green.monotonic() - asked - self.interval)
+            longest, culprit = self._tracer.take()
+            self.record(lag, longest, culprit)
+
+    def record(self, lag: float, longest: float = 0.0, culprit: str | None = None) -> None:
+        self.samples += 1
+        self.last = lag
+        self.max = max(self.max, lag)
+        self._recent.append(lag)
+        if longest > self._worst_slice:
+            self._worst_slice, self.worst_offender = longest, culprit
+        if lag >= self.warn_after:
+            self.warnings += 1
+            LOG.warning(
+                "hub lag %.3f s: greenthread %r ran %.3f s without yielding",
+                lag,
+                culprit or "unknown",
+                longest,
+            )
+
+    def figures(self) -> LagFigures:
+        ordered = sorted(self._recent)
+        return LagFigures(
+            samples=self.samples,
+            last_s=round(self.last, 4),
+            max_s=round(self.max, 4),
+            p50_s=round(_percentile(ordered, 0.50), 4),
+            p99_s=round(_percentile(ordered, 0.99), 4),
+            warnings=self.warnings,
+            worst_offender=self.worst_offender,
+        )
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
+    if not ordered:
+        return 0.0
+    rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[rank]

@@ -1,0 +1,45 @@
+"""Logging set-up: one readable format, greenthread names, secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+
+from oslo_config import cfg
+
+from compute_agent import green
+
+# user:password@ in any URL-like text (transport_url, database connection).
+_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?=@)")
+
+
+def mask_secrets(text: str) -> str:
+    """Replace the password of every URL in ``text`` with ``***``."""
+    return _URL_PASSWORD.sub(r"\g<head>***", text)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.green = green.current_name()
+        return mask_secrets(super().format(record))
+
+
+FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(green)s] %(message)s"
+
+
+def setup(conf: cfg.ConfigOpts | None = None, *, debug: bool = False) -> None:
+    handler: logging.Handler
+    log_file = conf.log_file if conf is not None else None
+    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    level = logging.DEBUG if (debug or (conf is not None and conf.debug)) else logging.INFO
+    root.setLevel(level)
+    # Libraries that are chatty at INFO about things an operator need not see.
+    for name in ("alembic.runtime.migration", "oslo_messaging", "amqp", "kombu"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    logging.captureWarnings(True)

@@ -1,0 +1,126 @@
+"""The long-running node service: start everything, run, stop everything in order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from oslo_config import cfg
+
+from compute_agent import green, servicegroup
+from compute_agent.db.api import Database
+from compute_agent.db.models import Service as ServiceRow
+from compute_agent.hub_monitor import HubLagMonitor
+from compute_agent.periodic import PeriodicRunner, PeriodicTask
+
+LOG = logging.getLogger(__name__)
+
+BINARY = "compute-agent"
+HEARTBEAT = "heartbeat"
+
+
+class Component(Protocol):
+    """Something the service starts after the heartbeat and stops before it."""
+
+    def start(self, service: NodeService) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class NodeService:
+    """Heartbeat, periodic tasks, hub-lag monitor, and the components on top.
+
+    Start order: service row, hub-lag monitor, heartbeat and other periodic
+    tasks, components. Stop order is the reverse, with the heartbeat stopped
+    last so the host looks alive until it says it stopped.
+    """
+
+    def __init__(
+        self,
+        conf: cfg.ConfigOpts,
+        db: Database,
+        components: list[Component] | None = None,
+    ) -> None:
+        self.conf = conf
+        self.db = db
+        self.host: str = conf.host
+        self.components = list(components or [])
+        self.runner = PeriodicRunner(fuzzy_delay=conf.periodic_fuzzy_delay)
+        self.lag_monitor = HubLagMonitor(conf.hub_lag_interval, conf.hub_lag_warning)
+        self.row: ServiceRow | None = None
+        self.stopping = False
+        self._stop_requested = green.Event()
+        self._stopped = False
+
+    # -- life cycle -------------------------------------------------------
+
+    def start(self) -> None:
+        self.row = self.db.service_start(self.host, BINARY)
+        LOG.info(
+            "compute-agent starting on host %s (service id %d, database %s)",
+            self.host,
+            self.row.id,
+            self.db.safe_url,
+        )
+        self.lag_monitor.start()
+        # The heartbeat is never delayed by the fuzzy start: a new service must
+        # look alive at once.
+        self.runner.add(HEARTBEAT, self.heartbeat, self.conf.report_interval, fuzzy=False)
+        for component in self.components:
+            component.start(self)
+        self.runner.start()
+
+    def add_periodic(
+        self, name: str, fn: Callable[[], Any], interval: float, *, fuzzy: bool = True
+    ) -> PeriodicTask:
+        """Register a periodic task; components call this from ``start``."""
+        return self.runner.add(name, fn, interval, fuzzy=fuzzy)
+
+    def request_stop(self, reason: str = "") -> None:
+        """Ask the service to stop; safe to call from a signal handler."""
+        if not self._stop_requested.is_set():
+            LOG.info("stop requested%s", f" ({reason})" if reason else "")
+        self.stopping = True
+        self._stop_requested.set()
+
+    def wait(self, poll: float = 0.5) -> None:
+        """Block the calling greenthread until a stop is requested."""
+        while not self._stop_requested.wait(poll):
+            pass
+
+    def stop(self) -> None:
+        """Stop in order; each step bounded so the whole stop takes seconds."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.stopping = True
+        grace = self.conf.graceful_shutdown_timeout
+        started = green.monotonic()
+        for component in reversed(self.components):
+            try:
+                component.stop()
+            except Exception:
+                LOG.exception("error stopping %s", type(component).__name__)
+        self.runner.stop(grace, keep_last=(HEARTBEAT,))
+        self.lag_monitor.stop()
+        if self.row is not None:
+            try:
+                self.db.service_stopped(self.row.id)
+            except Exception as exc:  # noqa: BLE001 - the DB may be the reason we stop
+                LOG.error("could not mark the service stopped: %s", exc)
+        self.db.dispose()
+        LOG.info("compute-agent stopped in %.2f s", green.monotonic() - started)
+
+    # -- the heartbeat ----------------------------------------------------
+
+    def heartbeat(self) -> int:
+        assert self.row is not None
+        self.db.service_heartbeat(self.row.id)
+        self.row.report_count += 1
+        LOG.info("heartbeat %d", self.row.report_count)
+        return self.row.report_count
+
+    def is_up(self) -> bool:
+        row = self.db.service_get(self.host, BINARY)
+        return row is not None and servicegroup.is_up(row, self.conf.service_down_time)

@@ -1,0 +1,107 @@
+"""Test set-up: green first, then fixtures for config and the three databases."""
+
+from compute_agent import green
+
+green.monkey_patch()
+
+import os  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import pytest  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+from oslo_config import cfg  # noqa: E402
+
+from compute_agent.conf import register_all  # noqa: E402
+from compute_agent.db import migration  # noqa: E402
+from compute_agent.db.api import Database  # noqa: E402
+from compute_agent.db.models import Base  # noqa: E402
+
+# Server URLs; the servers run on this machine and `make test` starts them.
+SERVER_URLS = {
+    "postgresql": os.environ.get(
+        "COMPUTE_AGENT_TEST_POSTGRESQL", "postgresql+pg8000://postgres@127.0.0.1:5432/postgres"
+    ),
+    "mysql": os.environ.get("COMPUTE_AGENT_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/"),
+}
+BACKENDS = ["sqlite", "postgresql", "mysql"]
+
+
+@pytest.fixture
+def conf(tmp_path) -> cfg.ConfigOpts:
+    """A fresh, parsed config with test-friendly values and no config file."""
+    c = cfg.ConfigOpts()
+    register_all(c)
+    c([], project="compute-agent")
+    c.set_override("state_path", str(tmp_path))
+    c.set_override("host", "test-host")
+    c.set_override("periodic_fuzzy_delay", 0)
+    return c
+
+
+class _ServerDatabase:
+    """A throw-away database on a server, created for this test session."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self.admin_url = sa.make_url(SERVER_URLS[backend])
+        self.name = f"ca_test_{uuid.uuid4().hex[:10]}"
+        self.admin = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        with self.admin.connect() as conn:
+            conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
+        self.url = self.admin_url.set(database=self.name).render_as_string(hide_password=False)
+
+    def drop(self) -> None:
+        with self.admin.connect() as conn:
+            if self.backend == "postgresql":
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)"))
+            else:
+                conn.execute(sa.text(f"DROP DATABASE IF EXISTS {self.name}"))
+        self.admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def db_url_factory(tmp_path_factory) -> Iterator:
+    """Make an empty database of a backend; all are dropped at session end."""
+    made: list[_ServerDatabase] = []
+
+    def make(backend: str) -> str:
+        if backend == "sqlite":
+            path = tmp_path_factory.mktemp("sqlite") / "test.sqlite"
+            return f"sqlite:///{path}"
+        server = _ServerDatabase(backend)
+        made.append(server)
+        return server.url
+
+    yield make
+    for server in made:
+        server.drop()
+
+
+@pytest.fixture(scope="session")
+def _migrated(db_url_factory) -> dict[str, Database]:
+    return {}
+
+
+@pytest.fixture(params=BACKENDS)
+def db(request, db_url_factory, _migrated) -> Iterator[Database]:
+    """A migrated database of each backend, emptied before every test."""
+    backend = request.param
+    if backend not in _migrated:
+        database = Database(db_url_factory(backend))
+        migration.upgrade(database)
+        _migrated[backend] = database
+    database = _migrated[backend]
+    with database.engine.begin() as conn:
+        for table in reversed(Base.metadata.sorted_tables):
+            conn.execute(table.delete())
+    database.statements = 0
+    yield database
+
+
+@pytest.fixture
+def sqlite_db(tmp_path) -> Iterator[Database]:
+    database = Database(f"sqlite:///{tmp_path}/agent.sqlite")
+    migration.upgrade(database)
+    yield database
+    database.dispose()

@@ -1,0 +1,73 @@
+"""Run the real ``compute-agent`` as a subprocess, as an operator would."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+class AgentProcess:
+    """A running agent whose stderr is collected line by line."""
+
+    def __init__(self, config_files: list[pathlib.Path], extra_env: dict | None = None) -> None:
+        args = [sys.executable, "-m", "compute_agent.cmd.agent"]
+        for path in config_files:
+            args += ["--config-file", str(path)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+        self.proc = subprocess.Popen(
+            args,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+            env=env,
+            cwd=REPO,
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_for(self, needle: str, timeout: float = 30) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(needle in line for line in self.lines):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{needle!r} not logged within {timeout} s:\n{self.output}")
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 10) -> tuple[int, float]:
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout)
+        elapsed = time.monotonic() - t0
+        self._reader.join(2)
+        return rc, elapsed
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def manage(*args: str, config_files: list[pathlib.Path]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "compute_agent.cmd.manage"]
+    for path in config_files:
+        cmd += ["--config-file", str(path)]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, cwd=REPO)

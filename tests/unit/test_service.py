@@ -1,0 +1,85 @@
+"""The node service: heartbeat, stop order, and a heartbeat no task can delay."""
+
+import pytest
+
+from compute_agent import green
+from compute_agent.service import BINARY, HEARTBEAT, NodeService
+
+
+@pytest.fixture
+def service(conf, sqlite_db):
+    conf.set_override("report_interval", 1)
+    svc = NodeService(conf, sqlite_db)
+    yield svc
+    svc.stop()
+
+
+def test_heartbeat_updates_the_row_and_host_is_up(service, sqlite_db):
+    service.start()
+    green.sleep(1.2)
+    row = sqlite_db.service_get("test-host", BINARY)
+    assert row.report_count >= 2
+    assert service.is_up()
+
+
+def test_stop_marks_the_row_stopped(service, sqlite_db):
+    service.start()
+    green.sleep(0.05)
+    t0 = green.monotonic()
+    service.stop()
+    assert green.monotonic() - t0 < 1
+    row = sqlite_db.service_get("test-host", BINARY)
+    assert row.stopped_at is not None
+
+
+def test_stop_waits_for_a_running_task_then_cancels(conf, sqlite_db):
+    conf.set_override("graceful_shutdown_timeout", 0.3)
+    svc = NodeService(conf, sqlite_db)
+    finished = []
+
+    def quick():
+        green.sleep(0.1)
+        finished.append("quick")
+
+    svc.start()
+    svc.add_periodic("stuck", lambda: green.sleep(60), 100, fuzzy=False).start()
+    svc.add_periodic("quick", quick, 100, fuzzy=False).start()
+    green.sleep(0.02)
+    t0 = green.monotonic()
+    svc.stop()
+    assert finished == ["quick"]
+    assert green.monotonic() - t0 < 1.0
+
+
+def test_request_stop_releases_wait(service):
+    service.start()
+    green.spawn_after(0.1, service.request_stop, "test")
+    t0 = green.monotonic()
+    service.wait(poll=0.05)
+    assert green.monotonic() - t0 < 0.5
+
+
+@pytest.mark.slow
+def test_native_blocking_task_never_delays_the_heartbeat(service, sqlite_db):
+    """A task blocked 30 s in a native call: heartbeat lateness stays under 50 ms."""
+    service.start()
+    blocker = service.add_periodic(
+        "blocker", lambda: green.execute(green.native_sleep, 30), 1000, fuzzy=False
+    )
+    blocker.start()
+    green.sleep(30.5)
+    assert blocker.runs == 1 and blocker.last_duration >= 30
+    beat = service.runner.tasks[HEARTBEAT]
+    assert beat.runs >= 29
+    assert beat.max_lateness < 0.05, beat.max_lateness
+    assert sqlite_db.service_get("test-host", BINARY).report_count >= 29
+
+
+def test_hub_blocking_task_does_delay_the_heartbeat(service):
+    """The control for the test above: the same blocking on the hub is caught."""
+    service.start()
+    green.sleep(0.1)
+    service.add_periodic("hog", lambda: green.native_sleep(1.5), 1000, fuzzy=False).start()
+    green.sleep(2)
+    assert service.runner.tasks[HEARTBEAT].max_lateness > 0.3
+    assert service.lag_monitor.figures().worst_offender == "hog"
