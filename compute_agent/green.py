@@ -7,6 +7,7 @@ this file rather than the agent.
 
 from __future__ import annotations
 
+import collections
 import time
 import warnings
 from collections.abc import Callable
@@ -20,6 +21,7 @@ warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"oslo_mes
 
 import eventlet  # noqa: E402
 import eventlet.event  # noqa: E402
+import eventlet.greenpool  # noqa: E402
 import eventlet.greenthread  # noqa: E402
 import eventlet.hubs  # noqa: E402
 import eventlet.patcher  # noqa: E402
@@ -35,9 +37,11 @@ GreenThread = eventlet.greenthread.GreenThread
 Timeout = eventlet.timeout.Timeout
 Semaphore = eventlet.semaphore.Semaphore
 Queue = eventlet.queue.LightQueue
+Pool = eventlet.greenpool.GreenPool
 QueueEmpty = eventlet.queue.Empty
 GreenletExit = greenlet.GreenletExit
 
+_native_os = eventlet.patcher.original("os")
 _native_time = eventlet.patcher.original("time")
 _native_threading = eventlet.patcher.original("threading")
 
@@ -127,9 +131,72 @@ def native_thread(fn: Callable[..., Any], *args: Any, name: str) -> Any:
     return t
 
 
+def native_event() -> Any:
+    """A threading.Event for native threads (waiting on it blocks the thread)."""
+    return _native_threading.Event()
+
+
+def native_thread_id() -> int:
+    """Identity of the calling native thread, whatever greenthread runs on it."""
+    return _native_threading.get_ident()
+
+
 def native_lock() -> Any:
     """A lock that is safe between native threads and the hub (never switches)."""
     return _native_threading.Lock()
+
+
+class NativeQueue:
+    """Items put by native threads, taken by greenthreads, through a self-pipe.
+
+    ``put`` is safe from any native thread (a libvirt callback, say) and never
+    touches the hub: it appends and writes one byte to a pipe. ``get`` waits
+    greenly for the pipe to become readable.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._rfd, self._wfd = _native_os.pipe()
+        _native_os.set_blocking(self._rfd, False)
+        _native_os.set_blocking(self._wfd, False)
+        self._closed = False
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        try:
+            _native_os.write(self._wfd, b"!")
+        except BlockingIOError:
+            pass  # the pipe is full, so the reader is already due to wake
+        except OSError:
+            pass  # closed while a callback was in flight
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item; raise QueueEmpty if none came within ``timeout``."""
+        while True:
+            try:
+                return self._items.popleft()
+            except IndexError:
+                pass
+            if self._closed:
+                raise QueueEmpty()
+            try:
+                eventlet.hubs.trampoline(
+                    self._rfd, read=True, timeout=timeout, timeout_exc=QueueEmpty
+                )
+            except eventlet.hubs.IOClosed:
+                raise QueueEmpty() from None
+            try:
+                while _native_os.read(self._rfd, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _native_os.close(self._wfd)
+            eventlet.hubs.notify_close(self._rfd)
+            _native_os.close(self._rfd)
 
 
 class Event:

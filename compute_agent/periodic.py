@@ -86,6 +86,10 @@ class PeriodicTask:
     def enabled(self) -> bool:
         return self.interval > 0
 
+    @property
+    def stopped(self) -> bool:
+        return self._stopping
+
     # -- control ----------------------------------------------------------
 
     def start(self) -> None:
@@ -261,18 +265,17 @@ class PeriodicRunner:
             raise KeyError(f"no periodic task named {name}") from None
         return task.run_now()
 
-    def stop(self, grace: float, keep_last: tuple[str, ...] = ()) -> None:
-        """Stop every task, those named in ``keep_last`` after all others.
+    def stop(self, grace: float, keep: tuple[str, ...] = ()) -> None:
+        """Stop every task not named in ``keep``, all at once.
 
-        Stopping is concurrent within each step, so the whole stop takes at
-        most about ``grace`` per step, however many tasks there are.
+        Tasks stop concurrently, so stopping takes at most about ``grace``
+        however many tasks there are. Call again without ``keep`` to stop the
+        rest.
         """
-        first = [t for t in self.tasks.values() if t.name not in keep_last]
-        last = [t for t in self.tasks.values() if t.name in keep_last]
-        for step in (first, last):
-            stoppers = [green.spawn(t.stop, grace, name=f"stop-{t.name}") for t in step]
-            for gt in stoppers:
-                gt.wait()
+        stopping = [t for t in self.tasks.values() if t.name not in keep and not t.stopped]
+        stoppers = [green.spawn(t.stop, grace, name=f"stop-{t.name}") for t in stopping]
+        for gt in stoppers:
+            gt.wait()
 
     def figures(self) -> list[TaskFigures]:
         return [t.figures() for t in self.tasks.values()]

@@ -31,9 +31,9 @@ class Component(Protocol):
 class NodeService:
     """Heartbeat, periodic tasks, hub-lag monitor, and the components on top.
 
-    Start order: service row, hub-lag monitor, heartbeat and other periodic
-    tasks, components. Stop order is the reverse, with the heartbeat stopped
-    last so the host looks alive until it says it stopped.
+    Start order: service row, hub-lag monitor, components (which register
+    their periodic tasks), then every periodic task. Stop order: periodic
+    tasks but the heartbeat, components in reverse, the heartbeat, the row.
     """
 
     def __init__(
@@ -97,12 +97,15 @@ class NodeService:
         self.stopping = True
         grace = self.conf.graceful_shutdown_timeout
         started = green.monotonic()
+        # Tasks first (they use the components), then components, then the
+        # heartbeat, so the host looks alive until it says it stopped.
+        self.runner.stop(grace, keep=(HEARTBEAT,))
         for component in reversed(self.components):
             try:
                 component.stop()
             except Exception:
                 LOG.exception("error stopping %s", type(component).__name__)
-        self.runner.stop(grace, keep_last=(HEARTBEAT,))
+        self.runner.stop(grace)
         self.lag_monitor.stop()
         if self.row is not None:
             try:

@@ -23,7 +23,9 @@ from compute_agent.cmd.common import (  # noqa: E402
 from compute_agent.conf import CONF, loader  # noqa: E402
 from compute_agent.db import migration  # noqa: E402
 from compute_agent.db.api import Database  # noqa: E402
+from compute_agent.manager import ComputeManager  # noqa: E402
 from compute_agent.service import NodeService  # noqa: E402
+from compute_agent.virt.loader import load_driver  # noqa: E402
 
 LOG = logging.getLogger("compute_agent.agent")
 PROG = "compute-agent"
@@ -40,7 +42,8 @@ def build_service(conf) -> NodeService:
             f"cannot use database {db.safe_url}: {exc.__class__.__name__}: "
             f"{str(exc).splitlines()[0]}"
         ) from None
-    return NodeService(conf, db)
+    manager = ComputeManager(conf, db, load_driver(conf))
+    return NodeService(conf, db, components=[manager])
 
 
 def run(argv: Sequence[str]) -> int:

@@ -23,6 +23,32 @@ opts = [
         "yields to the rest of the agent after every instance.",
     ),
     cfg.StrOpt(
+        "power_sync_source",
+        default="get_info",
+        choices=[
+            ("get_info", "ask the driver for each instance's state, one call each"),
+            ("bulk", "read every state in one bulk driver call per sync"),
+        ],
+        help="Where the power-state sync reads the hypervisor's states.",
+    ),
+    cfg.StrOpt(
+        "power_sync_action",
+        default="enforce",
+        choices=[
+            ("enforce", "stop a domain that runs while its instance is stopped"),
+            ("report", "only record the disagreement"),
+        ],
+        help="What the power-state sync does when an instance the database says is "
+        "stopped is running, paused or suspended on the hypervisor.",
+    ),
+    cfg.IntOpt(
+        "shutdown_timeout",
+        default=60,
+        min=0,
+        help="Seconds a guest is given to shut down when asked before it is forced "
+        "off. 0 forces it off at once.",
+    ),
+    cfg.StrOpt(
         "instance_name_template",
         default="instance-%(uuid)s",
         help="Template of the libvirt domain name of an instance. It may use "

@@ -31,6 +31,15 @@ opts = [
         help="Directory for the agent's local state (the default SQLite database, "
         "the admin socket).",
     ),
+    cfg.StrOpt(
+        "compute_driver",
+        default="libvirt",
+        choices=[
+            ("libvirt", "the libvirt driver, on [libvirt] connection_uri"),
+            ("fake", "an in-memory driver for tests and benchmarks; manages nothing real"),
+        ],
+        help="The virt driver the agent manages instances through.",
+    ),
     cfg.IntOpt(
         "report_interval",
         default=10,

@@ -13,6 +13,43 @@ opts = [
         help="Libvirt connection URI. The default is libvirt's built-in test "
         "driver, so the agent runs anywhere; a KVM host uses qemu:///system.",
     ),
+    cfg.StrOpt(
+        "virt_type",
+        default="auto",
+        choices=[
+            ("auto", "test for libvirt's test driver; kvm when /dev/kvm exists; else qemu"),
+            ("kvm", "hardware-accelerated QEMU"),
+            ("qemu", "QEMU emulation (TCG)"),
+            ("test", "libvirt's test driver"),
+        ],
+        help="Domain type of the domains the agent defines.",
+    ),
+    cfg.FloatOpt(
+        "reconnect_min_delay",
+        default=1.0,
+        min=0.01,
+        help="First delay in seconds before reconnecting to a lost libvirt; it "
+        "doubles after each failed attempt.",
+    ),
+    cfg.FloatOpt(
+        "reconnect_max_delay",
+        default=30.0,
+        min=0.01,
+        help="Longest delay in seconds between reconnection attempts.",
+    ),
+    cfg.IntOpt(
+        "keepalive_interval",
+        default=5,
+        min=0,
+        help="Seconds between keepalive messages on a remote libvirt connection; "
+        "0 disables them (a dead daemon is then noticed only when a call fails).",
+    ),
+    cfg.IntOpt(
+        "keepalive_count",
+        default=3,
+        min=1,
+        help="Unanswered keepalives after which the libvirt connection is closed.",
+    ),
 ]
 
 

@@ -208,7 +208,7 @@ def test_stop_cancels_a_task_past_grace_and_fails_its_callers():
         task.run_now().result(1)
 
 
-def test_runner_stops_named_tasks_last():
+def test_runner_stops_kept_tasks_later():
     order = []
     runner = PeriodicRunner()
     runner.add("heartbeat", lambda: None, 10)
@@ -217,7 +217,11 @@ def test_runner_stops_named_tasks_last():
         original = t.stop
         t.stop = lambda grace, t=t, original=original: (order.append(t.name), original(grace))
     runner.start()
-    runner.stop(1, keep_last=("heartbeat",))
+    runner.stop(1, keep=("heartbeat",))
+    assert order == ["other"]
+    runner.stop(1)
+    assert order == ["other", "heartbeat"]
+    runner.stop(1)  # stopping again stops nothing twice
     assert order == ["other", "heartbeat"]
 
 

@@ -1,0 +1,38 @@
+"""Per-instance locks shared by the power-state sync, events and operations."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from compute_agent import green
+
+
+class KeyedLocks:
+    """One green lock per key, created on demand and dropped when unused."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[green.Semaphore, int]] = {}
+
+    @contextlib.contextmanager
+    def lock(self, key: str) -> Iterator[None]:
+        sem, users = self._locks.get(key, (None, 0))
+        if sem is None:
+            sem = green.Semaphore(1)
+        self._locks[key] = (sem, users + 1)
+        try:
+            with sem:
+                yield
+        finally:
+            sem, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (sem, users - 1)
+
+    def locked(self, key: str) -> bool:
+        entry = self._locks.get(key)
+        return entry is not None and entry[0].locked()
+
+    def __len__(self) -> int:
+        return len(self._locks)

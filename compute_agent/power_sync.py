@@ -1,0 +1,316 @@
+"""The power-state sync: bring the database in line with the hypervisor.
+
+One query loads the host's instances. Each instance is then handled under
+its per-instance lock: the hypervisor's state is read (or taken from one
+bulk read), the policy in ``sync_policy`` decides, and the row is written
+only if something changed, with a conditional UPDATE that loses to any
+change made meanwhile. Audit rows are journalled and written in batches.
+Every instance ends with a yield, so the rest of the agent keeps running
+however long the hypervisor takes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from compute_agent import exception, green, sync_policy
+from compute_agent.db.api import Database, action_rows, diff
+from compute_agent.db.models import Instance
+from compute_agent.locks import KeyedLocks
+from compute_agent.states import ActionSource, PowerState
+from compute_agent.utils import utcnow
+from compute_agent.virt.driver import ComputeDriver
+
+LOG = logging.getLogger(__name__)
+
+MAX_LISTED_UNKNOWN = 100
+JOURNAL_FLUSH_S = 1.0
+JOURNAL_LIMIT = 100_000
+CHANGED, UNCHANGED, SKIPPED = "changed", "unchanged", "skipped"
+
+
+@dataclass
+class SyncSummary:
+    checked: int = 0
+    changed: int = 0
+    skipped: int = 0
+    errors: int = 0
+    duration_s: float = 0.0
+    domains_stopped: int = 0
+    foreign: int = 0
+    unknown: int = 0
+    unknown_domains: list[str] = field(default_factory=list)
+    aborted: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ActionJournal:
+    """Audit rows waiting to be written, flushed in one statement at a time.
+
+    A sync that changes many instances writes one UPDATE per instance and one
+    INSERT per flush, rather than an INSERT beside every UPDATE.
+    """
+
+    def __init__(self, db: Database, flush_after: float = JOURNAL_FLUSH_S) -> None:
+        self.db = db
+        self.flush_after = flush_after
+        self.rows: list[dict[str, Any]] = []
+        self._oldest = 0.0
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        if not self.rows:
+            self._oldest = green.monotonic()
+        self.rows.extend(rows)
+        if len(self.rows) > JOURNAL_LIMIT:
+            dropped = len(self.rows) - JOURNAL_LIMIT
+            del self.rows[:dropped]
+            LOG.error("audit journal over %d rows; dropped the %d oldest", JOURNAL_LIMIT, dropped)
+
+    def maybe_flush(self) -> None:
+        if self.rows and green.monotonic() - self._oldest >= self.flush_after:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        rows, self.rows = self.rows, []
+        try:
+            self.db.actions_add(rows)
+        except Exception as exc:  # noqa: BLE001 - keep the rows for the next flush
+            LOG.error("could not write %d audit rows (kept for retry): %s", len(rows), exc)
+            self.rows = rows + self.rows
+
+
+class PowerSync:
+    def __init__(
+        self,
+        db: Database,
+        driver: ComputeDriver,
+        host: str,
+        locks: KeyedLocks,
+        *,
+        concurrency: int = 1,
+        source: str = "get_info",
+        action: str = sync_policy.ENFORCE,
+        shutdown_timeout: float = 60,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.db = db
+        self.driver = driver
+        self.host = host
+        self.locks = locks
+        self.concurrency = max(1, concurrency)
+        self.source = source
+        self.action = action
+        self.shutdown_timeout = shutdown_timeout
+        self.should_stop = should_stop
+        self.journal = ActionJournal(db)
+        self.progress = (0, 0)
+
+    # -- entry points -----------------------------------------------------
+
+    def run(self) -> SyncSummary:
+        """Sync every instance of this host."""
+        started = green.monotonic()
+        summary = SyncSummary()
+        instances = self.db.instance_get_all_by_host(self.host)
+        self.progress = (0, len(instances))
+        try:
+            self._count_unknown(instances, summary)
+            prefetched = self._prefetch(instances) if self.source == "bulk" else {}
+            self._run_all(instances, prefetched, summary)
+        except exception.HypervisorUnavailable as exc:
+            summary.aborted = f"hypervisor unavailable: {exc}"
+        finally:
+            self.journal.flush()
+            summary.duration_s = round(green.monotonic() - started, 4)
+        self._log(summary, len(instances))
+        return summary
+
+    def sync_one(self, uuid: str, source: ActionSource = ActionSource.SYNC) -> SyncSummary:
+        """Sync one instance now (a forced sync, or a lifecycle event)."""
+        started = green.monotonic()
+        summary = SyncSummary()
+        inst = self.db.instance_get(uuid, host=self.host)
+        try:
+            self._handle(inst, None, summary, source)
+        finally:
+            self.journal.flush()
+            summary.duration_s = round(green.monotonic() - started, 4)
+        return summary
+
+    # -- the run ----------------------------------------------------------
+
+    def _count_unknown(self, instances: list[Instance], summary: SyncSummary) -> None:
+        claimed = {(i.domain_name, i.uuid.lower()) for i in instances}
+        domains = self.driver.list_domains()
+        unknown = sorted(d.name for d in domains if (d.name, d.uuid) not in claimed)
+        summary.unknown = len(unknown)
+        summary.unknown_domains = unknown[:MAX_LISTED_UNKNOWN]
+        if unknown:
+            LOG.info(
+                "%d domain(s) on the hypervisor belong to no instance of this host: %s%s",
+                len(unknown),
+                ", ".join(unknown[:10]),
+                " ..." if len(unknown) > 10 else "",
+            )
+
+    def _prefetch(self, instances: list[Instance]) -> dict[str, PowerState | None]:
+        wanted = [i for i in instances if i.task_state is None]
+        return self.driver.get_power_states(wanted)
+
+    def _run_all(
+        self,
+        instances: Iterable[Instance],
+        prefetched: dict[str, PowerState | None],
+        summary: SyncSummary,
+    ) -> None:
+        pool = green.Pool(self.concurrency)
+        done = 0
+
+        def work(inst: Instance) -> None:
+            nonlocal done
+            try:
+                if summary.aborted is None and not self.should_stop():
+                    self._handle(inst, prefetched, summary, ActionSource.SYNC)
+            except exception.HypervisorUnavailable as exc:
+                if summary.aborted is None:
+                    summary.aborted = f"hypervisor unavailable: {exc}"
+            finally:
+                done += 1
+                self.progress = (done, self.progress[1])
+                self.journal.maybe_flush()
+                green.yield_now()
+
+        for inst in instances:
+            if summary.aborted is not None or self.should_stop():
+                break
+            pool.spawn(work, inst)
+        pool.waitall()
+        if summary.aborted is None and self.should_stop():
+            summary.aborted = "agent stopping"
+
+    # -- one instance -----------------------------------------------------
+
+    def _handle(
+        self,
+        inst: Instance,
+        prefetched: dict[str, PowerState | None] | None,
+        summary: SyncSummary,
+        source: ActionSource,
+    ) -> None:
+        if inst.task_state is not None:
+            summary.skipped += 1
+            return
+        try:
+            with self.locks.lock(inst.uuid):
+                outcome = self._sync_locked(inst, prefetched, summary, source)
+        except exception.HypervisorUnavailable:
+            raise
+        except exception.ForeignDomain as exc:
+            summary.errors += 1
+            summary.foreign += 1
+            LOG.error("instance %s: %s", inst.uuid, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - one instance must never abort the run
+            summary.errors += 1
+            LOG.warning(
+                "power sync of instance %s failed: %s: %s", inst.uuid, type(exc).__name__, exc
+            )
+            return
+        if outcome == SKIPPED:
+            summary.skipped += 1
+            return
+        summary.checked += 1
+        if outcome == CHANGED:
+            summary.changed += 1
+
+    def _read(self, inst: Instance) -> PowerState | None:
+        try:
+            return self.driver.get_info(inst).state
+        except exception.InstanceNotFound:
+            return None
+
+    def _sync_locked(
+        self,
+        inst: Instance,
+        prefetched: dict[str, PowerState | None] | None,
+        summary: SyncSummary,
+        source: ActionSource,
+    ) -> str:
+        """Sync one instance under its lock; return CHANGED, UNCHANGED or SKIPPED."""
+        if prefetched is not None and inst.uuid in prefetched:
+            observed = prefetched[inst.uuid]
+        else:
+            observed = self._read(inst)
+        decision = sync_policy.decide(inst.vm_state, observed, self.action)
+        if decision.recheck:
+            observed = self._read(inst)
+            decision = sync_policy.decide(inst.vm_state, observed, self.action, rechecked=True)
+        reason = f"hypervisor reports {decision.power_state}"
+        if decision.stop_domain:
+            if not self._still_as_loaded(inst):
+                return SKIPPED
+            LOG.warning(
+                "instance %s is %s in the database but %s on the hypervisor: stopping it",
+                inst.uuid,
+                inst.vm_state,
+                decision.power_state,
+            )
+            suspended = decision.power_state is PowerState.SUSPENDED
+            self.driver.power_off(inst, timeout=0 if suspended else self.shutdown_timeout)
+            summary.domains_stopped += 1
+            observed = self._read(inst)
+            decision = sync_policy.Decision(
+                PowerState.NOSTATE if observed is None else observed, decision.vm_state
+            )
+            reason = f"domain was {'suspended' if suspended else 'running'}; stopped by the sync"
+        if decision.warning:
+            LOG.warning("instance %s: %s", inst.uuid, decision.warning)
+            reason = decision.warning
+        values: dict[str, Any] = {"power_state": decision.power_state.value}
+        if decision.vm_state is not None:
+            values["vm_state"] = decision.vm_state.value
+        changes = diff(inst, values)
+        if not changes:
+            return UNCHANGED
+        expected = {"task_state": None, "vm_state": inst.vm_state, "power_state": inst.power_state}
+        if not self.db.instance_compare_and_set(inst, values, expected):
+            LOG.info("instance %s changed while being synced; left for the next sync", inst.uuid)
+            return SKIPPED
+        self.journal.add(action_rows(inst.uuid, changes, "power_sync", source, reason, utcnow()))
+        LOG.info(
+            "instance %s: %s (%s)",
+            inst.uuid,
+            ", ".join(f"{c.field} {c.old} -> {c.new}" for c in changes),
+            reason,
+        )
+        return CHANGED
+
+    def _still_as_loaded(self, inst: Instance) -> bool:
+        """Before touching a domain, make sure the row did not move since it was loaded."""
+        try:
+            fresh = self.db.instance_get(inst.uuid, host=self.host)
+        except exception.InstanceNotFound:
+            return False
+        return fresh.task_state is None and fresh.vm_state == inst.vm_state
+
+    @staticmethod
+    def _log(summary: SyncSummary, total: int) -> None:
+        LOG.info(
+            "power sync of %d instances: %d checked, %d changed, %d skipped, %d errors, "
+            "%d unknown domains in %.3f s%s",
+            total,
+            summary.checked,
+            summary.changed,
+            summary.skipped,
+            summary.errors,
+            summary.unknown,
+            summary.duration_s,
+            f" (aborted: {summary.aborted})" if summary.aborted else "",
+        )

@@ -1,0 +1,1 @@
+"""Virt drivers: the agent's only way to reach a hypervisor."""

@@ -1,0 +1,127 @@
+"""The virt driver interface, in nova's vocabulary, without nova's size.
+
+Every method identifies an instance by its domain name *and* UUID: a domain
+found by name whose UUID differs belongs to someone else and is never
+touched (ForeignDomain). Drivers raise InstanceNotFound for a missing domain
+and HypervisorUnavailable when the hypervisor cannot be reached.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from compute_agent import exception, green
+from compute_agent.states import PowerState
+from compute_agent.virt.spec import DomainSpec, InstanceRef
+
+# (up, reason): called on the hub when the hypervisor connection drops or returns.
+ConnectionListener = Callable[[bool, str], None]
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """What ``dom.info()`` tells, in agent terms."""
+
+    state: PowerState
+    max_mem_kb: int
+    mem_kb: int
+    num_cpu: int
+    cpu_time_ns: int
+
+
+@dataclass(frozen=True)
+class DomainRef:
+    """A domain as listed by the hypervisor."""
+
+    name: str
+    uuid: str
+
+
+class ComputeDriver(abc.ABC):
+    """What the compute manager needs of a hypervisor."""
+
+    def __init__(self) -> None:
+        self._listeners: list[ConnectionListener] = []
+
+    # -- connection -------------------------------------------------------
+
+    @abc.abstractmethod
+    def init_host(self, host: str) -> None:
+        """Connect; raise HypervisorUnavailable if the hypervisor cannot be reached."""
+
+    def cleanup_host(self) -> None:  # noqa: B027 - optional hook, nothing to release by default
+        """Release the connection when the agent stops."""
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None:
+        self._listeners.append(listener)
+
+    def _notify_connection(self, up: bool, reason: str) -> None:
+        for listener in list(self._listeners):
+            listener(up, reason)
+
+    # -- queries ----------------------------------------------------------
+
+    @abc.abstractmethod
+    def instance_exists(self, instance: InstanceRef) -> bool:
+        """One lookup by name, then a UUID check; never a listing."""
+
+    @abc.abstractmethod
+    def get_info(self, instance: InstanceRef) -> InstanceInfo:
+        """Raise InstanceNotFound if no domain has the instance's name and UUID."""
+
+    @abc.abstractmethod
+    def get_num_instances(self) -> int:
+        """How many domains there are, counted without listing them."""
+
+    @abc.abstractmethod
+    def list_domains(self) -> list[DomainRef]:
+        """Every domain on the host, running or not, with its UUID."""
+
+    def list_instances(self) -> list[str]:
+        return [d.name for d in self.list_domains()]
+
+    def get_power_states(self, instances: Iterable[InstanceRef]) -> dict[str, PowerState | None]:
+        """Power state of each instance by UUID (None when its domain is missing).
+
+        An instance whose name is taken by a foreign domain is left out, so
+        that the caller's own per-instance read reports it. The default asks
+        per instance and yields after each; drivers with a bulk call override it.
+        """
+        states: dict[str, PowerState | None] = {}
+        for inst in instances:
+            try:
+                states[inst.uuid] = self.get_info(inst).state
+            except exception.InstanceNotFound:
+                states[inst.uuid] = None
+            except exception.ForeignDomain:
+                pass
+            green.yield_now()
+        return states
+
+    # -- operations -------------------------------------------------------
+
+    @abc.abstractmethod
+    def spawn(self, spec: DomainSpec) -> None:
+        """Define and start a domain; on failure leave nothing behind."""
+
+    @abc.abstractmethod
+    def destroy(self, instance: InstanceRef) -> None:
+        """Stop the domain hard if running and remove its definition."""
+
+    @abc.abstractmethod
+    def power_off(self, instance: InstanceRef, timeout: float = 60) -> None:
+        """Ask the guest to shut down; force it off after ``timeout`` s (0: at once)."""
+
+    @abc.abstractmethod
+    def power_on(self, instance: InstanceRef) -> None:
+        """Start a stopped domain (resume a paused one)."""
+
+    @abc.abstractmethod
+    def reboot(self, instance: InstanceRef, hard: bool = False) -> None:
+        """Reboot; a soft reboot that fails falls back to a hard one."""

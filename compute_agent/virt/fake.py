@@ -1,0 +1,206 @@
+"""An in-memory driver for unit tests and benchmarks.
+
+Its calls can be made slow the way a C library call is slow (blocking a
+native thread of the pool, never the hub), and can be made to fail or to
+hang, per method and per domain. It counts every call, so benchmarks report
+driver calls measured, not guessed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+from compute_agent import exception, green
+from compute_agent.states import PowerState
+from compute_agent.virt.driver import ComputeDriver, DomainRef, InstanceInfo
+from compute_agent.virt.spec import DomainSpec, InstanceRef
+
+LOG = logging.getLogger(__name__)
+HANG_LIMIT_S = 3600.0
+
+
+@dataclass
+class FakeDomain:
+    name: str
+    uuid: str
+    state: PowerState = PowerState.RUNNING
+    vcpus: int = 1
+    memory_mb: int = 64
+    cpu_time_ns: int = 0
+
+
+@dataclass
+class Fault:
+    """Make calls of one method fail (``raise``) or block forever (``hang``)."""
+
+    kind: str  # "raise" or "hang"
+    error: Exception | None = None
+    names: set[str] | None = None  # only these domains; None for all
+    remaining: int | None = None  # how many more calls; None for unlimited
+    hits: int = field(default=0)
+
+
+class FakeDriver(ComputeDriver):
+    def __init__(self, latency: float = 0.0, method_latency: dict[str, float] | None = None):
+        super().__init__()
+        self.latency = latency
+        self.method_latency = dict(method_latency or {})
+        self.domains: dict[str, FakeDomain] = {}
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.faults: dict[str, Fault] = {}
+        self.ignores_shutdown: set[str] = set()
+        self._connected = False
+        self._release = None
+
+    # -- test controls ----------------------------------------------------
+
+    def add_domain(self, name: str, uuid: str, state: PowerState = PowerState.RUNNING) -> None:
+        self.domains[name] = FakeDomain(name, uuid, state)
+
+    def set_state(self, name: str, state: PowerState) -> None:
+        self.domains[name].state = state
+
+    def inject_fault(
+        self,
+        method: str,
+        kind: str = "raise",
+        error: Exception | None = None,
+        names: set[str] | None = None,
+        count: int | None = None,
+    ) -> Fault:
+        if kind not in ("raise", "hang"):
+            raise ValueError(f"unknown fault kind {kind}")
+        fault = Fault(kind, error or RuntimeError(f"injected fault in {method}"), names, count)
+        self.faults[method] = fault
+        return fault
+
+    def clear_faults(self) -> None:
+        """Remove every fault and let hung calls return (with an error)."""
+        self.faults.clear()
+        if self._release is not None:
+            self._release.set()
+            self._release = None
+
+    def disconnect(self, reason: str = "fake connection lost") -> None:
+        self._connected = False
+        self._notify_connection(False, reason)
+
+    def reconnect(self) -> None:
+        self._connected = True
+        self._notify_connection(True, "fake connection restored")
+
+    # -- the call path: count, fault, latency -----------------------------
+
+    def _call(self, method: str, name: str | None = None) -> None:
+        self.calls[method] += 1
+        if not self._connected:
+            raise exception.HypervisorUnavailable("fake hypervisor is not connected")
+        delay = self.method_latency.get(method, self.latency)
+        fault = self.faults.get(method)
+        if fault is not None and (fault.names is None or name in fault.names):
+            if fault.remaining is None or fault.remaining > 0:
+                fault.hits += 1
+                if fault.remaining is not None:
+                    fault.remaining -= 1
+                if fault.kind == "hang":
+                    self._hang()
+                    raise exception.HypervisorUnavailable(f"{method} hung and was released")
+                assert fault.error is not None
+                raise fault.error
+        if delay > 0:
+            green.execute(green.native_sleep, delay)
+
+    def _hang(self) -> None:
+        if self._release is None:
+            self._release = green.native_event()
+        green.execute(self._release.wait, HANG_LIMIT_S)
+
+    def _lookup(self, instance: InstanceRef) -> FakeDomain:
+        dom = self.domains.get(instance.domain_name)
+        if dom is None:
+            raise exception.InstanceNotFound(instance.uuid, f"no domain {instance.domain_name}")
+        if dom.uuid != instance.uuid:
+            raise exception.ForeignDomain(
+                f"domain {dom.name} has UUID {dom.uuid}, not instance {instance.uuid}"
+            )
+        return dom
+
+    # -- the driver interface ---------------------------------------------
+
+    def init_host(self, host: str) -> None:
+        self.calls["init_host"] += 1
+        self._connected = True
+
+    def cleanup_host(self) -> None:
+        self._connected = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    def instance_exists(self, instance: InstanceRef) -> bool:
+        self._call("instance_exists", instance.domain_name)
+        try:
+            self._lookup(instance)
+        except exception.InstanceNotFound:
+            return False
+        return True
+
+    def get_info(self, instance: InstanceRef) -> InstanceInfo:
+        self._call("get_info", instance.domain_name)
+        dom = self._lookup(instance)
+        kb = dom.memory_mb * 1024
+        return InstanceInfo(dom.state, kb, kb, dom.vcpus, dom.cpu_time_ns)
+
+    def get_num_instances(self) -> int:
+        self._call("get_num_instances")
+        return len(self.domains)
+
+    def list_domains(self) -> list[DomainRef]:
+        self._call("list_domains")
+        return [DomainRef(d.name, d.uuid) for d in self.domains.values()]
+
+    def spawn(self, spec: DomainSpec) -> None:
+        self._call("define", spec.name)
+        if spec.name in self.domains:
+            raise exception.InstanceExists(f"domain {spec.name} already exists")
+        self.domains[spec.name] = FakeDomain(
+            spec.name, spec.uuid, PowerState.SHUTDOWN, spec.vcpus, spec.memory_mb
+        )
+        try:
+            self._call("start", spec.name)
+        except Exception:
+            del self.domains[spec.name]
+            raise
+        self.domains[spec.name].state = PowerState.RUNNING
+
+    def destroy(self, instance: InstanceRef) -> None:
+        self._call("destroy", instance.domain_name)
+        self._lookup(instance)
+        del self.domains[instance.domain_name]
+
+    def power_off(self, instance: InstanceRef, timeout: float = 60) -> None:
+        self._call("power_off", instance.domain_name)
+        dom = self._lookup(instance)
+        if timeout > 0 and dom.name in self.ignores_shutdown:
+            green.sleep(timeout)  # the guest ignores the request; force it after the wait
+        dom.state = PowerState.SHUTDOWN
+
+    def power_on(self, instance: InstanceRef) -> None:
+        self._call("power_on", instance.domain_name)
+        self._lookup(instance).state = PowerState.RUNNING
+
+    def reboot(self, instance: InstanceRef, hard: bool = False) -> None:
+        if not hard:
+            try:
+                self._call("reboot", instance.domain_name)
+            except (exception.HypervisorUnavailable, exception.InstanceNotFound):
+                raise
+            except Exception as exc:  # noqa: BLE001 - any soft failure falls back to hard
+                LOG.warning("soft reboot of %s failed (%s); rebooting hard", instance.uuid, exc)
+                hard = True
+        if hard:
+            self._call("reboot_hard", instance.domain_name)
+        self._lookup(instance).state = PowerState.RUNNING

@@ -1,0 +1,266 @@
+"""The libvirt driver.
+
+Instances are found with one ``lookupByName`` and then checked by UUID:
+listing every domain to find one is the mistake this project exists to
+avoid, and a domain with the right name but another UUID belongs to
+someone else. Every function named ``_..._native`` runs in the thread pool
+(through ``Host.run``) and may call libvirt freely; nothing else does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import libvirt
+from oslo_config import cfg
+
+from compute_agent import exception, green
+from compute_agent.states import PowerState
+from compute_agent.virt.driver import ComputeDriver, DomainRef, InstanceInfo
+from compute_agent.virt.libvirt import domain_xml
+from compute_agent.virt.libvirt.host import Host
+from compute_agent.virt.spec import DomainSpec, InstanceRef
+
+LOG = logging.getLogger(__name__)
+
+POWER_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: PowerState.NOSTATE,
+    libvirt.VIR_DOMAIN_RUNNING: PowerState.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: PowerState.RUNNING,
+    libvirt.VIR_DOMAIN_PAUSED: PowerState.PAUSED,
+    libvirt.VIR_DOMAIN_SHUTDOWN: PowerState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_SHUTOFF: PowerState.SHUTDOWN,
+    libvirt.VIR_DOMAIN_CRASHED: PowerState.CRASHED,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: PowerState.SUSPENDED,
+}
+
+_UNDEFINE_FLAGS = (
+    libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+    | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+    | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+)
+SHUTDOWN_POLL_S = 0.5
+
+
+def power_state(libvirt_state: int) -> PowerState:
+    return POWER_STATES.get(libvirt_state, PowerState.NOSTATE)
+
+
+def _find_native(conn: Any, name: str, uuid: str) -> Any:
+    """The domain called ``name`` if its UUID is ``uuid``."""
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            raise exception.InstanceNotFound(uuid, f"no domain named {name}") from None
+        raise
+    found = dom.UUIDString()
+    if found.lower() != uuid.lower():
+        raise exception.ForeignDomain(
+            f"domain {name} has UUID {found}, not instance {uuid}'s: not ours, left alone"
+        )
+    return dom
+
+
+def _info_native(conn: Any, name: str, uuid: str) -> InstanceInfo:
+    state, max_mem, mem, cpus, cpu_time = _find_native(conn, name, uuid).info()
+    return InstanceInfo(power_state(state), max_mem, mem, cpus, cpu_time)
+
+
+def _state_native(conn: Any, name: str, uuid: str) -> PowerState:
+    return power_state(_find_native(conn, name, uuid).state()[0])
+
+
+def _list_native(conn: Any) -> list[DomainRef]:
+    # name() and UUIDString() read the domain object; no further round trip.
+    return [DomainRef(d.name(), d.UUIDString().lower()) for d in conn.listAllDomains(0)]
+
+
+def _bulk_states_native(conn: Any) -> dict[str, tuple[str, PowerState]]:
+    records = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)
+    return {
+        dom.name(): (dom.UUIDString().lower(), power_state(stats.get("state.state", 0)))
+        for dom, stats in records
+    }
+
+
+def _spawn_native(conn: Any, xml: str) -> None:
+    dom = conn.defineXML(xml)
+    try:
+        dom.create()
+    except libvirt.libvirtError:
+        try:
+            dom.undefine()
+        except libvirt.libvirtError as cleanup_exc:
+            LOG.error("could not undefine %s after failed start: %s", dom.name(), cleanup_exc)
+        raise
+
+
+def _destroy_native(conn: Any, name: str, uuid: str) -> None:
+    dom = _find_native(conn, name, uuid)
+    if dom.isActive():
+        dom.destroy()
+    try:
+        dom.undefineFlags(_UNDEFINE_FLAGS)
+    except libvirt.libvirtError as exc:
+        # Drivers without managed save or NVRAM reject the flags themselves.
+        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
+            raise
+        dom.undefine()
+
+
+def _shutdown_native(conn: Any, name: str, uuid: str) -> bool:
+    """Ask the guest to shut down; False if it is not running."""
+    dom = _find_native(conn, name, uuid)
+    if not dom.isActive():
+        return False
+    dom.shutdown()
+    return True
+
+
+def _force_off_native(conn: Any, name: str, uuid: str) -> None:
+    dom = _find_native(conn, name, uuid)
+    if dom.isActive():
+        dom.destroy()
+
+
+def _power_on_native(conn: Any, name: str, uuid: str) -> None:
+    dom = _find_native(conn, name, uuid)
+    state = dom.state()[0]
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        dom.resume()
+    elif state == libvirt.VIR_DOMAIN_PMSUSPENDED:
+        dom.pMWakeup(0)
+    elif not dom.isActive():
+        dom.create()
+
+
+def _soft_reboot_native(conn: Any, name: str, uuid: str) -> None:
+    _find_native(conn, name, uuid).reboot(0)
+
+
+def _hard_reboot_native(conn: Any, name: str, uuid: str) -> None:
+    dom = _find_native(conn, name, uuid)
+    if dom.isActive():
+        dom.destroy()
+    dom.create()
+
+
+class LibvirtDriver(ComputeDriver):
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        super().__init__()
+        group = conf.libvirt
+        self._virt_type_opt = group.virt_type
+        self.virt_type = "test"
+        self.host = Host(
+            group.connection_uri,
+            self._notify_connection,
+            reconnect_min=group.reconnect_min_delay,
+            reconnect_max=group.reconnect_max_delay,
+            keepalive=(group.keepalive_interval, group.keepalive_count),
+        )
+
+    # -- connection -------------------------------------------------------
+
+    def init_host(self, host: str) -> None:
+        self.host.start()
+        self.virt_type = self._pick_virt_type()
+        LOG.info("libvirt driver for %s ready, virt_type %s", self.host.uri, self.virt_type)
+
+    def _pick_virt_type(self) -> str:
+        if self._virt_type_opt != "auto":
+            return self._virt_type_opt
+        if self.host.conn.getType().lower() == "test":
+            return "test"
+        return "kvm" if os.path.exists("/dev/kvm") else "qemu"
+
+    def cleanup_host(self) -> None:
+        self.host.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self.host.connected
+
+    # -- queries ----------------------------------------------------------
+
+    def _run(self, fn: Any, instance: InstanceRef) -> Any:
+        return self.host.run(fn, instance.domain_name, instance.uuid)
+
+    def instance_exists(self, instance: InstanceRef) -> bool:
+        try:
+            self._run(_find_native, instance)
+        except exception.InstanceNotFound:
+            return False
+        return True
+
+    def get_info(self, instance: InstanceRef) -> InstanceInfo:
+        return self._run(_info_native, instance)
+
+    def get_state(self, instance: InstanceRef) -> PowerState:
+        return self._run(_state_native, instance)
+
+    def get_num_instances(self) -> int:
+        conn = self.host.conn
+        return conn.numOfDomains() + conn.numOfDefinedDomains()
+
+    def list_domains(self) -> list[DomainRef]:
+        return self.host.run(_list_native)
+
+    def get_power_states(self, instances: Iterable[InstanceRef]) -> dict[str, PowerState | None]:
+        """Every state from one ``getAllDomainStats`` call, matched by name and UUID."""
+        by_name = self.host.run(_bulk_states_native)
+        states: dict[str, PowerState | None] = {}
+        for inst in instances:
+            found = by_name.get(inst.domain_name)
+            if found is None:
+                states[inst.uuid] = None
+            elif found[0] != inst.uuid.lower():
+                # Left out: the caller's per-instance read raises ForeignDomain.
+                LOG.error(
+                    "domain %s has UUID %s, not instance %s's: a foreign domain, left alone",
+                    inst.domain_name,
+                    found[0],
+                    inst.uuid,
+                )
+            else:
+                states[inst.uuid] = found[1]
+        return states
+
+    # -- operations -------------------------------------------------------
+
+    def spawn(self, spec: DomainSpec) -> None:
+        self.host.run(_spawn_native, domain_xml.build(spec, self.virt_type))
+
+    def destroy(self, instance: InstanceRef) -> None:
+        self._run(_destroy_native, instance)
+
+    def power_off(self, instance: InstanceRef, timeout: float = 60) -> None:
+        if timeout > 0:
+            try:
+                if not self._run(_shutdown_native, instance):
+                    return
+            except libvirt.libvirtError as exc:
+                LOG.warning("graceful shutdown of %s refused (%s); forcing off", instance.uuid, exc)
+            else:
+                deadline = green.monotonic() + timeout
+                while green.monotonic() < deadline:
+                    green.sleep(SHUTDOWN_POLL_S)
+                    if self.get_state(instance) == PowerState.SHUTDOWN:
+                        return
+                LOG.warning("%s did not shut down within %s s; forcing off", instance.uuid, timeout)
+        self._run(_force_off_native, instance)
+
+    def power_on(self, instance: InstanceRef) -> None:
+        self._run(_power_on_native, instance)
+
+    def reboot(self, instance: InstanceRef, hard: bool = False) -> None:
+        if not hard:
+            try:
+                self._run(_soft_reboot_native, instance)
+                return
+            except libvirt.libvirtError as exc:
+                LOG.warning("soft reboot of %s failed (%s); rebooting hard", instance.uuid, exc)
+        self._run(_hard_reboot_native, instance)

@@ -1,0 +1,273 @@
+"""The libvirt connection: opened off the hub, watched, and reopened when lost.
+
+libvirt is a C library whose calls block. Every call therefore runs in the
+native thread pool: either through ``conn`` (a tpool proxy that wraps
+returned domains too) or through :meth:`Host.run`, which runs a whole
+function of several raw calls in one trip to the pool.
+
+libvirt's own event loop runs in a native thread. Its callbacks (connection
+closed, and domain events) only put an item on a :class:`green.NativeQueue`;
+one greenthread takes them off and acts, on the hub.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import libvirt
+
+from compute_agent import exception, green
+
+LOG = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# libvirt prints every error to stderr unless given a handler; errors reach
+# us as exceptions, so the printing is only noise.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_CONNECTION_CODES = {
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+    libvirt.VIR_ERR_RPC,
+}
+_TRANSPORT_CODES = {libvirt.VIR_ERR_SYSTEM_ERROR, libvirt.VIR_ERR_INTERNAL_ERROR}
+_TRANSPORT_DOMAINS = {libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC}
+
+_CLOSE_REASONS = {
+    libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "connection error",
+    libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "daemon closed the connection",
+    libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive timeout",
+    libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "closed by client",
+}
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True when ``exc`` means the connection, not the request, failed."""
+    if not isinstance(exc, libvirt.libvirtError):
+        return False
+    code, domain = exc.get_error_code(), exc.get_error_domain()
+    return code in _CONNECTION_CODES or (code in _TRANSPORT_CODES and domain in _TRANSPORT_DOMAINS)
+
+
+class _EventLoop:
+    """libvirt's default event loop in one native thread, once per process."""
+
+    _started = False
+    _lock = green.native_lock()
+
+    @classmethod
+    def ensure_started(cls) -> None:
+        with cls._lock:
+            if cls._started:
+                return
+            libvirt.virEventRegisterDefaultImpl()
+            green.native_thread(cls._run, name="libvirt-event-loop")
+            cls._started = True
+
+    @staticmethod
+    def _run() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+
+class Host:
+    """One libvirt connection with reconnection and connection listeners."""
+
+    def __init__(
+        self,
+        uri: str,
+        on_connection: Callable[[bool, str], None],
+        *,
+        reconnect_min: float = 1.0,
+        reconnect_max: float = 30.0,
+        keepalive: tuple[int, int] = (5, 3),
+    ) -> None:
+        self.uri = uri
+        self._on_connection = on_connection
+        self._reconnect_min = reconnect_min
+        self._reconnect_max = max(reconnect_min, reconnect_max)
+        self._keepalive = keepalive
+        self._raw: Any = None
+        self._conn: Any = None
+        self._generation = 0
+        self._events = green.NativeQueue()
+        self._dispatcher: green.GreenThread | None = None
+        self._reconnector: green.GreenThread | None = None
+        self._stopping = False
+        self.last_error: str | None = None
+        self.on_connected: list[Callable[[Any], None]] = []
+        self.event_handlers: dict[str, Callable[..., None]] = {}
+
+    # -- life cycle -------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the connection; if that fails, keep retrying in the background."""
+        _EventLoop.ensure_started()
+        self._dispatcher = green.spawn(self._dispatch, name="libvirt-dispatch")
+        try:
+            self._connect()
+        except exception.HypervisorUnavailable as exc:
+            self._lost(str(exc), self._generation)
+            raise
+
+    def stop(self) -> None:
+        self._stopping = True
+        for gt in (self._reconnector, self._dispatcher):
+            if gt is not None:
+                green.kill(gt)
+        raw, self._raw, self._conn = self._raw, None, None
+        if raw is not None:
+            try:
+                green.execute(self._close_raw, raw)
+            except libvirt.libvirtError as exc:
+                LOG.debug("closing libvirt connection: %s", exc)
+        self._events.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
+
+    @property
+    def conn(self) -> Any:
+        """The connection behind a tpool proxy; HypervisorUnavailable when down."""
+        if self._conn is None:
+            raise exception.HypervisorUnavailable(
+                f"libvirt at {self.uri} is not connected: {self.last_error or 'not started'}"
+            )
+        return self._conn
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(raw_connection, *args)`` in the thread pool, in one trip.
+
+        A connection failure marks the connection lost (starting the
+        reconnection) and is raised as HypervisorUnavailable.
+        """
+        self.conn  # noqa: B018 - raises HypervisorUnavailable when down
+        raw, generation = self._raw, self._generation
+        try:
+            return green.execute(fn, raw, *args)
+        except libvirt.libvirtError as exc:
+            if is_connection_error(exc):
+                self._lost(f"{exc.get_error_message()}", generation)
+                raise exception.HypervisorUnavailable(
+                    f"libvirt at {self.uri} failed: {exc.get_error_message()}"
+                ) from exc
+            raise
+
+    # -- connecting -------------------------------------------------------
+
+    def _connect(self) -> None:
+        try:
+            raw = green.execute(self._open_raw)
+        except libvirt.libvirtError as exc:
+            raise exception.HypervisorUnavailable(
+                f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
+            ) from None
+        self._generation += 1
+        generation = self._generation
+        try:
+            green.execute(raw.registerCloseCallback, self._closed_native, generation)
+        except libvirt.libvirtError as exc:
+            LOG.debug("close callback not supported by %s: %s", self.uri, exc)
+        self._raw = raw
+        self._conn = green.proxy(raw, autowrap=(libvirt.virConnect, libvirt.virDomain))
+        self.last_error = None
+        for hook in self.on_connected:
+            hook(raw)
+        LOG.info("connected to libvirt at %s", self.uri)
+
+    def _open_raw(self) -> Any:
+        raw = libvirt.open(self.uri)
+        interval, count = self._keepalive
+        if interval > 0:
+            try:
+                raw.setKeepAlive(interval, count)
+            except libvirt.libvirtError:
+                pass  # local drivers have no keepalive
+        return raw
+
+    @staticmethod
+    def _close_raw(raw: Any) -> None:
+        try:
+            raw.unregisterCloseCallback()
+        except libvirt.libvirtError:
+            pass
+        raw.close()
+
+    def _closed_native(self, _conn: Any, reason: int, generation: int) -> None:
+        # Runs in libvirt's event-loop thread: queue it, touch nothing else.
+        self._events.put(("closed", generation, _CLOSE_REASONS.get(reason, f"reason {reason}")))
+
+    def _lost(self, reason: str, generation: int) -> None:
+        """The connection of ``generation`` is gone; reconnect unless already doing so."""
+        if self._stopping or generation != self._generation:
+            return
+        was_up = self._conn is not None
+        self._conn = None
+        self._generation += 1  # stale callbacks and failures of the old one are ignored
+        self.last_error = reason
+        if was_up:
+            LOG.error("lost the libvirt connection to %s: %s", self.uri, reason)
+            old = self._raw
+            self._raw = None
+            if old is not None:
+                green.spawn(self._discard, old, name="libvirt-discard")
+        self._on_connection(False, reason)
+        if self._reconnector is None:
+            self._reconnector = green.spawn(self._reconnect_loop, name="libvirt-reconnect")
+
+    @staticmethod
+    def _discard(raw: Any) -> None:
+        try:
+            green.execute(Host._close_raw, raw)
+        except libvirt.libvirtError:
+            pass
+
+    def _reconnect_loop(self) -> None:
+        delay = self._reconnect_min
+        attempts = 0
+        while not self._stopping:
+            green.sleep(delay)
+            attempts += 1
+            try:
+                self._connect()
+            except exception.HypervisorUnavailable as exc:
+                self.last_error = str(exc)
+                delay = min(delay * 2, self._reconnect_max)
+                LOG.warning(
+                    "libvirt reconnection attempt %d failed; next in %.1f s: %s",
+                    attempts,
+                    delay,
+                    exc,
+                )
+                continue
+            LOG.info("libvirt connection restored after %d attempt(s)", attempts)
+            self._reconnector = None
+            self._on_connection(True, f"reconnected after {attempts} attempt(s)")
+            return
+
+    # -- the dispatcher ---------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while not self._stopping:
+            try:
+                kind, generation, *payload = self._events.get()
+            except green.QueueEmpty:
+                return
+            try:
+                if kind == "closed":
+                    self._lost(payload[0], generation)
+                elif generation == self._generation and kind in self.event_handlers:
+                    self.event_handlers[kind](*payload)
+            except Exception:
+                LOG.exception("error handling libvirt %s event", kind)
+
+    def queue_event(self, kind: str, generation: int, *payload: Any) -> None:
+        """For callbacks in the event-loop thread: hand an event to the hub."""
+        self._events.put((kind, generation, *payload))
+
+    @property
+    def generation(self) -> int:
+        return self._generation
