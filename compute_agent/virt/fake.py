@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from compute_agent import exception, green
@@ -43,8 +44,14 @@ class Fault:
 
 
 class FakeDriver(ComputeDriver):
-    def __init__(self, latency: float = 0.0, method_latency: dict[str, float] | None = None):
+    def __init__(
+        self,
+        latency: float = 0.0,
+        method_latency: dict[str, float] | None = None,
+        bulk: bool = True,
+    ):
         super().__init__()
+        self.bulk = bulk
         self.latency = latency
         self.method_latency = dict(method_latency or {})
         self.domains: dict[str, FakeDomain] = {}
@@ -161,6 +168,20 @@ class FakeDriver(ComputeDriver):
     def list_domains(self) -> list[DomainRef]:
         self._call("list_domains")
         return [DomainRef(d.name, d.uuid) for d in self.domains.values()]
+
+    def get_power_states(self, instances: Iterable[InstanceRef]) -> dict[str, PowerState | None]:
+        """One call for every state, like libvirt's getAllDomainStats (unless bulk=False)."""
+        if not self.bulk:
+            return super().get_power_states(instances)
+        self._call("get_all_states")
+        states: dict[str, PowerState | None] = {}
+        for inst in instances:
+            dom = self.domains.get(inst.domain_name)
+            if dom is None:
+                states[inst.uuid] = None
+            elif dom.uuid == inst.uuid:
+                states[inst.uuid] = dom.state
+        return states
 
     def spawn(self, spec: DomainSpec) -> None:
         self._call("define", spec.name)

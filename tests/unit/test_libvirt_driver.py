@@ -10,7 +10,7 @@ from compute_agent.states import PowerState
 from compute_agent.virt.libvirt import domain_xml
 from compute_agent.virt.libvirt.driver import LibvirtDriver
 from compute_agent.virt.spec import DomainSpec
-from tests.libvirt_fixtures import Inst, libvirt_conf, make_host
+from tests.libvirt_fixtures import Inst, kill_connection, libvirt_conf, make_host
 
 COUNT = 300
 
@@ -183,7 +183,7 @@ def test_xml_is_built_from_validated_fields():
     spec = DomainSpec("instance-a.b_c-1", str(uuid.uuid4()), 2, 256)
     xml = domain_xml.build(spec, "qemu")
     assert domain_xml.parse_identity(xml) == (spec.name, spec.uuid)
-    assert "<memory unit=\"MiB\">256</memory>" in xml and "<vcpu>2</vcpu>" in xml
+    assert '<memory unit="MiB">256</memory>' in xml and "<vcpu>2</vcpu>" in xml
 
 
 @pytest.mark.parametrize(
@@ -197,8 +197,13 @@ def test_names_that_could_be_markup_are_refused(name):
 
 @pytest.mark.parametrize(
     "field, value, message",
-    [("uuid", "not-a-uuid", "not a UUID"), ("vcpus", 0, "vcpus"), ("vcpus", True, "integer"),
-     ("memory_mb", "64", "integer"), ("memory_mb", 1, "memory_mb")],
+    [
+        ("uuid", "not-a-uuid", "not a UUID"),
+        ("vcpus", 0, "vcpus"),
+        ("vcpus", True, "integer"),
+        ("memory_mb", "64", "integer"),
+        ("memory_mb", 1, "memory_mb"),
+    ],
 )
 def test_bad_fields_are_refused(field, value, message):
     values = dict(name="vm", uuid=str(uuid.uuid4()), vcpus=1, memory_mb=64)
@@ -211,7 +216,7 @@ def test_connection_loss_is_reported_and_repaired(driver, host):
     _, domains = host
     events = []
     driver.add_connection_listener(lambda up, why: events.append((up, why)))
-    green.unproxy(driver.host.conn).close()  # the connection dies under us
+    kill_connection(driver)  # the connection dies under us
     with pytest.raises(exception.HypervisorUnavailable):
         driver.get_info(inst(domains[0]))
     assert events and events[0][0] is False
@@ -235,3 +240,19 @@ def test_unreachable_libvirt_keeps_retrying(tmp_path):
     green.sleep(0.4)
     assert events[0] is False and not drv.connected
     drv.cleanup_host()
+
+
+def test_lost_connection_is_closed_only_after_its_calls_drain(driver, monkeypatch):
+    from compute_agent.virt.libvirt.host import Host
+
+    closed = []
+    monkeypatch.setattr(Host, "_close_raw", staticmethod(lambda raw: closed.append(raw)))
+    slow = green.spawn(driver.host.run, lambda raw: green.native_sleep(0.3))
+    green.sleep(0.05)
+    assert driver.host.inflight == 1
+    driver.host._lost("test: connection dropped", driver.host.generation)
+    green.sleep(0.1)
+    assert closed == []  # a call is still running on it
+    slow.wait()
+    green.sleep(0.05)
+    assert len(closed) == 1

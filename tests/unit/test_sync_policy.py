@@ -56,8 +56,13 @@ def test_row7_paused_shutdown_or_crashed_becomes_stopped(observed):
 
 @pytest.mark.parametrize(
     "vm, observed",
-    [("active", P.RUNNING), ("stopped", P.SHUTDOWN), ("stopped", None), ("paused", P.PAUSED),
-     ("suspended", P.RUNNING)],
+    [
+        ("active", P.RUNNING),
+        ("stopped", P.SHUTDOWN),
+        ("stopped", None),
+        ("paused", P.PAUSED),
+        ("suspended", P.RUNNING),
+    ],
 )
 def test_everything_else_follows_power_state_only(vm, observed):
     d = decide(vm, observed)

@@ -74,6 +74,10 @@ def _state_native(conn: Any, name: str, uuid: str) -> PowerState:
     return power_state(_find_native(conn, name, uuid).state()[0])
 
 
+def _count_native(conn: Any) -> int:
+    return conn.numOfDomains() + conn.numOfDefinedDomains()
+
+
 def _list_native(conn: Any) -> list[DomainRef]:
     # name() and UUIDString() read the domain object; no further round trip.
     return [DomainRef(d.name(), d.UUIDString().lower()) for d in conn.listAllDomains(0)]
@@ -203,8 +207,7 @@ class LibvirtDriver(ComputeDriver):
         return self._run(_state_native, instance)
 
     def get_num_instances(self) -> int:
-        conn = self.host.conn
-        return conn.numOfDomains() + conn.numOfDefinedDomains()
+        return self.host.run(_count_native)
 
     def list_domains(self) -> list[DomainRef]:
         return self.host.run(_list_native)

@@ -72,8 +72,38 @@ class _EventLoop:
             libvirt.virEventRunDefaultImpl()
 
 
+class _Connection:
+    """One opened connection, and how many calls are running on it.
+
+    libvirt must not close a connection while another thread is inside a
+    call on it (a use-after-free: the process crashes), so an old
+    connection is closed only once its calls have drained.
+    """
+
+    def __init__(self, raw: Any, generation: int) -> None:
+        self.raw = raw
+        self.proxy = green.proxy(raw, autowrap=(libvirt.virConnect, libvirt.virDomain))
+        self.generation = generation
+        self.inflight = 0
+        self.idle = green.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.inflight += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self.idle.set()
+
+
 class Host:
     """One libvirt connection with reconnection and connection listeners."""
+
+    # How long an old connection may wait for its calls before it is closed;
+    # a call hung for longer than this leaks the connection rather than crash.
+    DRAIN_TIMEOUT_S = 300.0
 
     def __init__(
         self,
@@ -89,8 +119,7 @@ class Host:
         self._reconnect_min = reconnect_min
         self._reconnect_max = max(reconnect_min, reconnect_max)
         self._keepalive = keepalive
-        self._raw: Any = None
-        self._conn: Any = None
+        self._current: _Connection | None = None
         self._generation = 0
         self._events = green.NativeQueue()
         self._dispatcher: green.GreenThread | None = None
@@ -112,31 +141,40 @@ class Host:
             self._lost(str(exc), self._generation)
             raise
 
-    def stop(self) -> None:
+    def stop(self, drain: float = 5.0) -> None:
         self._stopping = True
         for gt in (self._reconnector, self._dispatcher):
             if gt is not None:
                 green.kill(gt)
-        raw, self._raw, self._conn = self._raw, None, None
-        if raw is not None:
-            try:
-                green.execute(self._close_raw, raw)
-            except libvirt.libvirtError as exc:
-                LOG.debug("closing libvirt connection: %s", exc)
+        current, self._current = self._current, None
+        if current is not None:
+            self._close_when_idle(current, drain)
         self._events.close()
 
     @property
     def connected(self) -> bool:
-        return self._conn is not None
+        return self._current is not None
 
-    @property
-    def conn(self) -> Any:
-        """The connection behind a tpool proxy; HypervisorUnavailable when down."""
-        if self._conn is None:
+    def _require(self) -> _Connection:
+        if self._current is None:
             raise exception.HypervisorUnavailable(
                 f"libvirt at {self.uri} is not connected: {self.last_error or 'not started'}"
             )
-        return self._conn
+        return self._current
+
+    @property
+    def conn(self) -> Any:
+        """The connection behind a tpool proxy (returned domains proxied too).
+
+        For single ad-hoc calls; driver code uses :meth:`run`, whose calls are
+        counted so that a lost connection is closed only once they drain.
+        """
+        return self._require().proxy
+
+    @property
+    def inflight(self) -> int:
+        """Calls now running through :meth:`run` on the current connection."""
+        return 0 if self._current is None else self._current.inflight
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(raw_connection, *args)`` in the thread pool, in one trip.
@@ -144,17 +182,19 @@ class Host:
         A connection failure marks the connection lost (starting the
         reconnection) and is raised as HypervisorUnavailable.
         """
-        self.conn  # noqa: B018 - raises HypervisorUnavailable when down
-        raw, generation = self._raw, self._generation
+        current = self._require()
+        current.enter()
         try:
-            return green.execute(fn, raw, *args)
+            return green.execute(fn, current.raw, *args)
         except libvirt.libvirtError as exc:
             if is_connection_error(exc):
-                self._lost(f"{exc.get_error_message()}", generation)
+                self._lost(f"{exc.get_error_message()}", current.generation)
                 raise exception.HypervisorUnavailable(
                     f"libvirt at {self.uri} failed: {exc.get_error_message()}"
                 ) from exc
             raise
+        finally:
+            current.leave()
 
     # -- connecting -------------------------------------------------------
 
@@ -171,8 +211,7 @@ class Host:
             green.execute(raw.registerCloseCallback, self._closed_native, generation)
         except libvirt.libvirtError as exc:
             LOG.debug("close callback not supported by %s: %s", self.uri, exc)
-        self._raw = raw
-        self._conn = green.proxy(raw, autowrap=(libvirt.virConnect, libvirt.virDomain))
+        self._current = _Connection(raw, generation)
         self.last_error = None
         for hook in self.on_connected:
             hook(raw)
@@ -204,26 +243,29 @@ class Host:
         """The connection of ``generation`` is gone; reconnect unless already doing so."""
         if self._stopping or generation != self._generation:
             return
-        was_up = self._conn is not None
-        self._conn = None
+        old, self._current = self._current, None
         self._generation += 1  # stale callbacks and failures of the old one are ignored
         self.last_error = reason
-        if was_up:
+        if old is not None:
             LOG.error("lost the libvirt connection to %s: %s", self.uri, reason)
-            old = self._raw
-            self._raw = None
-            if old is not None:
-                green.spawn(self._discard, old, name="libvirt-discard")
+            green.spawn(self._close_when_idle, old, self.DRAIN_TIMEOUT_S, name="libvirt-discard")
         self._on_connection(False, reason)
         if self._reconnector is None:
             self._reconnector = green.spawn(self._reconnect_loop, name="libvirt-reconnect")
 
-    @staticmethod
-    def _discard(raw: Any) -> None:
+    def _close_when_idle(self, connection: _Connection, timeout: float) -> None:
+        if not connection.idle.wait(timeout):
+            LOG.error(
+                "%d libvirt call(s) still running on the old connection after %.0f s; "
+                "leaving it open rather than risk closing it under them",
+                connection.inflight,
+                timeout,
+            )
+            return
         try:
-            green.execute(Host._close_raw, raw)
-        except libvirt.libvirtError:
-            pass
+            green.execute(self._close_raw, connection.raw)
+        except libvirt.libvirtError as exc:
+            LOG.debug("closing libvirt connection: %s", exc)
 
     def _reconnect_loop(self) -> None:
         delay = self._reconnect_min
