@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,7 @@ class Database:
         self.statements = 0
         event.listen(self.engine, "before_cursor_execute", self._count)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._cas_cache: dict[tuple, sa.Update] = {}
 
     def _count(self, *args: Any) -> None:
         self.statements += 1
@@ -271,19 +272,52 @@ class Database:
     def instance_compare_and_set(
         self, inst: Instance, values: Mapping[str, Any], expected: Mapping[str, Any]
     ) -> bool:
-        """One conditional UPDATE with no audit row (the caller journals it)."""
-        stmt = sa.update(Instance).where(Instance.id == inst.id, Instance.deleted.is_(False))
-        for name, value in expected.items():
-            col = getattr(Instance, name)
-            stmt = stmt.where(col.is_(None) if value is None else col == value)
+        """One conditional UPDATE with no audit row; True if it won."""
+        return self.instance_compare_and_set_many([(inst, values, expected)])[0]
+
+    def instance_compare_and_set_many(
+        self, writes: Sequence[tuple[Instance, Mapping[str, Any], Mapping[str, Any]]]
+    ) -> list[bool]:
+        """Several conditional UPDATEs in one transaction; whether each one won.
+
+        Each is its own statement, so each outcome is known; sharing the
+        commit is what makes a sync that changes thousands of rows fast. The
+        statements are cached Core statements: an ORM session per row costs
+        several times more.
+        """
         now = utcnow()
-        with self.transaction() as s:
-            won = s.execute(stmt.values(updated_at=now, **values)).rowcount == 1
-        if won:
-            for name, value in values.items():
-                setattr(inst, name, value)
-            inst.updated_at = now
-        return won
+        outcomes = []
+        with self.engine.begin() as conn:
+            for inst, values, expected in writes:
+                stmt = self._cas_statement(
+                    tuple(values), tuple((k, v is None) for k, v in expected.items())
+                )
+                params = {"b_id": inst.id, "n_updated_at": now}
+                params.update({f"n_{k}": v for k, v in values.items()})
+                params.update({f"b_{k}": v for k, v in expected.items() if v is not None})
+                outcomes.append(conn.execute(stmt, params).rowcount == 1)
+        for (inst, values, _expected), won in zip(writes, outcomes, strict=True):
+            if won:
+                for name, value in values.items():
+                    setattr(inst, name, value)
+                inst.updated_at = now
+        return outcomes
+
+    def _cas_statement(
+        self, set_keys: tuple[str, ...], expect_keys: tuple[tuple[str, bool], ...]
+    ) -> sa.Update:
+        key = (set_keys, expect_keys)
+        stmt = self._cas_cache.get(key)
+        if stmt is None:
+            table = Instance.__table__
+            where = [table.c.id == sa.bindparam("b_id"), table.c.deleted.is_(False)]
+            for name, is_null in expect_keys:
+                col = table.c[name]
+                where.append(col.is_(None) if is_null else col == sa.bindparam(f"b_{name}"))
+            new = {name: sa.bindparam(f"n_{name}") for name in (*set_keys, "updated_at")}
+            stmt = sa.update(table).where(*where).values(**new)
+            self._cas_cache[key] = stmt
+        return stmt
 
     def instance_soft_delete(self, inst: Instance, source: str, reason: str) -> None:
         now = utcnow()
@@ -312,8 +346,9 @@ class Database:
         """Insert journalled audit rows in one statement; return how many."""
         rows = list(rows)
         if rows:
-            with self.transaction() as s:
-                s.execute(sa.insert(InstanceAction), rows)
+            # Core, not the ORM's bulk path: a sync may journal thousands of rows.
+            with self.engine.begin() as conn:
+                conn.execute(InstanceAction.__table__.insert(), rows)
         return len(rows)
 
     def actions_get(self, uuid: str, limit: int = 100) -> list[InstanceAction]:

@@ -375,3 +375,39 @@ def test_summary_and_progress(sqlite_db, driver):
     summary = sync.run().as_dict()
     assert set(summary) >= {"checked", "changed", "skipped", "errors", "duration_s"}
     assert sync.progress == (7, 7)
+
+
+def test_a_write_meanwhile_that_leaves_the_fields_as_they_were_still_wins(db, driver):
+    """An operation that set and cleared task_state between the sync's read and its
+    write leaves power_state and vm_state as read, but the row's version moved on."""
+    inst = add(db, driver, power="nostate")
+    original = driver.get_info
+
+    def operation_meanwhile(i):
+        live = db.instance_get(i.uuid)
+        db.instance_update(live, {"task_state": "rebooting"}, action="reboot", source="rpc")
+        db.instance_update(live, {"task_state": None}, action="reboot", source="rpc")
+        return original(i)
+
+    driver.get_info = operation_meanwhile
+    summary = make_sync(db, driver).run()
+    assert (summary.changed, summary.skipped) == (0, 1)
+    assert row(db, inst).power_state == "nostate"  # the next sync will look again
+
+
+def test_writes_share_commits_in_batches(sqlite_db, driver, monkeypatch):
+    from compute_agent import power_sync
+
+    monkeypatch.setattr(power_sync, "WRITE_BATCH", 10)
+    for _ in range(35):
+        add(sqlite_db, driver, power="nostate")
+    batches = []
+    real = sqlite_db.instance_compare_and_set_many
+    monkeypatch.setattr(
+        sqlite_db,
+        "instance_compare_and_set_many",
+        lambda writes: batches.append(len(writes)) or real(writes),
+    )
+    summary = make_sync(sqlite_db, driver, concurrency=1).run()
+    assert summary.changed == 35 and sum(batches) == 35
+    assert max(batches) == 10 and len(batches) == 4

@@ -1,0 +1,1 @@
+"""Benchmarks: each module's ``main()`` measures, prints a table and saves JSON."""
