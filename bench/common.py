@@ -142,3 +142,31 @@ def save(name: str, data: dict[str, Any]) -> pathlib.Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(data, indent=2, default=str))
     return path
+
+
+LIBVIRTD_SOCKET = "/run/libvirt/libvirt-sock"
+
+
+def libvirtd_running() -> bool:
+    """True when a libvirtd answers on the system socket (tools/setup-libvirtd.sh)."""
+    import socket
+
+    if not os.path.exists(LIBVIRTD_SOCKET):
+        return False
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(LIBVIRTD_SOCKET)
+        except OSError:
+            return False
+    return True
+
+
+def test_host(count: int) -> tuple[str, str]:
+    """A node file of ``count`` running domains: (in-process URI, daemon URI)."""
+    from compute_agent.virt.libvirt import nodefile
+
+    path = os.path.join(tempfile.mkdtemp(prefix="ca-bench-"), f"node-{count}.xml")
+    uri = nodefile.write(
+        path, [nodefile.TestDomain(name_for(i), uuid_for(i)) for i in range(count)]
+    )
+    return uri, uri.replace("test://", "test+unix://", 1)
