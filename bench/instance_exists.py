@@ -53,8 +53,13 @@ def measure(uri: str, count: int) -> dict:
         )
     finally:
         driver.cleanup_host()
-    return {"domains": count, "driver_lookup_s": lookup, "raw_lookupByName_s": raw_lookup,
-            "listDomainsID_lookupByID_s": listing, "listAllDomains_s": list_all}
+    return {
+        "domains": count,
+        "driver_lookup_s": lookup,
+        "raw_lookupByName_s": raw_lookup,
+        "listDomainsID_lookupByID_s": listing,
+        "listAllDomains_s": list_all,
+    }
 
 
 def main() -> dict:
@@ -73,19 +78,35 @@ def main() -> dict:
         if not rows:
             continue
         print(f"\n{where}:\n")
-        print(table(
-            ["domains", "instance_exists (lookupByName)", "raw lookupByName",
-             "listDomainsID + lookupByID each", "listAllDomains + names", "listing / lookup"],
-            [[r["domains"], f'{r["driver_lookup_s"] * 1e3:.3f} ms',
-              f'{r["raw_lookupByName_s"] * 1e3:.3f} ms',
-              f'{r["listDomainsID_lookupByID_s"] * 1e3:.2f} ms',
-              f'{r["listAllDomains_s"] * 1e3:.2f} ms',
-              f'{r["listDomainsID_lookupByID_s"] / r["driver_lookup_s"]:.1f}x'] for r in rows],
-        ))
+        print(
+            table(
+                [
+                    "domains",
+                    "instance_exists (lookupByName)",
+                    "raw lookupByName",
+                    "listDomainsID + lookupByID each",
+                    "listAllDomains + names",
+                    "listing / lookup",
+                ],
+                [
+                    [
+                        r["domains"],
+                        f"{r['driver_lookup_s'] * 1e3:.3f} ms",
+                        f"{r['raw_lookupByName_s'] * 1e3:.3f} ms",
+                        f"{r['listDomainsID_lookupByID_s'] * 1e3:.2f} ms",
+                        f"{r['listAllDomains_s'] * 1e3:.2f} ms",
+                        f"{r['listDomainsID_lookupByID_s'] / r['driver_lookup_s']:.1f}x",
+                    ]
+                    for r in rows
+                ],
+            )
+        )
         ratio = rows[-1]["driver_lookup_s"] / rows[0]["driver_lookup_s"]
         verdicts[where] = {"lookup_5000_over_10": round(ratio, 2), "goal_met": ratio <= 2.0}
-        print(f"\nlookup at 5000 / lookup at 10 = {ratio:.2f} "
-              f"(goal <= 2): {'met' if ratio <= 2.0 else 'NOT met'}")
+        print(
+            f"\nlookup at 5000 / lookup at 10 = {ratio:.2f} "
+            f"(goal <= 2): {'met' if ratio <= 2.0 else 'NOT met'}"
+        )
     data = {"results": results, "verdicts": verdicts}
     save("instance_exists", data)
     return data

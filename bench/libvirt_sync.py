@@ -43,9 +43,15 @@ def measure(uri: str, where: str, source: str, concurrency: int) -> dict:
         db.dispose()
     assert summary.checked == COUNT and summary.errors == 0, summary
     best = min(timings)
-    return {"where": where, "source": source, "concurrency": concurrency,
-            "best_s": round(best, 4), "runs_s": [round(t, 4) for t in timings],
-            "instances_per_s": round(COUNT / best), "changed": summary.changed}
+    return {
+        "where": where,
+        "source": source,
+        "concurrency": concurrency,
+        "best_s": round(best, 4),
+        "runs_s": [round(t, 4) for t in timings],
+        "instances_per_s": round(COUNT / best),
+        "changed": summary.changed,
+    }
 
 
 def main() -> dict:
@@ -61,11 +67,21 @@ def main() -> dict:
         for where, uri in targets
         for source, concurrency in (("get_info", 1), ("get_info", 4), ("bulk", 4))
     ]
-    print(table(
-        ["libvirt", "source", "concurrency", "sync of 1000 (best of 3)", "instances/s"],
-        [[r["where"], r["source"], r["concurrency"], f'{r["best_s"]:.3f} s',
-          r["instances_per_s"]] for r in results],
-    ))
+    print(
+        table(
+            ["libvirt", "source", "concurrency", "sync of 1000 (best of 3)", "instances/s"],
+            [
+                [
+                    r["where"],
+                    r["source"],
+                    r["concurrency"],
+                    f"{r['best_s']:.3f} s",
+                    r["instances_per_s"],
+                ]
+                for r in results
+            ],
+        )
+    )
     per_instance = [r for r in results if r["where"] == "in-process" and r["source"] == "get_info"]
     ok = min(r["best_s"] for r in per_instance) <= 0.5
     print(f"\ngoal (in-process per-instance sync of 1000 <= 0.5 s): {'met' if ok else 'NOT met'}")

@@ -42,16 +42,6 @@ WRITE_DELAY_S = 0.5
 
 
 @dataclass
-class _Write:
-    inst: Instance
-    values: dict[str, Any]
-    expected: dict[str, Any]
-    changes: list
-    reason: str
-    source: ActionSource
-
-
-@dataclass
 class SyncSummary:
     checked: int = 0
     changed: int = 0
@@ -66,6 +56,31 @@ class SyncSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class _Write:
+    """A row write decided under the instance's lock, committed with others."""
+
+    inst: Instance
+    values: dict[str, Any]
+    expected: dict[str, Any]
+    changes: list
+    reason: str
+    source: ActionSource
+
+
+@dataclass
+class _Call:
+    """One run or one single-instance sync: its summary and its pending writes.
+
+    Per call, so that a forced sync of one instance never commits or counts
+    the writes of a full run going on at the same time.
+    """
+
+    summary: SyncSummary = field(default_factory=SyncSummary)
+    writes: list[_Write] = field(default_factory=list)
+    since: float = 0.0
 
 
 class ActionJournal:
@@ -131,25 +146,24 @@ class PowerSync:
         self.should_stop = should_stop
         self.journal = ActionJournal(db)
         self.progress = (0, 0)
-        self._writes: list[_Write] = []
-        self._writes_since = 0.0
 
     # -- entry points -----------------------------------------------------
 
     def run(self) -> SyncSummary:
         """Sync every instance of this host."""
         started = green.monotonic()
-        summary = SyncSummary()
+        call = _Call()
+        summary = call.summary
         instances = self.db.instance_get_all_by_host(self.host)
         self.progress = (0, len(instances))
         try:
             self._count_unknown(instances, summary)
             prefetched = self._prefetch(instances) if self.source == "bulk" else {}
-            self._run_all(instances, prefetched, summary)
+            self._run_all(instances, prefetched, call)
         except exception.HypervisorUnavailable as exc:
             summary.aborted = f"hypervisor unavailable: {exc}"
         finally:
-            self._flush_writes(summary)
+            self._flush_writes(call)
             self.journal.flush()
             summary.duration_s = round(green.monotonic() - started, 4)
         self._log(summary, len(instances))
@@ -158,12 +172,13 @@ class PowerSync:
     def sync_one(self, uuid: str, source: ActionSource = ActionSource.SYNC) -> SyncSummary:
         """Sync one instance now (a forced sync, or a lifecycle event)."""
         started = green.monotonic()
-        summary = SyncSummary()
+        call = _Call()
+        summary = call.summary
         inst = self.db.instance_get(uuid, host=self.host)
         try:
-            self._handle(inst, None, summary, source)
+            self._handle(inst, None, call, source)
         finally:
-            self._flush_writes(summary)
+            self._flush_writes(call)
             self.journal.flush()
             summary.duration_s = round(green.monotonic() - started, 4)
         return summary
@@ -192,8 +207,9 @@ class PowerSync:
         self,
         instances: Iterable[Instance],
         prefetched: dict[str, PowerState | None],
-        summary: SyncSummary,
+        call: _Call,
     ) -> None:
+        summary = call.summary
         pool = green.Pool(self.concurrency)
         done = 0
 
@@ -201,14 +217,14 @@ class PowerSync:
             nonlocal done
             try:
                 if summary.aborted is None and not self.should_stop():
-                    self._handle(inst, prefetched, summary, ActionSource.SYNC)
+                    self._handle(inst, prefetched, call, ActionSource.SYNC)
             except exception.HypervisorUnavailable as exc:
                 if summary.aborted is None:
                     summary.aborted = f"hypervisor unavailable: {exc}"
             finally:
                 done += 1
                 self.progress = (done, self.progress[1])
-                self._maybe_flush_writes(summary)
+                self._maybe_flush_writes(call)
                 self.journal.maybe_flush()
                 green.yield_now()
 
@@ -226,15 +242,16 @@ class PowerSync:
         self,
         inst: Instance,
         prefetched: dict[str, PowerState | None] | None,
-        summary: SyncSummary,
+        call: _Call,
         source: ActionSource,
     ) -> None:
+        summary = call.summary
         if inst.task_state is not None:
             summary.skipped += 1
             return
         try:
             with self.locks.lock(inst.uuid):
-                outcome = self._sync_locked(inst, prefetched, summary, source)
+                outcome = self._sync_locked(inst, prefetched, call, source)
         except exception.HypervisorUnavailable:
             raise
         except exception.ForeignDomain as exc:
@@ -259,16 +276,16 @@ class PowerSync:
         except exception.InstanceNotFound:
             return None
 
-    def _maybe_flush_writes(self, summary: SyncSummary) -> None:
-        if self._writes and (
-            len(self._writes) >= WRITE_BATCH
-            or green.monotonic() - self._writes_since >= WRITE_DELAY_S
+    def _maybe_flush_writes(self, call: _Call) -> None:
+        if call.writes and (
+            len(call.writes) >= WRITE_BATCH or green.monotonic() - call.since >= WRITE_DELAY_S
         ):
-            self._flush_writes(summary)
+            self._flush_writes(call)
 
-    def _flush_writes(self, summary: SyncSummary) -> None:
+    def _flush_writes(self, call: _Call) -> None:
         """Commit the decided writes; each wins only if its row is unchanged since read."""
-        writes, self._writes = self._writes, []
+        summary = call.summary
+        writes, call.writes = call.writes, []
         if not writes:
             return
         try:
@@ -307,7 +324,7 @@ class PowerSync:
         self,
         inst: Instance,
         prefetched: dict[str, PowerState | None] | None,
-        summary: SyncSummary,
+        call: _Call,
         source: ActionSource,
     ) -> str:
         """Sync one instance under its lock; return CHANGED, UNCHANGED or SKIPPED."""
@@ -331,7 +348,7 @@ class PowerSync:
             )
             suspended = decision.power_state is PowerState.SUSPENDED
             self.driver.power_off(inst, timeout=0 if suspended else self.shutdown_timeout)
-            summary.domains_stopped += 1
+            call.summary.domains_stopped += 1
             observed = self._read(inst)
             decision = sync_policy.Decision(
                 PowerState.NOSTATE if observed is None else observed, decision.vm_state
@@ -349,9 +366,9 @@ class PowerSync:
         # The row's updated_at is its version: every writer bumps it, so the
         # write loses to any change made since this sync read the row.
         expected = {"task_state": None, "updated_at": inst.updated_at}
-        if not self._writes:
-            self._writes_since = green.monotonic()
-        self._writes.append(_Write(inst, values, expected, changes, reason, source))
+        if not call.writes:
+            call.since = green.monotonic()
+        call.writes.append(_Write(inst, values, expected, changes, reason, source))
         return CHANGED
 
     def _still_as_loaded(self, inst: Instance) -> bool:

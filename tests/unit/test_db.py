@@ -13,22 +13,11 @@ from compute_agent.db import migration
 from compute_agent.db.api import Database, mask_url, normalize_url
 from compute_agent.db.models import Base
 from compute_agent.utils import utcnow
+from tests.helpers import create_instance
 
 
 def new_instance(db: Database, host: str = "h1", **over) -> object:
-    uid = str(uuid.uuid4())
-    values = dict(
-        uuid=uid,
-        host=host,
-        domain_name=f"instance-{uid}",
-        vm_state="active",
-        task_state=None,
-        power_state="running",
-        vcpus=1,
-        memory_mb=64,
-    )
-    values.update(over)
-    return db.instance_create(values, source="rpc", reason="test")
+    return create_instance(db, host=host, **over)
 
 
 def test_migrated_schema_matches_models(db):

@@ -250,7 +250,7 @@ def test_lost_connection_is_closed_only_after_its_calls_drain(driver, monkeypatc
     slow = green.spawn(driver.host.run, lambda raw: green.native_sleep(0.3))
     green.sleep(0.05)
     assert driver.host.inflight == 1
-    driver.host._lost("test: connection dropped", driver.host.generation)
+    driver.host._lost("test: connection dropped", driver.host._generation)
     green.sleep(0.1)
     assert closed == []  # a call is still running on it
     slow.wait()

@@ -10,23 +10,13 @@ from compute_agent.service import BINARY, HEARTBEAT, NodeService
 from compute_agent.states import PowerState as P
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.libvirt.driver import LibvirtDriver
+from tests.helpers import create_instance
 from tests.libvirt_fixtures import kill_connection, make_host
 
 
-def add_instance(db, name, uid, vm_state="active", power="nostate", host="test-host"):
-    return db.instance_create(
-        dict(
-            uuid=uid,
-            host=host,
-            domain_name=name,
-            vm_state=vm_state,
-            task_state=None,
-            power_state=power,
-            vcpus=1,
-            memory_mb=64,
-        ),
-        source="rpc",
-        reason="test",
+def add_instance(db, name, uid, vm_state="active", power="nostate"):
+    return create_instance(
+        db, host="test-host", uuid=uid, name=name, vm_state=vm_state, power_state=power
     )
 
 

@@ -9,27 +9,14 @@ from compute_agent.locks import KeyedLocks
 from compute_agent.power_sync import PowerSync
 from compute_agent.states import PowerState as P
 from compute_agent.virt.fake import FakeDriver
+from tests.helpers import create_instance
 
 
 def add(db, driver, vm_state="active", power="running", hv=P.RUNNING, task=None, host="h1"):
-    uid = str(uuid.uuid4())
-    name = f"instance-{uid}"
-    inst = db.instance_create(
-        dict(
-            uuid=uid,
-            host=host,
-            domain_name=name,
-            vm_state=vm_state,
-            task_state=task,
-            power_state=power,
-            vcpus=1,
-            memory_mb=64,
-        ),
-        source="rpc",
-        reason="test",
-    )
+    """An instance row and, unless ``hv`` is None, its domain in state ``hv``."""
+    inst = create_instance(db, host=host, vm_state=vm_state, power_state=power, task_state=task)
     if hv is not None:
-        driver.add_domain(name, uid, hv)
+        driver.add_domain(inst.domain_name, inst.uuid, hv)
     return inst
 
 
@@ -411,3 +398,18 @@ def test_writes_share_commits_in_batches(sqlite_db, driver, monkeypatch):
     summary = make_sync(sqlite_db, driver, concurrency=1).run()
     assert summary.changed == 35 and sum(batches) == 35
     assert max(batches) == 10 and len(batches) == 4
+
+
+def test_a_single_sync_during_a_full_run_counts_only_its_own_write(sqlite_db):
+    driver = FakeDriver(latency=0.005)
+    driver.init_host("h1")
+    insts = [add(sqlite_db, driver, power="nostate") for _ in range(40)]
+    sync = make_sync(sqlite_db, driver, concurrency=2)
+    full = green.spawn(sync.run)
+    while sync.progress[0] < 10:
+        green.sleep(0.005)
+    one = sync.sync_one(insts[-1].uuid)  # an event or a forced sync, mid-run
+    summary = full.wait()
+    assert one.changed == 1
+    assert summary.changed + one.changed == 40
+    assert all(row(sqlite_db, i).power_state == "running" for i in insts)

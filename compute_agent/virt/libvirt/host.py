@@ -5,9 +5,9 @@ native thread pool: either through ``conn`` (a tpool proxy that wraps
 returned domains too) or through :meth:`Host.run`, which runs a whole
 function of several raw calls in one trip to the pool.
 
-libvirt's own event loop runs in a native thread. Its callbacks (connection
-closed, and domain events) only put an item on a :class:`green.NativeQueue`;
-one greenthread takes them off and acts, on the hub.
+libvirt's own event loop runs in a native thread. Its callbacks (today the
+connection-closed one) only put an item on a :class:`green.NativeQueue`; one
+greenthread takes them off and acts, on the hub.
 """
 
 from __future__ import annotations
@@ -126,8 +126,6 @@ class Host:
         self._reconnector: green.GreenThread | None = None
         self._stopping = False
         self.last_error: str | None = None
-        self.on_connected: list[Callable[[Any], None]] = []
-        self.event_handlers: dict[str, Callable[..., None]] = {}
 
     # -- life cycle -------------------------------------------------------
 
@@ -213,8 +211,6 @@ class Host:
             LOG.debug("close callback not supported by %s: %s", self.uri, exc)
         self._current = _Connection(raw, generation)
         self.last_error = None
-        for hook in self.on_connected:
-            hook(raw)
         LOG.info("connected to libvirt at %s", self.uri)
 
     def _open_raw(self) -> Any:
