@@ -8,7 +8,6 @@ this file rather than the agent.
 from __future__ import annotations
 
 import collections
-import time
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -36,7 +35,6 @@ T = TypeVar("T")
 GreenThread = eventlet.greenthread.GreenThread
 Timeout = eventlet.timeout.Timeout
 Semaphore = eventlet.semaphore.Semaphore
-Queue = eventlet.queue.LightQueue
 Pool = eventlet.greenpool.GreenPool
 QueueEmpty = eventlet.queue.Empty
 GreenletExit = greenlet.GreenletExit
@@ -49,10 +47,6 @@ _native_threading = eventlet.patcher.original("threading")
 def monkey_patch() -> None:
     """Patch the standard library for green I/O; entry points call this first."""
     eventlet.monkey_patch()
-
-
-def is_monkey_patched() -> bool:
-    return eventlet.patcher.is_monkey_patched("socket")
 
 
 def spawn(
@@ -257,7 +251,3 @@ def set_switch_tracer(tracer: Callable[[str, Any], None] | None) -> Any:
 def monotonic() -> float:
     """Monotonic clock that is never patched."""
     return _native_time.monotonic()
-
-
-# Re-exported so callers measure wall time with the unpatched clock too.
-wall_time = time.time

@@ -30,9 +30,6 @@ class LagFigures:
     warnings: int
     worst_offender: str | None
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 class SliceTracer:
     """Times each greenthread's uninterrupted run between switches."""

@@ -30,9 +30,5 @@ class KeyedLocks:
             else:
                 self._locks[key] = (sem, users - 1)
 
-    def locked(self, key: str) -> bool:
-        entry = self._locks.get(key)
-        return entry is not None and entry[0].locked()
-
     def __len__(self) -> int:
         return len(self._locks)

@@ -42,9 +42,6 @@ class TaskFigures:
     next_run_in_s: float | None
     max_lateness_s: float
 
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
 
 class PeriodicTask:
     """One callable, run every ``interval`` seconds in its own greenthread.

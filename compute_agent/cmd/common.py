@@ -14,7 +14,6 @@ from compute_agent.log import mask_secrets
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-EXIT_NO_AGENT = 3
 
 
 class Fatal(Exception):

@@ -216,18 +216,6 @@ class Database:
                 )
             )
 
-    def instance_get_with_task_state(self, host: str) -> list[Instance]:
-        with self.transaction() as s:
-            return list(
-                s.scalars(
-                    sa.select(Instance).where(
-                        Instance.host == host,
-                        Instance.deleted.is_(False),
-                        Instance.task_state.is_not(None),
-                    )
-                )
-            )
-
     def instance_update(
         self,
         inst: Instance,
