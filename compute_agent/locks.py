@@ -30,5 +30,9 @@ class KeyedLocks:
             else:
                 self._locks[key] = (sem, users - 1)
 
+    def busy(self, key: str) -> bool:
+        """Whether someone holds or waits for ``key``'s lock now."""
+        return key in self._locks
+
     def __len__(self) -> int:
         return len(self._locks)

@@ -1,9 +1,17 @@
 """The compute manager: what this host does for its instances, by delegation.
 
-It owns the driver and the per-instance locks, registers its periodic tasks
-with the service, and reacts to the hypervisor connection going and coming:
-the service is disabled with an ``AUTO:`` reason while libvirt is away (an
-operator's own disable is never touched) and a full sync follows its return.
+It owns the driver and the per-instance locks, and hands the work to the
+modules that hold it: ``power_sync`` (the periodic sync and the sync of one
+instance), ``lifecycle`` (events), ``operations`` (build, stop, start,
+reboot, delete), ``stats`` (sampling) and ``recovery`` (operations an
+earlier process left half-done). It registers the periodic tasks with the
+service, and reacts to the hypervisor connection going and coming: the
+service is disabled with an ``AUTO:`` reason while libvirt is away (an
+operator's own disable is never touched), and a full sync follows its
+return, since events may have been lost meanwhile.
+
+Every request method takes plain values (as RPC and the admin socket
+deliver them), validates them, and returns plain dicts.
 """
 
 from __future__ import annotations
@@ -13,18 +21,41 @@ from typing import Any
 
 from oslo_config import cfg
 
-from compute_agent import exception
+from compute_agent import exception, green
 from compute_agent.db.api import Database
+from compute_agent.db.models import Instance
+from compute_agent.lifecycle import LifecycleHandler
 from compute_agent.locks import KeyedLocks
+from compute_agent.operations import InstanceOperations
 from compute_agent.power_sync import PowerSync, SyncSummary
+from compute_agent.recovery import recover_interrupted
 from compute_agent.service import NodeService
+from compute_agent.states import ActionSource
+from compute_agent.stats import StatsSampler
+from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.spec import validate_uuid
 
 LOG = logging.getLogger(__name__)
 
 POWER_SYNC = "power_sync"
+STATS = "stats"
 AUTO_PREFIX = "AUTO:"
+
+
+def instance_dict(inst: Instance) -> dict[str, Any]:
+    """An instance as RPC and the admin CLI show it."""
+    return {
+        "uuid": inst.uuid,
+        "name": inst.display_name,
+        "host": inst.host,
+        "vm_state": inst.vm_state,
+        "task_state": inst.task_state,
+        "power_state": inst.power_state,
+        "vcpus": inst.vcpus,
+        "memory_mb": inst.memory_mb,
+        "updated_at": inst.updated_at.isoformat() + "Z" if inst.updated_at else None,
+    }
 
 
 class ComputeManager:
@@ -35,6 +66,8 @@ class ComputeManager:
         self.host: str = conf.host
         self.locks = KeyedLocks()
         self.service: NodeService | None = None
+        self.started_at = utcnow()
+        self._recovered = False
         compute = conf.compute
         self.power_sync = PowerSync(
             db,
@@ -47,23 +80,57 @@ class ComputeManager:
             shutdown_timeout=compute.shutdown_timeout,
             should_stop=self._stopping,
         )
+        self.operations = InstanceOperations(
+            db,
+            driver,
+            self.host,
+            self.locks,
+            name_template=compute.instance_name_template,
+            shutdown_timeout=compute.shutdown_timeout,
+            max_concurrent_builds=compute.max_concurrent_builds,
+        )
+        self.events: LifecycleHandler | None = None
+        if compute.handle_lifecycle_events:
+            self.events = LifecycleHandler(
+                self.power_sync.sync_one,
+                stopped_delay=conf.libvirt.lifecycle_event_delay,
+                concurrency=compute.sync_power_state_concurrency,
+                is_stopping=self._stopping,
+            )
+        self.stats = StatsSampler(
+            db,
+            driver,
+            self.host,
+            call_timeout=compute.stats_call_timeout,
+            unresponsive_after=compute.stats_unresponsive_after,
+            concurrency=compute.sync_power_state_concurrency,
+        )
 
     # -- component life cycle ---------------------------------------------
 
     def start(self, service: NodeService) -> None:
         self.service = service
         self.driver.add_connection_listener(self._on_connection)
+        if self.events is not None:
+            self.driver.set_event_listener(self.events.on_event)
+        else:
+            LOG.info("lifecycle events are off: changes are seen by the periodic sync only")
         try:
             self.driver.init_host(self.host)
         except exception.HypervisorUnavailable as exc:
             LOG.error("starting without the hypervisor, retrying in the background: %s", exc)
         else:
             self._set_auto_disabled(False, None)
-        service.add_periodic(
-            POWER_SYNC, self.power_sync.run, self.conf.compute.sync_power_state_interval
-        )
+            green.spawn(self._recover, name="startup-recovery")
+        compute = self.conf.compute
+        service.add_periodic(POWER_SYNC, self.power_sync.run, compute.sync_power_state_interval)
+        if compute.stats_interval > 0:
+            service.add_periodic(STATS, self.stats.run, compute.stats_interval)
 
     def stop(self) -> None:
+        if self.events is not None:
+            self.events.stop()
+        self.driver.set_event_listener(None)
         self.driver.cleanup_host()
 
     def _stopping(self) -> bool:
@@ -76,6 +143,8 @@ class ComputeManager:
             return
         if up:
             self._set_auto_disabled(False, None)
+            if not self._recovered:
+                green.spawn(self._recover, name="startup-recovery")
             LOG.info("hypervisor back (%s): running a full power sync", reason)
             if self.service is not None and POWER_SYNC in self.service.runner.tasks:
                 self.service.runner.run_now(POWER_SYNC)
@@ -95,7 +164,70 @@ class ComputeManager:
         if changed and disabled:
             LOG.warning("service disabled: %s", reason)
 
-    # -- requests ---------------------------------------------------------
+    def _recover(self) -> None:
+        """Settle what an earlier process left half-done; once, when libvirt is there."""
+        if self._recovered:
+            return
+        try:
+            recover_interrupted(self.db, self.driver, self.host, self.locks, self.started_at)
+        except Exception as exc:  # noqa: BLE001 - retried when the hypervisor comes back
+            LOG.error("start-up recovery interrupted, retried on reconnection: %s", exc)
+            return
+        self._recovered = True
+
+    # -- requests: instances ----------------------------------------------
+
+    def build_instance(
+        self, instance: Any, source: ActionSource = ActionSource.RPC
+    ) -> dict[str, Any]:
+        return instance_dict(self.operations.build(instance, source))
+
+    def start_instance(
+        self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
+    ) -> dict[str, Any]:
+        return instance_dict(self.operations.start(instance_uuid, source))
+
+    def stop_instance(
+        self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
+    ) -> dict[str, Any]:
+        return instance_dict(self.operations.stop(instance_uuid, source))
+
+    def reboot_instance(
+        self, instance_uuid: Any, hard: Any = False, source: ActionSource = ActionSource.RPC
+    ) -> dict[str, Any]:
+        return instance_dict(self.operations.reboot(instance_uuid, hard, source))
+
+    def delete_instance(
+        self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
+    ) -> dict[str, Any]:
+        inst = self.operations.delete(instance_uuid, source)
+        self.stats.store.forget(inst.uuid)
+        return instance_dict(inst)
+
+    def get_instance_info(self, instance_uuid: Any) -> dict[str, Any]:
+        uuid = validate_uuid(instance_uuid, "instance_uuid")
+        return instance_dict(self.db.instance_get(uuid, host=self.host))
+
+    def list_instances(self) -> list[dict[str, Any]]:
+        return [instance_dict(i) for i in self.db.instance_get_all_by_host(self.host)]
+
+    def get_instance_stats(self, instance_uuid: Any) -> dict[str, Any]:
+        """The latest statistics sample of an instance of this host, and its age."""
+        uuid = validate_uuid(instance_uuid, "instance_uuid")
+        self.db.instance_get(uuid, host=self.host)  # InstanceNotFound if not ours
+        try:
+            return self.stats.get(uuid)
+        except exception.InstanceNotFound:
+            # Not sampled yet (created since the last cycle).
+            return {
+                "uuid": uuid,
+                "stats": None,
+                "taken_at": None,
+                "age_s": None,
+                "unresponsive": False,
+            }
+
+    # -- requests: sync ---------------------------------------------------
 
     def sync_power_states(
         self, instance_uuid: str | None = None, timeout: float | None = None

@@ -170,15 +170,22 @@ class PowerSync:
         return summary
 
     def sync_one(self, uuid: str, source: ActionSource = ActionSource.SYNC) -> SyncSummary:
-        """Sync one instance now (a forced sync, or a lifecycle event)."""
+        """Sync one instance now (a forced sync, or a lifecycle event).
+
+        The row is read once the lock is held, so an operation that held the
+        lock before is seen finished, not half-way.
+        """
         started = green.monotonic()
         call = _Call()
         summary = call.summary
-        inst = self.db.instance_get(uuid, host=self.host)
         try:
-            self._handle(inst, None, call, source)
+            with self.locks.lock(uuid):
+                try:
+                    inst = self.db.instance_get(uuid, host=self.host)
+                    self._handle_locked(inst, None, call, source)
+                finally:
+                    self._flush_writes(call)
         finally:
-            self._flush_writes(call)
             self.journal.flush()
             summary.duration_s = round(green.monotonic() - started, 4)
         return summary
@@ -217,7 +224,7 @@ class PowerSync:
             nonlocal done
             try:
                 if summary.aborted is None and not self.should_stop():
-                    self._handle(inst, prefetched, call, ActionSource.SYNC)
+                    self._handle(inst, prefetched, call, ActionSource.SYNC, wait=False)
             except exception.HypervisorUnavailable as exc:
                 if summary.aborted is None:
                     summary.aborted = f"hypervisor unavailable: {exc}"
@@ -244,14 +251,29 @@ class PowerSync:
         prefetched: dict[str, PowerState | None] | None,
         call: _Call,
         source: ActionSource,
+        wait: bool = True,
+    ) -> None:
+        """Sync one instance under its lock. ``wait=False`` skips an instance
+        whose lock is taken: an operation holds it and writes the state itself."""
+        if inst.task_state is not None or (not wait and self.locks.busy(inst.uuid)):
+            call.summary.skipped += 1
+            return
+        with self.locks.lock(inst.uuid):
+            self._handle_locked(inst, prefetched, call, source)
+
+    def _handle_locked(
+        self,
+        inst: Instance,
+        prefetched: dict[str, PowerState | None] | None,
+        call: _Call,
+        source: ActionSource,
     ) -> None:
         summary = call.summary
         if inst.task_state is not None:
             summary.skipped += 1
             return
         try:
-            with self.locks.lock(inst.uuid):
-                outcome = self._sync_locked(inst, prefetched, call, source)
+            outcome = self._sync_locked(inst, prefetched, call, source)
         except exception.HypervisorUnavailable:
             raise
         except exception.ForeignDomain as exc:

@@ -33,12 +33,12 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing ${missing[*]}"
     apt_install() {
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -q --no-install-recommends "${missing[@]}"
     }
     # Try with the current package lists first; refresh them only if that fails.
     if ! apt_install >/tmp/setup-libvirtd-apt.log 2>&1; then
         say "apt-get install failed with the current lists, running apt-get update"
-        $SUDO apt-get update -q >>/tmp/setup-libvirtd-apt.log 2>&1 || true
+        $SUDO apt-get -o DPkg::Lock::Timeout=300 update -q >>/tmp/setup-libvirtd-apt.log 2>&1 || true
         apt_install >>/tmp/setup-libvirtd-apt.log 2>&1 \
             || die "apt-get install ${missing[*]} failed, see /tmp/setup-libvirtd-apt.log"
     fi

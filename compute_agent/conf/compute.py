@@ -48,6 +48,42 @@ opts = [
         help="Seconds a guest is given to shut down when asked before it is forced "
         "off. 0 forces it off at once.",
     ),
+    cfg.BoolOpt(
+        "handle_lifecycle_events",
+        default=True,
+        help="Listen to the hypervisor's lifecycle events (started, stopped, paused, "
+        "resumed, ...) and sync the instance concerned at once. When false, changes "
+        "made outside the agent are seen only by the periodic power-state sync.",
+    ),
+    cfg.IntOpt(
+        "max_concurrent_builds",
+        default=10,
+        min=0,
+        help="How many instance builds may run at once; further builds wait in the "
+        "'queued' task state. 0 means no limit.",
+    ),
+    cfg.IntOpt(
+        "stats_interval",
+        default=60,
+        help="Seconds between samples of every instance's statistics (CPU, memory, "
+        "vCPUs, interfaces, disks), taken in one bulk call where the driver has one. "
+        "0 or a negative value disables sampling.",
+    ),
+    cfg.IntOpt(
+        "stats_call_timeout",
+        default=30,
+        min=1,
+        help="Seconds a statistics call may take before the cycle gives up on it. A "
+        "call to a hung QEMU can block for ever; it is left in its thread and the "
+        "next cycle goes on without it.",
+    ),
+    cfg.IntOpt(
+        "stats_unresponsive_after",
+        default=300,
+        min=1,
+        help="An instance with no complete statistics sample for this many seconds "
+        "is reported unresponsive.",
+    ),
     cfg.StrOpt(
         "instance_name_template",
         default="instance-%(uuid)s",

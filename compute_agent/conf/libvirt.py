@@ -50,6 +50,15 @@ opts = [
         min=1,
         help="Unanswered keepalives after which the libvirt connection is closed.",
     ),
+    cfg.FloatOpt(
+        "lifecycle_event_delay",
+        default=15.0,
+        min=0,
+        help="Seconds a STOPPED lifecycle event waits before the instance is synced. "
+        "Any later event for the same domain cancels it: a guest reboot emits "
+        "STOPPED then STARTED, and acting on the STOPPED alone would record a "
+        "running guest as stopped.",
+    ),
 ]
 
 

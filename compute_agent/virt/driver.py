@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from compute_agent import exception, green
 from compute_agent.states import PowerState
+from compute_agent.virt.events import EventListener, LifecycleEvent
 from compute_agent.virt.spec import DomainSpec, InstanceRef
 
 # (up, reason): called on the hub when the hypervisor connection drops or returns.
@@ -32,6 +33,30 @@ class InstanceInfo:
 
 
 @dataclass(frozen=True)
+class DomainStats:
+    """One statistics sample of a domain; a field is None when not reported.
+
+    ``complete`` is False when the hypervisor answered for the domain but
+    left out what only its (hung or busy) QEMU could say; such a sample
+    does not count as a fresh one.
+    """
+
+    name: str
+    uuid: str
+    state: PowerState
+    complete: bool = True
+    cpu_time_ns: int | None = None
+    vcpus: int | None = None
+    memory_kb: int | None = None
+    memory_max_kb: int | None = None
+    memory_rss_kb: int | None = None
+    net_rx_bytes: int | None = None
+    net_tx_bytes: int | None = None
+    block_rd_bytes: int | None = None
+    block_wr_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class DomainRef:
     """A domain as listed by the hypervisor."""
 
@@ -44,6 +69,7 @@ class ComputeDriver(abc.ABC):
 
     def __init__(self) -> None:
         self._listeners: list[ConnectionListener] = []
+        self._event_listener: EventListener | None = None
 
     # -- connection -------------------------------------------------------
 
@@ -64,6 +90,16 @@ class ComputeDriver(abc.ABC):
     def _notify_connection(self, up: bool, reason: str) -> None:
         for listener in list(self._listeners):
             listener(up, reason)
+
+    # -- lifecycle events -------------------------------------------------
+
+    def set_event_listener(self, listener: EventListener | None) -> None:
+        """Receive lifecycle events (set before ``init_host``); None stops them."""
+        self._event_listener = listener
+
+    def _emit_event(self, event: LifecycleEvent) -> None:
+        if self._event_listener is not None:
+            self._event_listener(event)
 
     # -- queries ----------------------------------------------------------
 
@@ -103,6 +139,22 @@ class ComputeDriver(abc.ABC):
                 pass
             green.yield_now()
         return states
+
+    # -- statistics -------------------------------------------------------
+
+    @property
+    def has_bulk_stats(self) -> bool:
+        """Whether :meth:`get_all_stats` samples every domain in one call."""
+        return False
+
+    def get_all_stats(self) -> dict[str, DomainStats]:
+        """Every domain's sample by domain name, in one call that never waits for
+        a busy domain (it is reported incomplete instead)."""
+        raise NotImplementedError
+
+    @abc.abstractmethod
+    def get_stats(self, instance: InstanceRef) -> DomainStats:
+        """One instance's sample; raise InstanceNotFound if its domain is missing."""
 
     # -- operations -------------------------------------------------------
 

@@ -15,11 +15,21 @@ from dataclasses import dataclass, field
 
 from compute_agent import exception, green
 from compute_agent.states import PowerState
-from compute_agent.virt.driver import ComputeDriver, DomainRef, InstanceInfo
+from compute_agent.virt.driver import ComputeDriver, DomainRef, DomainStats, InstanceInfo
+from compute_agent.virt.events import LifecycleEvent, Transition
 from compute_agent.virt.spec import DomainSpec, InstanceRef
 
 LOG = logging.getLogger(__name__)
 HANG_LIMIT_S = 3600.0
+
+# The event a change of state emits, as libvirt would emit it.
+_TRANSITION_TO = {
+    PowerState.RUNNING: Transition.STARTED,
+    PowerState.PAUSED: Transition.PAUSED,
+    PowerState.SHUTDOWN: Transition.STOPPED,
+    PowerState.CRASHED: Transition.CRASHED,
+    PowerState.SUSPENDED: Transition.SUSPENDED,
+}
 
 
 @dataclass
@@ -66,8 +76,25 @@ class FakeDriver(ComputeDriver):
     def add_domain(self, name: str, uuid: str, state: PowerState = PowerState.RUNNING) -> None:
         self.domains[name] = FakeDomain(name, uuid, state)
 
-    def set_state(self, name: str, state: PowerState) -> None:
-        self.domains[name].state = state
+    def set_state(self, name: str, state: PowerState, emit: bool = True) -> None:
+        """Change a domain's state out of band, emitting its event as libvirt would."""
+        self._set(self.domains[name], state, emit)
+
+    def emit(self, name: str, transition: Transition, uuid: str | None = None) -> None:
+        """Emit an event for ``name`` whatever its state (a stale or spurious event)."""
+        dom = self.domains.get(name)
+        self._emit_event(LifecycleEvent(name, uuid or (dom.uuid if dom else ""), transition))
+
+    def _set(self, dom: FakeDomain, state: PowerState, emit: bool = True) -> None:
+        old, dom.state = dom.state, state
+        if not emit or old == state:
+            return
+        if old == PowerState.PAUSED and state == PowerState.RUNNING:
+            transition = Transition.RESUMED
+        else:
+            transition = _TRANSITION_TO.get(state)
+        if transition is not None:
+            self._emit_event(LifecycleEvent(dom.name, dom.uuid, transition))
 
     def inject_fault(
         self,
@@ -183,6 +210,43 @@ class FakeDriver(ComputeDriver):
                 states[inst.uuid] = dom.state
         return states
 
+    # -- statistics -------------------------------------------------------
+
+    @property
+    def has_bulk_stats(self) -> bool:
+        return self.bulk
+
+    def _sample(self, dom: FakeDomain, complete: bool = True) -> DomainStats:
+        running = dom.state in (PowerState.RUNNING, PowerState.PAUSED)
+        kb = dom.memory_mb * 1024
+        return DomainStats(
+            dom.name,
+            dom.uuid,
+            dom.state,
+            complete=complete,
+            cpu_time_ns=dom.cpu_time_ns,
+            vcpus=dom.vcpus,
+            memory_kb=kb,
+            memory_max_kb=kb,
+            memory_rss_kb=kb if running and complete else None,
+        )
+
+    def get_all_stats(self) -> dict[str, DomainStats]:
+        """One call for all; a domain with a fault on ``get_stats`` comes back
+        incomplete at once, as libvirt's NOWAIT reports a domain whose job is taken."""
+        if not self.bulk:
+            raise NotImplementedError("this fake driver has no bulk statistics call")
+        self._call("get_all_stats")
+        fault = self.faults.get("get_stats")
+        stuck = set() if fault is None else (fault.names or set(self.domains))
+        return {d.name: self._sample(d, d.name not in stuck) for d in self.domains.values()}
+
+    def get_stats(self, instance: InstanceRef) -> DomainStats:
+        self._call("get_stats", instance.domain_name)
+        return self._sample(self._lookup(instance))
+
+    # -- operations -------------------------------------------------------
+
     def spawn(self, spec: DomainSpec) -> None:
         self._call("define", spec.name)
         if spec.name in self.domains:
@@ -195,23 +259,25 @@ class FakeDriver(ComputeDriver):
         except Exception:
             del self.domains[spec.name]
             raise
-        self.domains[spec.name].state = PowerState.RUNNING
+        self._set(self.domains[spec.name], PowerState.RUNNING)
 
     def destroy(self, instance: InstanceRef) -> None:
         self._call("destroy", instance.domain_name)
-        self._lookup(instance)
+        dom = self._lookup(instance)
+        self._set(dom, PowerState.SHUTDOWN)
         del self.domains[instance.domain_name]
+        self._emit_event(LifecycleEvent(dom.name, dom.uuid, Transition.UNDEFINED))
 
     def power_off(self, instance: InstanceRef, timeout: float = 60) -> None:
         self._call("power_off", instance.domain_name)
         dom = self._lookup(instance)
         if timeout > 0 and dom.name in self.ignores_shutdown:
             green.sleep(timeout)  # the guest ignores the request; force it after the wait
-        dom.state = PowerState.SHUTDOWN
+        self._set(dom, PowerState.SHUTDOWN)
 
     def power_on(self, instance: InstanceRef) -> None:
         self._call("power_on", instance.domain_name)
-        self._lookup(instance).state = PowerState.RUNNING
+        self._set(self._lookup(instance), PowerState.RUNNING)
 
     def reboot(self, instance: InstanceRef, hard: bool = False) -> None:
         if not hard:
@@ -224,4 +290,6 @@ class FakeDriver(ComputeDriver):
                 hard = True
         if hard:
             self._call("reboot_hard", instance.domain_name)
-        self._lookup(instance).state = PowerState.RUNNING
+            # A hard reboot is a destroy and a start: STOPPED, then STARTED.
+            self._set(self._lookup(instance), PowerState.SHUTDOWN)
+        self._set(self._lookup(instance), PowerState.RUNNING)

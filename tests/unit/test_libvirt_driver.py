@@ -246,7 +246,7 @@ def test_lost_connection_is_closed_only_after_its_calls_drain(driver, monkeypatc
     from compute_agent.virt.libvirt.host import Host
 
     closed = []
-    monkeypatch.setattr(Host, "_close_raw", staticmethod(lambda raw: closed.append(raw)))
+    monkeypatch.setattr(Host, "_close_raw", staticmethod(lambda raw, _lid=None: closed.append(raw)))
     slow = green.spawn(driver.host.run, lambda raw: green.native_sleep(0.3))
     green.sleep(0.05)
     assert driver.host.inflight == 1

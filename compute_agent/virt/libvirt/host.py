@@ -5,9 +5,9 @@ native thread pool: either through ``conn`` (a tpool proxy that wraps
 returned domains too) or through :meth:`Host.run`, which runs a whole
 function of several raw calls in one trip to the pool.
 
-libvirt's own event loop runs in a native thread. Its callbacks (today the
-connection-closed one) only put an item on a :class:`green.NativeQueue`; one
-greenthread takes them off and acts, on the hub.
+libvirt's own event loop runs in a native thread. Its callbacks (connection
+closed, domain lifecycle) only put an item on a :class:`green.NativeQueue`,
+whose self-pipe wakes the hub; one greenthread takes them off and acts.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from compute_agent import exception, green
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
+
+# (domain name, domain UUID, libvirt event, libvirt detail), called on the hub.
+LifecycleHandler = Callable[[str, str, int, int], None]
 
 # libvirt prints every error to stderr unless given a handler; errors reach
 # us as exceptions, so the printing is only noise.
@@ -80,8 +83,9 @@ class _Connection:
     connection is closed only once its calls have drained.
     """
 
-    def __init__(self, raw: Any, generation: int) -> None:
+    def __init__(self, raw: Any, generation: int, lifecycle_id: int | None) -> None:
         self.raw = raw
+        self.lifecycle_id = lifecycle_id
         self.proxy = green.proxy(raw, autowrap=(libvirt.virConnect, libvirt.virDomain))
         self.generation = generation
         self.inflight = 0
@@ -126,6 +130,8 @@ class Host:
         self._reconnector: green.GreenThread | None = None
         self._stopping = False
         self.last_error: str | None = None
+        # Set before start() to receive domain lifecycle events.
+        self.lifecycle_handler: LifecycleHandler | None = None
 
     # -- life cycle -------------------------------------------------------
 
@@ -209,7 +215,19 @@ class Host:
             green.execute(raw.registerCloseCallback, self._closed_native, generation)
         except libvirt.libvirtError as exc:
             LOG.debug("close callback not supported by %s: %s", self.uri, exc)
-        self._current = _Connection(raw, generation)
+        lifecycle_id = None
+        if self.lifecycle_handler is not None:
+            try:
+                lifecycle_id = green.execute(
+                    raw.domainEventRegisterAny,
+                    None,
+                    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                    self._lifecycle_native,
+                    generation,
+                )
+            except libvirt.libvirtError as exc:
+                LOG.error("lifecycle events unavailable from %s: %s", self.uri, exc)
+        self._current = _Connection(raw, generation, lifecycle_id)
         self.last_error = None
         LOG.info("connected to libvirt at %s", self.uri)
 
@@ -224,8 +242,10 @@ class Host:
         return raw
 
     @staticmethod
-    def _close_raw(raw: Any) -> None:
+    def _close_raw(raw: Any, lifecycle_id: int | None) -> None:
         try:
+            if lifecycle_id is not None:
+                raw.domainEventDeregisterAny(lifecycle_id)
             raw.unregisterCloseCallback()
         except libvirt.libvirtError:
             pass
@@ -234,6 +254,13 @@ class Host:
     def _closed_native(self, _conn: Any, reason: int, generation: int) -> None:
         # Runs in libvirt's event-loop thread: queue it, touch nothing else.
         self._events.put(("closed", generation, _CLOSE_REASONS.get(reason, f"reason {reason}")))
+
+    def _lifecycle_native(
+        self, _conn: Any, dom: Any, event: int, detail: int, generation: int
+    ) -> None:
+        # Runs in libvirt's event-loop thread. name() and UUIDString() read the
+        # domain object the event carries; neither makes a call to the daemon.
+        self._events.put(("lifecycle", generation, dom.name(), dom.UUIDString(), event, detail))
 
     def _lost(self, reason: str, generation: int) -> None:
         """The connection of ``generation`` is gone; reconnect unless already doing so."""
@@ -259,7 +286,7 @@ class Host:
             )
             return
         try:
-            green.execute(self._close_raw, connection.raw)
+            green.execute(self._close_raw, connection.raw, connection.lifecycle_id)
         except libvirt.libvirtError as exc:
             LOG.debug("closing libvirt connection: %s", exc)
 
@@ -297,14 +324,14 @@ class Host:
             try:
                 if kind == "closed":
                     self._lost(payload[0], generation)
-                elif generation == self._generation and kind in self.event_handlers:
-                    self.event_handlers[kind](*payload)
+                elif (
+                    kind == "lifecycle"
+                    and generation == self._generation
+                    and self.lifecycle_handler is not None
+                ):
+                    self.lifecycle_handler(*payload)
             except Exception:
                 LOG.exception("error handling libvirt %s event", kind)
-
-    def queue_event(self, kind: str, generation: int, *payload: Any) -> None:
-        """For callbacks in the event-loop thread: hand an event to the hub."""
-        self._events.put((kind, generation, *payload))
 
     @property
     def generation(self) -> int:

@@ -1,0 +1,142 @@
+"""Lifecycle events, turned into syncs of the instance concerned.
+
+The driver hands each event to :meth:`LifecycleHandler.on_event` on the hub;
+it never blocks there. An event does not say what to write: it only says
+which instance to look at now, and the same per-instance sync routine as
+the periodic task reads the hypervisor again under the instance's lock, so
+a stale or repeated event changes nothing. Several events for one instance
+waiting together make one sync.
+
+A STOPPED event waits: a guest reboot emits STOPPED then STARTED, and
+acting on the STOPPED alone would record a rebooting guest as stopped (and,
+with the enforcing policy, could have it stopped). Any later event for the
+same domain cancels the wait.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from compute_agent import exception, green
+from compute_agent.states import ActionSource
+from compute_agent.virt.events import LifecycleEvent, Transition
+
+LOG = logging.getLogger(__name__)
+
+# Transitions that are held back, and cancelled by any later event.
+DELAYED = frozenset({Transition.STOPPED, Transition.UNDEFINED})
+
+SyncOne = Callable[[str, ActionSource], Any]
+
+
+@dataclass
+class EventFigures:
+    received: int = 0
+    synced: int = 0
+    delayed: int = 0
+    cancelled: int = 0
+    coalesced: int = 0
+    ignored: int = 0
+    not_ours: int = 0
+    errors: int = 0
+    last_latency_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LifecycleHandler:
+    def __init__(
+        self,
+        sync_one: SyncOne,
+        *,
+        stopped_delay: float,
+        concurrency: int = 4,
+        is_stopping: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._sync_one = sync_one
+        self.stopped_delay = stopped_delay
+        self._is_stopping = is_stopping
+        self._slots = green.Semaphore(max(1, concurrency))
+        self._delayed: dict[str, green.GreenThread] = {}
+        self._queued: set[str] = set()
+        self._workers: set[green.GreenThread] = set()
+        self.figures = EventFigures()
+
+    def on_event(self, event: LifecycleEvent) -> None:
+        """Take one event, on the hub; schedules work and returns at once."""
+        self.figures.received += 1
+        if self._is_stopping():
+            self.figures.ignored += 1
+            LOG.debug(
+                "ignoring %s event for %s: the agent is stopping", event.transition, event.name
+            )
+            return
+        uuid = event.uuid.lower()
+        LOG.debug("lifecycle event %s for %s (%s)", event.transition, event.name, uuid)
+        pending = self._delayed.pop(uuid, None)
+        if pending is not None:
+            green.kill(pending)
+            self.figures.cancelled += 1
+            LOG.info(
+                "instance %s: pending stop event cancelled by a later %s event",
+                uuid,
+                event.transition,
+            )
+        if event.transition in DELAYED and self.stopped_delay > 0:
+            self.figures.delayed += 1
+            self._delayed[uuid] = green.spawn_after(
+                self.stopped_delay, self._delay_over, uuid, event
+            )
+            return
+        self._submit(uuid, event)
+
+    def _delay_over(self, uuid: str, event: LifecycleEvent) -> None:
+        self._delayed.pop(uuid, None)
+        self._submit(uuid, event)
+
+    def _submit(self, uuid: str, event: LifecycleEvent) -> None:
+        if uuid in self._queued:
+            self.figures.coalesced += 1
+            return
+        self._queued.add(uuid)
+        worker = green.spawn(self._sync, uuid, event, name=f"event-{uuid[:8]}")
+        self._workers.add(worker)
+        worker.link(lambda gt, *_: self._workers.discard(gt))
+
+    def _sync(self, uuid: str, event: LifecycleEvent) -> None:
+        with self._slots:
+            # From here, a new event for this instance needs a sync of its own:
+            # this one may have read the hypervisor before the change.
+            self._queued.discard(uuid)
+            if self._is_stopping():
+                self.figures.ignored += 1
+                return
+            try:
+                self._sync_one(uuid, ActionSource.EVENT)
+            except exception.InstanceNotFound:
+                self.figures.not_ours += 1
+                LOG.debug(
+                    "%s event for domain %s: no instance of this host", event.transition, event.name
+                )
+                return
+            except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
+                self.figures.errors += 1
+                LOG.warning("sync after %s event for %s failed: %s", event.transition, uuid, exc)
+                return
+            self.figures.synced += 1
+            self.figures.last_latency_s = round(green.monotonic() - event.received, 4)
+
+    @property
+    def pending(self) -> int:
+        """Events waiting out their delay, plus syncs queued or running."""
+        return len(self._delayed) + len(self._workers)
+
+    def stop(self) -> None:
+        """Drop delayed events and syncs not yet started; running ones finish."""
+        for gt in list(self._delayed.values()):
+            green.kill(gt)
+        self._delayed.clear()
