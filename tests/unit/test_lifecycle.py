@@ -1,0 +1,178 @@
+"""Lifecycle events: each event type, the delayed STOPPED, stale events, stopping."""
+
+import uuid
+
+import pytest
+
+from compute_agent import green
+from compute_agent.lifecycle import LifecycleHandler
+from compute_agent.locks import KeyedLocks
+from compute_agent.power_sync import PowerSync
+from compute_agent.states import PowerState as P
+from compute_agent.virt.events import LifecycleEvent, Transition
+from compute_agent.virt.fake import FakeDriver
+from tests.helpers import create_instance
+
+HOST = "h1"
+DELAY = 0.3
+
+
+class Agent:
+    def __init__(self, db, delay=DELAY):
+        self.db = db
+        self.driver = FakeDriver()
+        self.driver.init_host(HOST)
+        self.stopping = False
+        self.sync = PowerSync(db, self.driver, HOST, KeyedLocks(), action="report")
+        self.synced: list[str] = []
+
+        def sync_one(uid, source):
+            self.synced.append(uid)
+            return self.sync.sync_one(uid, source)
+
+        self.events = LifecycleHandler(
+            sync_one, stopped_delay=delay, is_stopping=lambda: self.stopping
+        )
+        self.driver.set_event_listener(self.events.on_event)
+
+    def instance(self, state=P.RUNNING, vm_state="active", power="running"):
+        uid = str(uuid.uuid4())
+        inst = create_instance(self.db, host=HOST, uuid=uid, vm_state=vm_state, power_state=power)
+        self.driver.add_domain(inst.domain_name, uid, state)
+        return inst
+
+    def row(self, inst):
+        return self.db.instance_get(inst.uuid)
+
+    def settle(self, timeout=3.0):
+        end = green.monotonic() + timeout
+        while green.monotonic() < end and self.events.pending:
+            green.sleep(0.01)
+        assert self.events.pending == 0
+
+
+@pytest.fixture
+def agent(sqlite_db):
+    a = Agent(sqlite_db)
+    yield a
+    a.events.stop()
+
+
+@pytest.mark.parametrize(
+    "start, to, want_power",
+    [
+        (P.RUNNING, P.PAUSED, "paused"),  # PAUSED event
+        (P.PAUSED, P.RUNNING, "running"),  # RESUMED event
+        (P.SHUTDOWN, P.RUNNING, "running"),  # STARTED event
+        # SUSPENDED event: the policy stops a suspended active instance's domain.
+        (P.RUNNING, P.SUSPENDED, "shutdown"),
+        (P.RUNNING, P.CRASHED, "crashed"),  # CRASHED event
+    ],
+)
+def test_each_immediate_event_syncs_the_instance(agent, start, to, want_power):
+    inst = agent.instance(state=start, power=str(start))
+    before = agent.driver.calls["get_info"]
+    agent.driver.set_state(inst.domain_name, to)
+    agent.settle()
+    assert agent.row(inst).power_state == want_power
+    assert agent.driver.calls["get_info"] > before  # the state was read again
+    power_changes = [a for a in agent.db.actions_get(inst.uuid) if a.field == "power_state"]
+    assert power_changes[0].source == "event" and power_changes[0].new_value == want_power
+
+
+def test_stopped_event_waits_then_syncs(agent):
+    inst = agent.instance()
+    started = green.monotonic()
+    agent.driver.set_state(inst.domain_name, P.SHUTDOWN)
+    green.sleep(DELAY / 2)
+    assert agent.row(inst).power_state == "running"  # still waiting
+    agent.settle()
+    assert green.monotonic() - started >= DELAY
+    row = agent.row(inst)
+    assert row.power_state == "shutdown" and row.vm_state == "stopped"
+    assert agent.events.figures.delayed == 1 and agent.events.figures.cancelled == 0
+
+
+def test_reboot_stopped_then_started_cancels_the_stop(agent):
+    inst = agent.instance()
+    agent.driver.set_state(inst.domain_name, P.SHUTDOWN)
+    agent.driver.set_state(inst.domain_name, P.RUNNING)
+    agent.settle()
+    green.sleep(DELAY * 1.5)  # past the delay: the STOPPED must not fire
+    assert agent.events.figures.cancelled == 1
+    assert agent.synced == [inst.uuid]  # one sync, for the STARTED
+    row = agent.row(inst)
+    assert row.power_state == "running" and row.vm_state == "active"
+    assert agent.db.actions_get(inst.uuid)[0].action == "create"  # nothing written
+
+
+def test_undefined_domain_is_delayed_and_then_recorded(agent):
+    inst = agent.instance()
+    agent.driver.destroy(inst)  # emits STOPPED, then UNDEFINED
+    agent.settle()
+    assert agent.synced == [inst.uuid]  # the UNDEFINED cancelled the STOPPED, then ran
+    assert agent.row(inst).power_state == "nostate"
+
+
+def test_a_stale_event_changes_nothing(agent):
+    inst = agent.instance()
+    # The hypervisor says running; an old PAUSED event arrives late.
+    agent.driver.emit(inst.domain_name, Transition.PAUSED)
+    agent.settle()
+    assert agent.synced == [inst.uuid]
+    row = agent.row(inst)
+    assert row.power_state == "running" and row.updated_at == inst.updated_at
+
+
+def test_events_while_stopping_are_ignored(agent):
+    inst = agent.instance()
+    agent.stopping = True
+    agent.driver.set_state(inst.domain_name, P.PAUSED)
+    agent.settle()
+    assert agent.synced == [] and agent.events.figures.ignored == 1
+    assert agent.row(inst).power_state == "running"
+
+
+def test_a_delayed_stop_is_dropped_when_stopping(agent):
+    inst = agent.instance()
+    agent.driver.set_state(inst.domain_name, P.SHUTDOWN)
+    agent.events.stop()
+    green.sleep(DELAY * 1.5)
+    assert agent.synced == []
+
+
+def test_events_for_a_busy_instance_are_coalesced(agent):
+    inst = agent.instance()
+    agent.driver.latency = 0.05
+    for _ in range(5):
+        agent.driver.emit(inst.domain_name, Transition.RESUMED)
+    agent.settle()
+    # The first starts at once; the four others wait as one.
+    assert agent.events.figures.coalesced >= 3
+    assert len(agent.synced) <= 2
+
+
+def test_event_for_a_domain_that_is_not_ours(agent):
+    agent.driver.add_domain("someone-else", str(uuid.uuid4()), P.RUNNING)
+    agent.driver.set_state("someone-else", P.PAUSED)
+    agent.settle()
+    assert agent.events.figures.not_ours == 1 and agent.events.figures.errors == 0
+
+
+def test_event_for_an_instance_being_operated_on_is_skipped(agent, sqlite_db):
+    inst = agent.instance()
+    sqlite_db.instance_update(
+        inst, {"task_state": "powering-off"}, action="stop", source="rpc", record=False
+    )
+    agent.driver.set_state(inst.domain_name, P.PAUSED)
+    agent.settle()
+    assert agent.row(inst).power_state == "running"  # the operation writes it
+
+
+def test_the_handler_never_blocks_the_dispatcher(agent):
+    inst = agent.instance()
+    agent.driver.latency = 0.5
+    started = green.monotonic()
+    agent.events.on_event(LifecycleEvent(inst.domain_name, inst.uuid, Transition.PAUSED))
+    assert green.monotonic() - started < 0.05
+    agent.settle()
