@@ -413,3 +413,33 @@ def test_a_single_sync_during_a_full_run_counts_only_its_own_write(sqlite_db):
     assert one.changed == 1
     assert summary.changed + one.changed == 40
     assert all(row(sqlite_db, i).power_state == "running" for i in insts)
+
+
+def test_the_periodic_run_skips_an_instance_whose_lock_is_held(sqlite_db, driver):
+    """An operation holds the lock for as long as it takes; the run never waits for it."""
+    busy = add(sqlite_db, driver, power="nostate")
+    other = add(sqlite_db, driver, power="nostate")
+    sync = make_sync(sqlite_db, driver)
+    held = green.Event()
+    release = green.Event()
+
+    def operation():
+        with sync.locks.lock(busy.uuid):
+            held.set()
+            release.wait(5)
+
+    op = green.spawn(operation)
+    held.wait(1)
+    started = green.monotonic()
+    summary = sync.run()
+    assert green.monotonic() - started < 1
+    assert (summary.skipped, summary.changed) == (1, 1)
+    assert row(sqlite_db, other).power_state == "running"
+    assert row(sqlite_db, busy).power_state == "nostate"
+    # A single-instance sync (forced, or an event) waits for the lock instead.
+    waiter = green.spawn(sync.sync_one, busy.uuid)
+    green.sleep(0.05)
+    assert not waiter.dead
+    release.set()
+    op.wait()
+    assert waiter.wait().changed == 1
