@@ -10,6 +10,9 @@ class ComputeAgentError(Exception):
         super().__init__(message)
         self.message = message
 
+    def __str__(self) -> str:
+        return self.message
+
 
 class InvalidInput(ComputeAgentError):
     """A request, argument or field failed validation."""
@@ -19,14 +22,16 @@ class InstanceNotFound(ComputeAgentError):
     def __init__(self, uuid: str, detail: str = "") -> None:
         super().__init__(f"instance {uuid} not found" + (f": {detail}" if detail else ""))
         self.uuid = uuid
+        # What oslo.messaging sends, and rebuilds the error from on the caller's side.
+        self.args = (uuid, detail)
 
 
 class InstanceInvalidState(ComputeAgentError):
     """An operation was asked of an instance whose state does not allow it."""
 
 
-class InstanceExists(ComputeAgentError):
-    pass
+class InstanceExists(InstanceInvalidState):
+    """A build for a UUID that already has an instance."""
 
 
 class HypervisorUnavailable(ComputeAgentError):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
-from compute_agent.conf import compute, database, default, libvirt
+from compute_agent.conf import compute, database, default, libvirt, messaging
 
 CONF = cfg.CONF
 
-_MODULES = (default, compute, libvirt, database)
+_MODULES = (default, messaging, compute, libvirt, database)
 
 
 def register_all(conf: cfg.ConfigOpts) -> None:

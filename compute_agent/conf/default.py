@@ -80,6 +80,12 @@ opts = [
         help="Seconds a running periodic task may take to finish when the agent "
         "stops before it is cancelled.",
     ),
+    cfg.StrOpt(
+        "admin_socket",
+        default="$state_path/admin.sock",
+        help="Path of the local UNIX socket (mode 0600) through which "
+        "compute-agent-manage talks to the running agent.",
+    ),
     cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
     cfg.StrOpt("log_file", help="Write the log to this file instead of standard error."),
 ]

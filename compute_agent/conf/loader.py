@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import logging
+import os
 import re
 from collections.abc import Sequence
 
@@ -34,6 +35,7 @@ def load(conf: cfg.ConfigOpts, argv: Sequence[str], prog: str) -> None:
         conf(list(argv), project="compute-agent", prog=prog, version=__version__)
         _read_every_option(conf)
         _check_name_template(conf.compute.instance_name_template)
+        _check_admin_socket(conf.admin_socket)
     except cfg.ConfigFilesNotFoundError as exc:
         raise ConfigError(f"config file not found: {', '.join(exc.config_files)}") from None
     except cfg.ConfigFilesPermissionDeniedError as exc:
@@ -79,6 +81,18 @@ def unknown_options(conf: cfg.ConfigOpts) -> list[str]:
 
 def render_domain_name(template: str, uuid: str) -> str:
     return template % {"uuid": uuid}
+
+
+# sun_path of a UNIX socket address holds 108 bytes, the final NUL included.
+MAX_SOCKET_PATH = 107
+
+
+def _check_admin_socket(path: str) -> None:
+    if not path or len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"admin_socket {path!r} must be a path of 1 to {MAX_SOCKET_PATH} bytes "
+            "(the limit of a UNIX socket address)"
+        )
 
 
 def _check_name_template(template: str) -> None:

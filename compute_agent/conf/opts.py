@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from compute_agent.conf import compute, database, default, libvirt
+from compute_agent.conf import compute, database, default, libvirt, messaging
 
 
 def list_opts() -> list[tuple[str, list]]:
     return [
-        ("DEFAULT", default.opts),
+        ("DEFAULT", default.opts + messaging.opts),
         (compute.group.name, compute.opts),
         (libvirt.group.name, libvirt.opts),
         (database.group.name, database.opts),

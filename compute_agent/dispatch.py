@@ -1,0 +1,158 @@
+"""The one table of requests the agent answers, shared by RPC and the admin socket.
+
+Both front doors hand a method name and a dict of keyword arguments to
+:meth:`Dispatcher.call`. It checks the shape of the request (a known
+method, an object of arguments, no missing or unknown argument, a bounded
+size) and the manager checks the values; every failure is a typed error
+from ``compute_agent.exception`` with a message that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from compute_agent import __version__, exception, servicegroup
+from compute_agent.service import BINARY
+from compute_agent.states import ActionSource, PowerState
+
+# A request's arguments, serialized, may not exceed this.
+MAX_ARGS_BYTES = 64 * 1024
+SYNC_FIELDS = ("checked", "changed", "skipped", "errors", "duration_s")
+
+
+@dataclass(frozen=True)
+class Method:
+    fn: Callable[..., Any]
+    required: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    admin_only: bool = False  # not offered over RPC
+
+
+class Dispatcher:
+    def __init__(self, manager: Any, service: Any) -> None:
+        self.manager = manager
+        self.service = service
+        self.methods: dict[str, Method] = {
+            "ping": Method(self.ping),
+            "get_host_state": Method(self.get_host_state),
+            "list_instances": Method(self.list_instances),
+            "get_instance_info": Method(self.get_instance_info, ("instance_uuid",)),
+            "get_instance_stats": Method(self.get_instance_stats, ("instance_uuid",)),
+            "build_instance": Method(self.build_instance, ("instance",)),
+            "start_instance": Method(self.start_instance, ("instance_uuid",)),
+            "stop_instance": Method(self.stop_instance, ("instance_uuid",)),
+            "reboot_instance": Method(self.reboot_instance, ("instance_uuid",), ("hard",)),
+            "delete_instance": Method(self.delete_instance, ("instance_uuid",)),
+            "sync_power_states": Method(self.sync_power_states, (), ("instance_uuid",)),
+            "status": Method(self.status, admin_only=True),
+        }
+
+    def public(self, admin: bool) -> list[str]:
+        return sorted(n for n, m in self.methods.items() if admin or not m.admin_only)
+
+    def call(self, method: Any, args: Any, source: ActionSource, *, admin: bool = False) -> Any:
+        """Check the request's shape, then run it; raise typed errors only."""
+        spec = self.methods.get(method) if isinstance(method, str) else None
+        if spec is None or (spec.admin_only and not admin):
+            raise exception.InvalidInput(
+                f"unknown method {str(method)[:80]!r}; known: {', '.join(self.public(admin))}"
+            )
+        if args is None:
+            args = {}
+        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+            raise exception.InvalidInput(f"{method}: arguments must be an object of named values")
+        try:
+            size = len(json.dumps(args, default=str))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise exception.InvalidInput(f"{method}: arguments cannot be read: {exc}") from None
+        if size > MAX_ARGS_BYTES:
+            raise exception.InvalidInput(
+                f"{method}: arguments of {size} bytes exceed the limit of {MAX_ARGS_BYTES}"
+            )
+        missing = [a for a in spec.required if a not in args]
+        if missing:
+            raise exception.InvalidInput(f"{method}: missing argument(s) {', '.join(missing)}")
+        unknown = sorted(a[:40] for a in args if a not in spec.required + spec.optional)
+        if unknown:
+            raise exception.InvalidInput(
+                f"{method}: unknown argument(s) {', '.join(unknown[:5])}; takes "
+                f"{', '.join(spec.required + spec.optional) or 'none'}"
+            )
+        return spec.fn(source=source, **args)
+
+    # -- the methods ------------------------------------------------------
+
+    def ping(self, source: ActionSource) -> dict[str, Any]:
+        return {"host": self.manager.host, "version": __version__}
+
+    def get_host_state(self, source: ActionSource) -> dict[str, Any]:
+        instances = self.manager.db.instance_get_all_by_host(self.manager.host)
+        by_power = collections.Counter(i.power_state for i in instances)
+        row = self.manager.db.service_get(self.manager.host, BINARY)
+        down_time = self.service.conf.service_down_time
+        return {
+            "host": self.manager.host,
+            "service": servicegroup.describe(row, down_time) if row else None,
+            "libvirt_connected": self.manager.driver.connected,
+            "instances": len(instances),
+            "instances_by_power_state": {p.value: by_power.get(p.value, 0) for p in PowerState},
+            "vcpus_used": sum(i.vcpus for i in instances),
+            "memory_mb_used": sum(i.memory_mb for i in instances),
+        }
+
+    def list_instances(self, source: ActionSource) -> list[dict[str, Any]]:
+        return self.manager.list_instances()
+
+    def get_instance_info(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
+        return self.manager.get_instance_info(instance_uuid)
+
+    def get_instance_stats(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
+        return self.manager.get_instance_stats(instance_uuid)
+
+    def build_instance(self, source: ActionSource, instance: Any) -> dict[str, Any]:
+        return self.manager.build_instance(instance, source)
+
+    def start_instance(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
+        return self.manager.start_instance(instance_uuid, source)
+
+    def stop_instance(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
+        return self.manager.stop_instance(instance_uuid, source)
+
+    def reboot_instance(
+        self, source: ActionSource, instance_uuid: Any, hard: Any = False
+    ) -> dict[str, Any]:
+        return self.manager.reboot_instance(instance_uuid, hard, source)
+
+    def delete_instance(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
+        return self.manager.delete_instance(instance_uuid, source)
+
+    def sync_power_states(self, source: ActionSource, instance_uuid: Any = None) -> dict[str, Any]:
+        summary = self.manager.sync_power_states(instance_uuid)
+        if source is ActionSource.RPC:
+            return {k: summary[k] for k in SYNC_FIELDS}
+        return summary
+
+    def status(self, source: ActionSource) -> dict[str, Any]:
+        """Everything an operator asks first: service, libvirt, tasks, hub lag."""
+        manager, service = self.manager, self.service
+        events = manager.events
+        return {
+            "host": manager.host,
+            "version": __version__,
+            "host_state": self.get_host_state(source),
+            "libvirt": {
+                "connected": manager.driver.connected,
+                "uri": getattr(getattr(manager.driver, "host", None), "uri", None),
+                "last_error": getattr(getattr(manager.driver, "host", None), "last_error", None),
+            },
+            "periodic_tasks": [asdict(f) for f in service.runner.figures()],
+            "hub_lag": asdict(service.lag_monitor.figures()),
+            "events": events.figures.as_dict() if events is not None else None,
+            "builds": asdict(manager.operations.builds),
+            "power_sync_progress": list(manager.power_sync.progress),
+            "unresponsive_instances": manager.stats.store.unresponsive(),
+        }
