@@ -12,6 +12,7 @@ from collections.abc import Sequence  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from compute_agent import log  # noqa: E402
+from compute_agent.admin.server import AdminSocketServer  # noqa: E402
 from compute_agent.cmd.common import (  # noqa: E402
     EXIT_FAILED,
     EXIT_OK,
@@ -23,6 +24,7 @@ from compute_agent.cmd.common import (  # noqa: E402
 from compute_agent.conf import CONF, loader  # noqa: E402
 from compute_agent.db import migration  # noqa: E402
 from compute_agent.db.api import Database  # noqa: E402
+from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
 from compute_agent.service import NodeService  # noqa: E402
 from compute_agent.virt.loader import load_driver  # noqa: E402
@@ -43,7 +45,12 @@ def build_service(conf) -> NodeService:
             f"{str(exc).splitlines()[0]}"
         ) from None
     manager = ComputeManager(conf, db, load_driver(conf))
-    return NodeService(conf, db, components=[manager])
+    service = NodeService(conf, db, components=[manager])
+    dispatcher = Dispatcher(manager, service)
+    admin = AdminSocketServer(conf.admin_socket, dispatcher, grace=conf.graceful_shutdown_timeout)
+    admin.listen()  # now: a second agent on this host must stop before it touches anything
+    service.components.append(admin)
+    return service
 
 
 def run(argv: Sequence[str]) -> int:

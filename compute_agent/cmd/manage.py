@@ -1,38 +1,135 @@
-"""``compute-agent-manage``: the operator's command line."""
+"""``compute-agent-manage``: the operator's command line.
 
-from compute_agent import green
+``db`` commands open the database themselves; every other command asks the
+running agent through its admin socket (``[DEFAULT] admin_socket``), so it
+sees the agent's own state (its tasks, its libvirt connection) and goes
+through the same checks and per-instance locks as RPC.
+
+Exit status: 0 success; 1 the operation failed (the agent's typed error,
+an aborted sync, a database error); 2 a usage error (bad arguments, or the
+agent's ``InvalidInput``, which says the same thing); 3 no agent answers
+on the socket. Every failure is one line on stderr.
+"""
+
+import os
+
+# A short-lived, single-threaded CLI needs no green DNS, and importing it
+# (dnspython) is a third of the CLI's start-up time. Only eventlet's import
+# reads the variable; it is put back so that nothing this process starts
+# inherits it.
+_GREENDNS = os.environ.get("EVENTLET_NO_GREENDNS")
+os.environ["EVENTLET_NO_GREENDNS"] = "yes"
+try:
+    from compute_agent import green
+finally:
+    if _GREENDNS is None:
+        del os.environ["EVENTLET_NO_GREENDNS"]
+    else:
+        os.environ["EVENTLET_NO_GREENDNS"] = _GREENDNS
 
 green.monkey_patch()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
+import uuid as uuidlib  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
+from typing import Any, TextIO  # noqa: E402
 
-import sqlalchemy as sa  # noqa: E402
 from oslo_config import cfg  # noqa: E402
 
 from compute_agent import log  # noqa: E402
+from compute_agent.admin.client import (  # noqa: E402
+    AdminClient,
+    AgentUnreachable,
+    ClientError,
+    RemoteError,
+)
+from compute_agent.cmd import output  # noqa: E402
 from compute_agent.cmd.common import (  # noqa: E402
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     Fatal,
     ensure_state_path,
     fail,
     load_config,
 )
 from compute_agent.conf import CONF  # noqa: E402
-from compute_agent.db import migration  # noqa: E402
-from compute_agent.db.api import Database  # noqa: E402
+from compute_agent.utils import is_uuid  # noqa: E402
 
 PROG = "compute-agent-manage"
+EXIT_NO_AGENT = 3
+
+INSTANCE_COLUMNS = (
+    "uuid",
+    "name",
+    "vm_state",
+    "task_state",
+    "power_state",
+    "vcpus",
+    "memory_mb",
+    "updated_at",
+)
+TASK_COLUMNS = (
+    "name",
+    "interval",
+    "running",
+    "last_start",
+    "last_duration_s",
+    "next_run_in_s",
+    "runs",
+    "failures",
+    "last_error",
+)
+# status as a person reads it: (field, path into the agent's status object).
+STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("host", ("host",)),
+    ("version", ("version",)),
+    ("service_up", ("host_state", "service", "up")),
+    ("service_disabled", ("host_state", "service", "disabled")),
+    ("disabled_reason", ("host_state", "service", "disabled_reason")),
+    ("last_heartbeat", ("host_state", "service", "last_heartbeat")),
+    ("heartbeat_age_s", ("host_state", "service", "heartbeat_age_s")),
+    ("libvirt_connected", ("libvirt", "connected")),
+    ("libvirt_uri", ("libvirt", "uri")),
+    ("libvirt_last_error", ("libvirt", "last_error")),
+    ("instances", ("host_state", "instances")),
+    ("instances_by_power_state", ("host_state", "instances_by_power_state")),
+    ("vcpus_used", ("host_state", "vcpus_used")),
+    ("memory_mb_used", ("host_state", "memory_mb_used")),
+    ("hub_lag_last_s", ("hub_lag", "last_s")),
+    ("hub_lag_p50_s", ("hub_lag", "p50_s")),
+    ("hub_lag_p99_s", ("hub_lag", "p99_s")),
+    ("hub_lag_max_s", ("hub_lag", "max_s")),
+    ("hub_lag_warnings", ("hub_lag", "warnings")),
+    ("hub_lag_worst_offender", ("hub_lag", "worst_offender")),
+    ("events", ("events",)),
+    ("builds", ("builds",)),
+    ("power_sync_progress", ("power_sync_progress",)),
+    ("unresponsive_instances", ("unresponsive_instances",)),
+)
 
 
-def _database(conf: cfg.ConfigOpts) -> Database:
+# -- database commands (no agent needed) ------------------------------------
+
+
+def _database(conf: cfg.ConfigOpts) -> Any:
+    # Imported here: SQLAlchemy and Alembic double the start-up time of the
+    # commands that only talk to the socket.
+    from compute_agent.db.api import Database
+
     ensure_state_path(conf)
     return Database(conf.database.connection, conf.database.pool_size)
 
 
 def cmd_db_sync(conf: cfg.ConfigOpts) -> int:
+    from compute_agent.db import migration
+
     db = _database(conf)
     before = migration.current_revision(db)
     after = migration.upgrade(db)
@@ -44,16 +141,228 @@ def cmd_db_sync(conf: cfg.ConfigOpts) -> int:
 
 
 def cmd_db_version(conf: cfg.ConfigOpts) -> int:
+    from compute_agent.db import migration
+
     db = _database(conf)
     current = migration.current_revision(db)
     print(f"current {current or 'none'}, head {migration.head_revision()}")
     return EXIT_OK
 
 
+# -- agent commands (through the admin socket) ------------------------------
+
+
+def _args(conf: cfg.ConfigOpts) -> Any:
+    return conf.category
+
+
+def _call(
+    conf: cfg.ConfigOpts,
+    method: str,
+    args: dict[str, Any] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Any:
+    client = AdminClient(conf.admin_socket, reply_timeout=_args(conf).reply_timeout)
+    return client.call(method, args, on_progress=on_progress)
+
+
+def _uuid(value: str) -> str:
+    """An argparse type: checked here, so a typo never reaches the agent."""
+    if not is_uuid(value):
+        raise argparse.ArgumentTypeError(f"invalid UUID {value[:80]!r}")
+    return value.lower()
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {value[:80]!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value[:80]!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
+    return number
+
+
+def _show(conf: cfg.ConfigOpts, record: dict[str, Any]) -> None:
+    a = _args(conf)
+    output.emit_one(sys.stdout, a.out_format, record, a.out_columns)
+
+
+class _Progress:
+    """'done/total' on a terminal's stderr, rewritten in place; silent otherwise."""
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self.stream = stream
+        self.label = label
+        self.enabled = _isatty(stream)
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.enabled:
+            self.stream.write(f"\r\x1b[K{self.label}: {done}/{total} instances")
+            self.stream.flush()
+            self.shown = True
+
+    def end(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def cmd_power_sync(conf: cfg.ConfigOpts) -> int:
+    """Sync now and wait; 0 when the sync ran (per-instance errors are counted
+    in the summary and logged by the agent), 1 when it was aborted."""
+    a = _args(conf)
+    args = {"instance_uuid": a.sync_instance} if a.sync_instance else {}
+    progress = _Progress(sys.stderr, "power sync")
+    try:
+        summary = _call(conf, "sync_power_states", args, on_progress=progress)
+    finally:
+        progress.end()
+    _show(conf, summary)
+    if summary.get("aborted"):
+        raise Fatal(f"power sync aborted: {summary['aborted']}", EXIT_FAILED)
+    if summary.get("errors"):
+        print(
+            f"{PROG}: warning: {summary['errors']} instance(s) could not be synced; "
+            "the agent's log says why",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_status(conf: cfg.ConfigOpts) -> int:
+    fmt = _args(conf).out_format
+    status = _call(conf, "status")
+    if fmt == "json":
+        print(json.dumps(status, indent=2))
+        return EXIT_OK
+    fields: dict[str, Any] = {}
+    for name, path in STATUS_FIELDS:
+        value = _dig(status, path)
+        if name in ("events", "builds") and isinstance(value, dict):
+            fields.update(output.flatten(value, f"{name}."))  # one row per counter
+        elif name == "power_sync_progress" and isinstance(value, list) and len(value) == 2:
+            fields[name] = f"{value[0]}/{value[1]}"
+        else:
+            fields[name] = value
+    if fmt == "value":
+        for value in fields.values():
+            print(output.cell(value))
+    else:
+        sys.stdout.write(output.table(("Field", "Value"), fields.items()))
+        print("\nPeriodic tasks:")
+    output.emit_list(sys.stdout, fmt, status.get("periodic_tasks") or [], TASK_COLUMNS)
+    return EXIT_OK
+
+
+def _dig(obj: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def cmd_instances_list(conf: cfg.ConfigOpts) -> int:
+    a = _args(conf)
+    rows = _call(conf, "list_instances")
+    output.emit_list(sys.stdout, a.out_format, rows, INSTANCE_COLUMNS, a.out_columns)
+    return EXIT_OK
+
+
+def cmd_instances_show(conf: cfg.ConfigOpts) -> int:
+    _show(conf, _call(conf, "get_instance_info", {"instance_uuid": _args(conf).instance_uuid}))
+    return EXIT_OK
+
+
+def cmd_instances_stats(conf: cfg.ConfigOpts) -> int:
+    _show(conf, _call(conf, "get_instance_stats", {"instance_uuid": _args(conf).instance_uuid}))
+    return EXIT_OK
+
+
+def cmd_instances_boot(conf: cfg.ConfigOpts) -> int:
+    a = _args(conf)
+    instance = {
+        "uuid": a.vm_uuid or str(uuidlib.uuid4()),
+        "name": a.vm_name,
+        "vcpus": a.vm_vcpus,
+        "memory_mb": a.vm_memory_mb,
+    }
+    _show(conf, _call(conf, "build_instance", {"instance": instance}))
+    return EXIT_OK
+
+
+def _instance_action(method: str) -> Callable[[cfg.ConfigOpts], int]:
+    def command(conf: cfg.ConfigOpts) -> int:
+        a = _args(conf)
+        args: dict[str, Any] = {"instance_uuid": a.instance_uuid}
+        if method == "reboot_instance":
+            args["hard"] = a.hard_reboot
+        _show(conf, _call(conf, method, args))
+        return EXIT_OK
+
+    command.__name__ = f"cmd_{method}"
+    return command
+
+
+# -- the parser -------------------------------------------------------------
+
+
+def _common_parents(columns: bool = True) -> list[argparse.ArgumentParser]:
+    """Options of every agent command: output format, columns, reply timeout."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("output formatters")
+    group.add_argument(
+        "-f",
+        "--format",
+        dest="out_format",
+        choices=output.FORMATS,
+        default="table",
+        help="the output format (default: table)",
+    )
+    if columns:
+        group.add_argument(
+            "-c",
+            "--column",
+            dest="out_columns",
+            action="append",
+            metavar="COLUMN",
+            help="show only this column (repeatable)",
+        )
+    parent.add_argument(
+        "--timeout",
+        dest="reply_timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="give up waiting for the agent's reply after this long (default: wait)",
+    )
+    return [parent]
+
+
 def _add_parsers(subparsers: argparse._SubParsersAction) -> None:
     subparsers.required = True
     subparsers.metavar = "COMMAND"
-    db = subparsers.add_parser("db", help="database schema")
+
+    db = subparsers.add_parser("db", help="database schema (opens the database itself)")
     db_cmds = db.add_subparsers(dest="action", metavar="ACTION")
     db_cmds.required = True
     db_cmds.add_parser("sync", help="migrate the schema to this version").set_defaults(
@@ -61,20 +370,119 @@ def _add_parsers(subparsers: argparse._SubParsersAction) -> None:
     )
     db_cmds.add_parser("version", help="show the schema revision").set_defaults(func=cmd_db_version)
 
+    sync = subparsers.add_parser(
+        "power-sync",
+        parents=_common_parents(),
+        help="sync power states now, wait, and print the summary",
+    )
+    sync.add_argument(
+        "--instance",
+        dest="sync_instance",
+        type=_uuid,
+        metavar="UUID",
+        help="sync this instance only (default: every instance of the host)",
+    )
+    sync.set_defaults(func=cmd_power_sync)
+
+    subparsers.add_parser(
+        "status",
+        parents=_common_parents(columns=False),
+        help="the service, libvirt, periodic tasks and hub lag of the running agent",
+    ).set_defaults(func=cmd_status)
+
+    inst = subparsers.add_parser("instances", help="the instances of this host")
+    inst_cmds = inst.add_subparsers(dest="action", metavar="ACTION")
+    inst_cmds.required = True
+    inst_cmds.add_parser(
+        "list", parents=_common_parents(), help="list the instances of this host"
+    ).set_defaults(func=cmd_instances_list)
+    for name, func, what in (
+        ("show", cmd_instances_show, "show an instance"),
+        ("stats", cmd_instances_stats, "show an instance's latest statistics sample"),
+        ("start", _instance_action("start_instance"), "power an instance on"),
+        ("stop", _instance_action("stop_instance"), "power an instance off"),
+        ("reboot", _instance_action("reboot_instance"), "reboot an instance"),
+        ("delete", _instance_action("delete_instance"), "delete an instance and its domain"),
+    ):
+        p = inst_cmds.add_parser(name, parents=_common_parents(), help=what)
+        p.add_argument("instance_uuid", type=_uuid, metavar="UUID")
+        if name == "reboot":
+            p.add_argument(
+                "--hard",
+                dest="hard_reboot",
+                action="store_true",
+                help="reset the domain instead of asking the guest to reboot",
+            )
+        p.set_defaults(func=func)
+    boot = inst_cmds.add_parser(
+        "boot", parents=_common_parents(), help="build and start a new instance, and wait"
+    )
+    boot.add_argument("--name", dest="vm_name", required=True, help="display name")
+    boot.add_argument("--vcpus", dest="vm_vcpus", type=_positive, required=True, metavar="N")
+    boot.add_argument(
+        "--memory-mb", dest="vm_memory_mb", type=_positive, required=True, metavar="MB"
+    )
+    boot.add_argument(
+        "--uuid", dest="vm_uuid", type=_uuid, metavar="UUID", help="(default: a new one)"
+    )
+    boot.set_defaults(func=cmd_instances_boot)
+
 
 def register_cli(conf: cfg.ConfigOpts) -> None:
     conf.register_cli_opt(cfg.SubCommandOpt("category", title="commands", handler=_add_parsers))
 
 
+# argparse's last line on a usage error: "<prog and command>: error: <message>".
+_USAGE_ERROR = re.compile(r"^(?P<where>.*?): error: (?P<message>.*)$")
+
+
+def _parse(argv: Sequence[str]) -> None:
+    """Load config and arguments; a usage error becomes one line, not argparse's two."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            load_config(CONF, argv, PROG)
+    except SystemExit as exc:
+        if exc.code in (0, None):
+            sys.stderr.write(captured.getvalue())
+            raise
+        lines = captured.getvalue().strip().splitlines()
+        match = _USAGE_ERROR.match(lines[-1]) if lines else None
+        if match is None:
+            raise Fatal(lines[-1] if lines else "invalid arguments", EXIT_USAGE) from None
+        where = match["where"].removeprefix(PROG).strip()
+        hint = f"; see '{PROG} {where + ' ' if where else ''}--help'"
+        message = (f"{where}: " if where else "") + match["message"] + hint
+        raise Fatal(message, EXIT_USAGE) from None
+    sys.stderr.write(captured.getvalue())
+
+
 def run(argv: Sequence[str]) -> int:
     register_cli(CONF)
-    load_config(CONF, argv, PROG)
+    _parse(argv)
     log.setup(CONF)
+    # Alembic, imported only now (after logging is set up), logs its plugins at INFO.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     func: Callable[[cfg.ConfigOpts], int] = CONF.category.func
     try:
         return func(CONF)
-    except sa.exc.SQLAlchemyError as exc:
-        raise Fatal(f"database error: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    except AgentUnreachable as exc:
+        raise Fatal(str(exc), EXIT_NO_AGENT) from None
+    except RemoteError as exc:
+        # The agent's InvalidInput says the arguments were wrong: a usage error.
+        status = EXIT_USAGE if exc.type == "InvalidInput" else EXIT_FAILED
+        raise Fatal(f"{exc.type}: {exc.message}", status) from None
+    except ClientError as exc:
+        raise Fatal(str(exc), EXIT_FAILED) from None
+    except output.ColumnError as exc:
+        raise Fatal(str(exc), EXIT_USAGE) from None
+    except Exception as exc:
+        # SQLAlchemy's errors, without importing SQLAlchemy for every command.
+        sa_exc = sys.modules.get("sqlalchemy.exc")
+        if sa_exc is not None and isinstance(exc, sa_exc.SQLAlchemyError):
+            first = (str(exc).splitlines() or [""])[0]
+            raise Fatal(f"database error: {type(exc).__name__}: {first}") from None
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +491,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Fatal as exc:
         return fail(PROG, str(exc), exc.status)
     except KeyboardInterrupt:
-        return EXIT_FAILED
+        return fail(PROG, "interrupted (an operation already asked of the agent goes on)", 1)
+    except BrokenPipeError:
+        return EXIT_FAILED  # stdout closed early (| head): nothing more to say
+    except Exception as exc:  # noqa: BLE001 - a bug still gets one line, not a traceback
+        return fail(PROG, f"unexpected {type(exc).__name__}: {exc}", EXIT_FAILED)
 
 
 if __name__ == "__main__":

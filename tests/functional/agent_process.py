@@ -71,3 +71,76 @@ def manage(*args: str, config_files: list[pathlib.Path]) -> subprocess.Completed
     for path in config_files:
         cmd += ["--config-file", str(path)]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
+def manage_all(
+    commands: list[list[str]], config_files: list[pathlib.Path], timeout: float = 120
+) -> list[subprocess.CompletedProcess]:
+    """Run several independent ``compute-agent-manage`` commands at once.
+
+    Each CLI process spends most of its second importing; running a batch
+    side by side keeps a test that checks many commands fast.
+    """
+    base = [sys.executable, "-m", "compute_agent.cmd.manage"]
+    for path in config_files:
+        base += ["--config-file", str(path)]
+    procs = [
+        subprocess.Popen(
+            [*base, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+        )
+        for args in commands
+    ]
+    done = []
+    for args, proc in zip(commands, procs, strict=True):
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+    return done
+
+
+def manage_on_terminal(
+    *args: str, config_files: list[pathlib.Path], timeout: float = 120
+) -> tuple[subprocess.CompletedProcess, str]:
+    """Run ``compute-agent-manage`` with its stderr on a pseudo-terminal, as a person would.
+
+    Returns the finished process (stdout captured) and what it wrote to the terminal.
+    """
+    import pty
+
+    cmd = [sys.executable, "-m", "compute_agent.cmd.manage"]
+    for path in config_files:
+        cmd += ["--config-file", str(path)]
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [*cmd, *args],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+        )
+        os.close(slave)
+        slave = -1
+        out, _ = proc.communicate(timeout=timeout)
+        terminal = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the other end is closed and drained
+                break
+            if not chunk:
+                break
+            terminal += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return (
+        subprocess.CompletedProcess(args, proc.returncode, out, ""),
+        terminal.decode("utf-8", "replace"),
+    )

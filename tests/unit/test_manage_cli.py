@@ -1,0 +1,135 @@
+"""The CLI's pieces in-process: output formats, and power-sync's exit statuses."""
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import types
+import uuid
+
+import pytest
+
+from compute_agent import exception, green
+from compute_agent.admin.server import AdminSocketServer
+from compute_agent.cmd import manage, output
+from compute_agent.cmd.common import EXIT_FAILED, EXIT_OK, Fatal
+from compute_agent.dispatch import Dispatcher
+from compute_agent.manager import ComputeManager
+from compute_agent.service import NodeService
+from compute_agent.states import PowerState
+from compute_agent.virt.fake import FakeDriver
+from tests.helpers import create_instance
+
+ROWS = [
+    {"uuid": "u1", "name": "web", "power_state": "running", "task_state": None},
+    {"uuid": "u2", "name": "database 2", "power_state": "shutdown", "task_state": "rebooting"},
+]
+COLUMNS = ("uuid", "name", "power_state", "task_state")
+
+
+def render(fn, *args):
+    out = io.StringIO()
+    fn(out, *args)
+    return out.getvalue()
+
+
+def test_table_is_aligned_and_boxed():
+    text = render(output.emit_list, "table", ROWS, COLUMNS)
+    assert text.splitlines() == [
+        "+------+------------+-------------+------------+",
+        "| uuid | name       | power_state | task_state |",
+        "+------+------------+-------------+------------+",
+        "| u1   | web        | running     | None       |",
+        "| u2   | database 2 | shutdown    | rebooting  |",
+        "+------+------------+-------------+------------+",
+    ]
+
+
+def test_an_empty_list_is_a_header_only():
+    assert render(output.emit_list, "table", [], ("uuid",)).count("| uuid |") == 1
+    assert render(output.emit_list, "value", [], ("uuid",)) == ""
+    assert json.loads(render(output.emit_list, "json", [], ("uuid",))) == []
+
+
+def test_value_and_json_of_a_list_with_columns():
+    assert render(output.emit_list, "value", ROWS, COLUMNS, ["power_state", "uuid"]) == (
+        "running u1\nshutdown u2\n"
+    )
+    assert json.loads(render(output.emit_list, "json", ROWS, COLUMNS, ["name"])) == [
+        {"name": "web"},
+        {"name": "database 2"},
+    ]
+    with pytest.raises(output.ColumnError, match="unknown column 'colour'"):
+        render(output.emit_list, "table", ROWS, COLUMNS, ["colour"])
+
+
+def test_one_record_is_flattened_for_people_and_nested_for_programs():
+    record = {"uuid": "u1", "stats": {"cpu_time_ns": 5, "state": "running"}, "tags": ["a", "b"]}
+    table = render(output.emit_one, "table", record)
+    assert "| stats.cpu_time_ns | 5 " in table and "| tags              | a, b " in table
+    assert render(output.emit_one, "value", record) == "u1\n5\nrunning\na, b\n"
+    assert json.loads(render(output.emit_one, "json", record)) == record
+    assert json.loads(render(output.emit_one, "json", record, ["stats.state"])) == {
+        "stats.state": "running"
+    }
+
+
+def test_cells_are_one_line():
+    assert output.cell("line one\nline two") == "line one line two"
+    assert output.cell({"a": 1, "b": None}) == "a=1, b=None"
+
+
+# -- power-sync against an in-process agent ---------------------------------
+
+
+@pytest.fixture
+def agent(conf, sqlite_db):
+    conf.set_override("stats_interval", 0, group="compute")
+    driver = FakeDriver()
+    manager = ComputeManager(conf, sqlite_db, driver)
+    service = NodeService(conf, sqlite_db, components=[manager])
+    directory = tempfile.mkdtemp(prefix="ca-cli-")
+    server = AdminSocketServer(os.path.join(directory, "admin.sock"), Dispatcher(manager, service))
+    service.components.append(server)
+    service.start()
+    while service.runner.tasks["power_sync"].runs == 0:
+        green.sleep(0.01)
+    yield server, driver
+    service.stop()
+    # The option groups are module objects shared by every ConfigOpts: undo.
+    conf.clear_override("stats_interval", group="compute")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def cli_conf(server, **args):
+    category = {"sync_instance": None, "reply_timeout": None, "out_format": "json"}
+    category.update({"out_columns": None, **args})
+    return types.SimpleNamespace(
+        admin_socket=server.path, category=types.SimpleNamespace(**category)
+    )
+
+
+def test_power_sync_with_per_instance_errors_exits_0_and_warns(agent, sqlite_db, capsys):
+    server, driver = agent
+    uid = str(uuid.uuid4())
+    create_instance(sqlite_db, host="test-host", uuid=uid, name="vm1")
+    driver.add_domain("vm1", uid, PowerState.RUNNING)
+    driver.inject_fault("get_info")
+    assert manage.cmd_power_sync(cli_conf(server)) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert json.loads(out)["errors"] == 1
+    assert err == (
+        "compute-agent-manage: warning: 1 instance(s) could not be synced; "
+        "the agent's log says why\n"
+    )
+
+
+def test_power_sync_aborted_exits_1_after_showing_the_summary(agent, capsys):
+    server, driver = agent
+    driver.inject_fault("list_domains", error=exception.HypervisorUnavailable("libvirt gone"))
+    with pytest.raises(Fatal) as failed:
+        manage.cmd_power_sync(cli_conf(server, out_format="value", out_columns=["aborted"]))
+    assert failed.value.status == EXIT_FAILED
+    assert str(failed.value) == "power sync aborted: hypervisor unavailable: libvirt gone"
+    assert capsys.readouterr().out == "hypervisor unavailable: libvirt gone\n"
