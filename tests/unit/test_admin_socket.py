@@ -162,16 +162,15 @@ def test_an_unexpected_error_is_a_reply_and_a_log_line(
 
 def test_concurrent_clients_and_a_slow_call_blocks_no_one(server, sock_path, agent, monkeypatch):
     def slow():
-        green.sleep(1.0)
+        green.sleep(2.0)
         return []
 
     monkeypatch.setattr(agent.manager, "list_instances", slow)
     slow_call = green.spawn(AdminClient(sock_path).call, "list_instances")
     green.sleep(0.05)
-    started = green.monotonic()
-    results = [green.spawn(AdminClient(sock_path).call, "ping") for _ in range(30)]
+    results = [green.spawn(AdminClient(sock_path).call, "ping") for _ in range(20)]
     assert all(gt.wait()["host"] == "test-host" for gt in results)
-    assert green.monotonic() - started < 0.8
+    assert not slow_call.dead  # every ping was answered while the slow call went on
     assert slow_call.wait() == []
 
 
