@@ -44,6 +44,12 @@ _native_time = eventlet.patcher.original("time")
 _native_threading = eventlet.patcher.original("threading")
 
 
+# The oslo.messaging executor for the RPC server. Its "eventlet" executor is
+# deprecated; "threading" runs each request in a threading.Thread, which the
+# monkey patching below turns into a greenthread, so requests stay green.
+RPC_EXECUTOR = "threading"
+
+
 def monkey_patch() -> None:
     """Patch the standard library for green I/O; entry points call this first."""
     eventlet.monkey_patch()
@@ -92,6 +98,11 @@ def greenlet_name(glet: Any) -> str:
 
 def current_name() -> str:
     return greenlet_name(greenlet.getcurrent())
+
+
+def name_current(name: str) -> None:
+    """Label the running greenthread, e.g. a pooled worker taking on a request."""
+    greenlet.getcurrent().task_name = name
 
 
 def execute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

@@ -10,13 +10,16 @@ from oslo_config import cfg
 
 from compute_agent import green
 
-# user:password@ in any URL-like text (transport_url, database connection).
-_URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*:)(?P<pw>[^@\s]+)(?=@)")
+# Every URL-like token (transport_url, database connection), and in it each
+# user:password@ -- a transport_url may list several hosts, comma-separated,
+# each with its own credentials.
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"]+")
+_CREDENTIALS = re.compile(r"(?P<head>(?:://|,)[^:/@,\s]*:)(?P<pw>[^@\s]+?)(?=@)")
 
 
 def mask_secrets(text: str) -> str:
     """Replace the password of every URL in ``text`` with ``***``."""
-    return _URL_PASSWORD.sub(r"\g<head>***", text)
+    return _URL.sub(lambda m: _CREDENTIALS.sub(r"\g<head>***", m.group(0)), text)
 
 
 class _Formatter(logging.Formatter):

@@ -26,6 +26,7 @@ from compute_agent.db import migration  # noqa: E402
 from compute_agent.db.api import Database  # noqa: E402
 from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
+from compute_agent.rpc.server import RPCServer  # noqa: E402
 from compute_agent.service import NodeService  # noqa: E402
 from compute_agent.virt.loader import load_driver  # noqa: E402
 
@@ -47,6 +48,7 @@ def build_service(conf) -> NodeService:
     manager = ComputeManager(conf, db, load_driver(conf))
     service = NodeService(conf, db, components=[manager])
     dispatcher = Dispatcher(manager, service)
+    service.components.append(RPCServer(conf, dispatcher))
     admin = AdminSocketServer(conf.admin_socket, dispatcher, grace=conf.graceful_shutdown_timeout)
     admin.listen()  # now: a second agent on this host must stop before it touches anything
     service.components.append(admin)

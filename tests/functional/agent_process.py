@@ -60,6 +60,15 @@ class AgentProcess:
         self._reader.join(2)
         return rc, elapsed
 
+    def wait_exit(self, timeout: float = 10) -> int:
+        """Wait for the process to end (after a signal sent by the caller); its exit status.
+
+        Lets a test signal several agents first and wait for them together.
+        """
+        rc = self.proc.wait(timeout)
+        self._reader.join(2)
+        return rc
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()

@@ -37,6 +37,8 @@ def test_agent_heartbeats_and_stops_cleanly(tmp_path, config, sig):
     assert elapsed < 5
     assert "compute-agent stopped" in agent.output
     assert "Warning" not in agent.output and "Traceback" not in agent.output
+    # No transport_url in the sample: no RPC, said once.
+    assert agent.output.count("RPC disabled: no [DEFAULT] transport_url") == 1
     row = _db(tmp_path).service_get("proc-host", BINARY)
     assert row.stopped_at is not None and row.report_count >= 2
 

@@ -1,0 +1,24 @@
+"""The agent's RPC interface over oslo.messaging: constants shared by server and client.
+
+The interface is public and documented in ``docs/rpc.md``. Version 1.x only
+ever grows: a new method or a new optional argument raises the minor
+version; nothing is removed or changed in meaning without a 2.0.
+"""
+
+from __future__ import annotations
+
+from compute_agent import exception
+
+TOPIC = "compute"
+VERSION = "1.0"
+
+# The module whose exceptions a caller may have rebuilt as real classes.
+EXCEPTION_MODULE = exception.__name__
+
+# The only error types a caller ever receives, most specific first.
+PUBLIC_ERRORS: tuple[type[exception.ComputeAgentError], ...] = (
+    exception.InstanceNotFound,
+    exception.InvalidInput,
+    exception.InstanceInvalidState,
+    exception.HypervisorUnavailable,
+)

@@ -1,0 +1,291 @@
+"""The RPC server: the Dispatcher's public methods on topic ``compute``, server ``host``.
+
+Every request goes through :meth:`Dispatcher.call`, the same door as the
+admin socket, so RPC adds no validation of its own beyond the envelope.
+What a caller gets back on failure is always one of the four public error
+types (``compute_agent.rpc.PUBLIC_ERRORS``) with a readable message: any
+other exception is logged here with its traceback and reported as
+``HypervisorUnavailable`` (a failure of this host, worth retrying later).
+A malformed request only ever fails that request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import oslo_messaging
+from oslo_config import cfg
+from oslo_messaging.rpc import server as oslo_rpc_server
+
+from compute_agent import exception, green
+from compute_agent.dispatch import Dispatcher
+from compute_agent.periodic import TaskStopped
+from compute_agent.rpc import PUBLIC_ERRORS, TOPIC, VERSION
+from compute_agent.rpc.transport import get_transport, safe_url, transport_url_is_set
+from compute_agent.states import ActionSource
+
+LOG = logging.getLogger(__name__)
+
+_VERSION_RE = re.compile(r"^\d{1,4}\.\d{1,4}$")
+
+
+class _ClosingChannelNoise(logging.Filter):
+    """Drop amqp's warning about a frame the broker sent while the channel closed.
+
+    Every clean stop draws one ("Received method (60, 30) during closing
+    channel ... will be ignored"); it says nothing an operator can act on.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "during closing channel" not in record.getMessage()
+
+
+logging.getLogger("amqp").addFilter(_ClosingChannelNoise())
+
+
+def public_error(exc: BaseException, host: str, method: str) -> exception.ComputeAgentError:
+    """``exc`` as one of the four types a caller may receive.
+
+    Subclasses are sent as their public base (``InstanceExists`` as
+    ``InstanceInvalidState``), so a caller without the agent's exception
+    module still sees one of the four documented names.
+    """
+    if type(exc) in PUBLIC_ERRORS:
+        assert isinstance(exc, exception.ComputeAgentError)
+        return exc
+    if isinstance(exc, exception.InstanceInvalidState | exception.ForeignDomain):
+        return exception.InstanceInvalidState(str(exc))
+    if isinstance(exc, exception.InvalidInput):
+        return exception.InvalidInput(str(exc))
+    if isinstance(exc, exception.HypervisorUnavailable):
+        return exception.HypervisorUnavailable(str(exc))
+    if isinstance(exc, TaskStopped):
+        return exception.HypervisorUnavailable(f"host {host} is stopping: {exc}")
+    detail = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return exception.HypervisorUnavailable(
+        f"{method} failed on host {host}: {type(exc).__name__}" + (f": {detail}" if detail else "")
+    )
+
+
+def _expected(error: exception.ComputeAgentError) -> oslo_messaging.ExpectedException:
+    """Wrap ``error`` so oslo replies with it without logging a traceback.
+
+    The traceback is dropped on purpose: the caller gets the type and the
+    message, never the server's stack.
+    """
+    # oslo formats exc_info with traceback.format_exception, which falls back
+    # on the exception's own traceback and context: cut both.
+    error.__traceback__ = None
+    error.__context__ = error.__cause__ = None
+    error.__suppress_context__ = True
+    wrapped = oslo_messaging.ExpectedException()
+    wrapped.exc_info = (type(error), error, None)
+    return wrapped
+
+
+# What a request may be refused with in the normal course: no traceback logged.
+_REFUSALS = (*PUBLIC_ERRORS, exception.ForeignDomain, TaskStopped)
+
+
+class _PublicMethodsOnly(oslo_messaging.RPCAccessPolicyBase):
+    """Only the Dispatcher's RPC methods are callable; nothing else of the endpoint."""
+
+    def is_allowed(self, endpoint: Any, method: str) -> bool:
+        return method in endpoint.methods
+
+
+class ComputeEndpoint:
+    """Forwards each public method of the Dispatcher, taking keyword arguments.
+
+    The methods are made on lookup from the Dispatcher's table, so a method
+    added there is served here with no change. Arguments are passed on as a
+    dict, so a missing, extra or misnamed one is reported by Dispatcher.call
+    as InvalidInput rather than as a TypeError.
+    """
+
+    target = oslo_messaging.Target(version=VERSION)
+
+    def __init__(self, dispatcher: Dispatcher, host: str) -> None:
+        self.dispatcher = dispatcher
+        self.host = host
+        self.methods = frozenset(dispatcher.public(admin=False))
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the class lacks; dunders and oslo's probes
+        # (oslo_rpc_server_ping) are not methods of ours.
+        if name in self.__dict__.get("methods", ()):
+            return lambda ctxt, /, **kwargs: self.call(name, kwargs)
+        raise AttributeError(name)
+
+    def call(self, method: str, kwargs: dict[str, Any]) -> Any:
+        """Run one request; any failure leaves as an ExpectedException of a public type."""
+        try:
+            return self.dispatcher.call(method, kwargs, ActionSource.RPC)
+        except _REFUSALS as exc:
+            error = public_error(exc, self.host, method)
+        except Exception as exc:  # logged with its traceback, sent as a public error
+            LOG.exception("RPC %s failed unexpectedly", method)
+            error = public_error(exc, self.host, method)
+        raise _expected(error) from None
+
+
+class RequestDispatcher(oslo_messaging.RPCDispatcher):
+    """oslo's dispatcher, but every malformed request gets InvalidInput.
+
+    oslo answers an unknown method with NoSuchMethod, a version it does not
+    serve with UnsupportedVersion, and a non-string method or non-object
+    arguments with whatever Python raises; the interface promises InvalidInput.
+    It also logs each failure, naming casts, whose caller never hears of it.
+    """
+
+    def __init__(self, endpoint: ComputeEndpoint) -> None:
+        super().__init__([endpoint], None, _PublicMethodsOnly)
+        self.endpoint = endpoint
+
+    def dispatch(self, incoming: Any) -> Any:
+        message = incoming.message
+        method = message.get("method")
+        kind = "call" if _expects_reply(incoming) else "cast"
+        green.name_current(f"rpc-{_name(method)}")
+        started = green.monotonic()
+        try:
+            self._check_envelope(message)
+            try:
+                result = super().dispatch(incoming)
+            except oslo_messaging.NoSuchMethod:
+                if method in self.endpoint.methods:
+                    raise
+                # The Dispatcher refuses it, saying which methods exist.
+                self.endpoint.call(method, message.get("args") or {})
+                raise AssertionError("unreachable: the endpoint refuses unknown methods") from None
+            except oslo_messaging.UnsupportedVersion as exc:
+                raise _expected(
+                    exception.InvalidInput(
+                        f"version {exc.version} is not served; this host serves {VERSION} "
+                        f"(any 1.x up to it)"
+                    )
+                ) from None
+        except oslo_messaging.ExpectedException as exc:
+            error = exc.exc_info[1]
+            level = logging.WARNING if kind == "cast" else logging.INFO
+            LOG.log(
+                level,
+                "RPC %s %s refused: %s: %s",
+                kind,
+                _name(method),
+                type(error).__name__,
+                error,
+            )
+            raise
+        LOG.debug("RPC %s %s served in %.3f s", kind, _name(method), green.monotonic() - started)
+        return result
+
+    @staticmethod
+    def _check_envelope(message: Any) -> None:
+        method = message.get("method")
+        if not isinstance(method, str) or not method:
+            raise _expected(exception.InvalidInput("request has no method name"))
+        args = message.get("args", {})
+        if args is not None and not isinstance(args, dict):
+            raise _expected(exception.InvalidInput(f"{_name(method)}: arguments must be an object"))
+        version = message.get("version", VERSION)
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise _expected(exception.InvalidInput(f"invalid version {str(version)[:20]!r}"))
+        namespace = message.get("namespace")
+        if namespace is not None:
+            raise _expected(exception.InvalidInput(f"unknown namespace {str(namespace)[:40]!r}"))
+
+
+def _expects_reply(incoming: Any) -> bool:
+    # oslo gives every message a msg_id; the AMQP driver keeps the caller's
+    # own, which a cast does not have, and the reply queue, which it lacks too.
+    return bool(getattr(incoming, "orig_msg_id", None) or getattr(incoming, "reply_q", None))
+
+
+def _name(method: Any) -> str:
+    return str(method)[:80]
+
+
+class RPCServer:
+    """Component: serve RPC while the service runs, if a transport_url is set.
+
+    The connection is made in the background, because oslo retries a
+    broker it cannot reach for ever, and the agent must run (sync, report)
+    whether or not the broker is there.
+    """
+
+    def __init__(self, conf: cfg.ConfigOpts, dispatcher: Dispatcher) -> None:
+        self.conf = conf
+        self.dispatcher = dispatcher
+        self.host: str = conf.host
+        self.transport: oslo_messaging.Transport | None = None
+        self.server: oslo_rpc_server.RPCServer | None = None
+        self.serving = green.Event()
+        self._starter: green.GreenThread | None = None
+        self._grace: float = conf.graceful_shutdown_timeout
+
+    @property
+    def enabled(self) -> bool:
+        """True when an operator set transport_url (oslo's own default is ``rabbit://``)."""
+        return transport_url_is_set(self.conf)
+
+    def start(self, service: Any) -> None:
+        if not self.enabled:
+            LOG.info("RPC disabled: no [DEFAULT] transport_url")
+            return
+        self.transport = get_transport(self.conf)
+        target = oslo_messaging.Target(topic=TOPIC, server=self.host, version=VERSION)
+        endpoint = ComputeEndpoint(self.dispatcher, self.host)
+        self.server = oslo_rpc_server.RPCServer(
+            self.transport, target, RequestDispatcher(endpoint), green.RPC_EXECUTOR
+        )
+        LOG.info(
+            "RPC connecting to %s (exchange %s, topic %s, server %s)",
+            safe_url(self.conf.transport_url),
+            self.conf.control_exchange,
+            TOPIC,
+            self.host,
+        )
+        self._starter = green.spawn(self._start_server, name="rpc-start")
+
+    def _start_server(self) -> None:
+        assert self.server is not None
+        try:
+            self.server.start()
+        except Exception:
+            LOG.exception("RPC server could not start; this host takes no RPC requests")
+            return
+        self.serving.set()
+        LOG.info("RPC serving topic %s as server %s, version %s", TOPIC, self.host, VERSION)
+
+    def stop(self) -> None:
+        """Stop taking requests, let those in flight finish (bounded), disconnect."""
+        if self.server is None:
+            return
+        if self._starter is not None and not self._starter.dead:
+            green.kill(self._starter)  # still trying to reach the broker
+        if self.serving.is_set():
+            self.server.stop()
+            drained = green.Future()
+
+            def drain() -> None:
+                try:
+                    self.server.wait()  # type: ignore[union-attr]
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    drained.set_exception(exc)
+                else:
+                    drained.set_result(None)
+
+            green.spawn(drain, name="rpc-drain")
+            try:
+                drained.result(self._grace)
+            except TimeoutError:
+                LOG.warning("RPC requests still running after %.1f s; stopping anyway", self._grace)
+            except Exception as exc:  # noqa: BLE001 - stopping regardless
+                LOG.warning("RPC server did not stop cleanly: %s", exc)
+        if self.transport is not None:
+            self.transport.cleanup()
+        self.serving.clear()
+        LOG.info("RPC stopped")

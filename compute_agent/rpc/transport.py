@@ -1,0 +1,62 @@
+"""Opening the oslo.messaging transport, for the server and for callers alike."""
+
+from __future__ import annotations
+
+import importlib
+
+import oslo_messaging
+from oslo_config import cfg
+
+from compute_agent.log import mask_secrets
+from compute_agent.rpc import EXCEPTION_MODULE
+
+
+def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> oslo_messaging.Transport:
+    """An RPC transport on ``url`` (default ``[DEFAULT] transport_url``).
+
+    The agent's exception module is allowed, so a caller receives real
+    ``compute_agent.exception`` classes rather than a bare RemoteError.
+    """
+    _register_global_only_opts(conf)
+    return oslo_messaging.get_rpc_transport(conf, url=url, allowed_remote_exmods=[EXCEPTION_MODULE])
+
+
+# oslo.messaging option groups registered on the global CONF only: (module, list, group).
+_GLOBAL_ONLY_OPTS = (
+    ("oslo_messaging._tracing.client", "oslo_messaging_tracing", "oslo_messaging_tracing"),
+    ("oslo_messaging._metrics.client", "oslo_messaging_metrics", "oslo_messaging_metrics"),
+)
+
+
+def _register_global_only_opts(conf: cfg.ConfigOpts) -> None:
+    """Register on ``conf`` the option groups oslo.messaging puts on the global CONF only.
+
+    oslo.messaging 18 reads its tracing and metrics options from the
+    transport's conf on every send and receive, yet registers them on
+    ``cfg.CONF`` alone, so any other ConfigOpts (tests, benchmarks, a
+    scheduler's own) fails without this.
+    """
+    for module_name, attr, group in _GLOBAL_ONLY_OPTS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:  # a release without it
+            continue
+        conf.register_opts(getattr(module, attr), group=group)
+
+
+def transport_url_is_set(conf: cfg.ConfigOpts) -> bool:
+    """Whether ``[DEFAULT] transport_url`` was given (file, command line or override).
+
+    oslo.messaging defaults it to ``rabbit://`` (guest on localhost), so its
+    value alone cannot say "no broker"; an agent with no broker configured
+    must not go looking for one.
+    """
+    if not conf.transport_url:
+        return False
+    location = conf.get_location("transport_url")
+    return location is None or location.location is not cfg.Locations.opt_default
+
+
+def safe_url(url: str | None) -> str:
+    """The transport URL fit for a log line: every password masked."""
+    return mask_secrets(url) if url else "<none>"
