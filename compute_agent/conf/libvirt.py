@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
+from compute_agent.conf.groups import register_group
+
 group = cfg.OptGroup("libvirt", title="Libvirt driver options")
 
 opts = [
@@ -63,5 +65,4 @@ opts = [
 
 
 def register(conf: cfg.ConfigOpts) -> None:
-    conf.register_group(group)
-    conf.register_opts(opts, group=group)
+    register_group(conf, group, opts)
