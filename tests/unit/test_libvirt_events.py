@@ -10,7 +10,7 @@ import uuid
 import libvirt
 import pytest
 
-from compute_agent import green
+from compute_agent import exception, green
 from compute_agent.manager import ComputeManager
 from compute_agent.service import NodeService
 from compute_agent.virt.libvirt.driver import LibvirtDriver, stats_from_record
@@ -124,6 +124,9 @@ def test_events_resume_after_a_reconnection(agent):
     build(manager, 1)
     generation = driver.host.generation
     kill_connection(driver)
+    # The in-process driver reports nothing on close; the next call finds out.
+    with pytest.raises(exception.HypervisorUnavailable):
+        driver.get_num_instances()
     assert wait_for(lambda: driver.connected and driver.host.generation > generation, 5)
     # The test driver starts each connection afresh from the node file, so
     # rebuild on the new connection, then change it out of band.
