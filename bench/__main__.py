@@ -13,6 +13,10 @@ BENCHMARKS = [
     "sync_throughput",
     "instance_exists",
     "libvirt_sync",
+    "event_latency",
+    "idle_cost",
+    "build_storm",
+    "stats_sampling",
 ]
 
 
