@@ -11,6 +11,11 @@ A STOPPED event waits: a guest reboot emits STOPPED then STARTED, and
 acting on the STOPPED alone would record a rebooting guest as stopped (and,
 with the enforcing policy, could have it stopped). Any later event for the
 same domain cancels the wait.
+
+Event syncs run a few at a time. A sync that finds a domain to stop (a
+stopped instance started behind the agent's back) hands the stop to a
+greenthread of its own, so a guest taking its time to shut down holds up no
+other instance's events.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ LOG = logging.getLogger(__name__)
 # Transitions that are held back, and cancelled by any later event.
 DELAYED = frozenset({Transition.STOPPED, Transition.UNDEFINED})
 
-SyncOne = Callable[[str, ActionSource], Any]
+# sync_one(uuid, source, defer_stop=None): PowerSync.sync_one.
+SyncOne = Callable[..., Any]
 
 
 @dataclass
@@ -41,6 +47,7 @@ class EventFigures:
     coalesced: int = 0
     ignored: int = 0
     not_ours: int = 0
+    stops: int = 0
     errors: int = 0
     last_latency_s: float | None = None
 
@@ -116,7 +123,7 @@ class LifecycleHandler:
                 self.figures.ignored += 1
                 return
             try:
-                self._sync_one(uuid, ActionSource.EVENT)
+                self._sync_one(uuid, ActionSource.EVENT, defer_stop=self._stop_outside_slots)
             except exception.InstanceNotFound:
                 self.figures.not_ours += 1
                 LOG.debug(
@@ -129,6 +136,22 @@ class LifecycleHandler:
                 return
             self.figures.synced += 1
             self.figures.last_latency_s = round(green.monotonic() - event.received, 4)
+
+    def _stop_outside_slots(self, uuid: str) -> None:
+        self.figures.stops += 1
+        worker = green.spawn(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
+        self._workers.add(worker)
+        worker.link(lambda gt, *_: self._workers.discard(gt))
+
+    def _enforce(self, uuid: str) -> None:
+        """Sync again, stopping the domain inline; the per-instance lock still rules."""
+        if self._is_stopping():
+            return
+        try:
+            self._sync_one(uuid, ActionSource.EVENT)
+        except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
+            self.figures.errors += 1
+            LOG.warning("stopping %s after an event failed: %s", uuid, exc)
 
     @property
     def pending(self) -> int:

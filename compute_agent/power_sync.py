@@ -81,6 +81,8 @@ class _Call:
     summary: SyncSummary = field(default_factory=SyncSummary)
     writes: list[_Write] = field(default_factory=list)
     since: float = 0.0
+    # Given, a domain to stop is handed to it instead of being stopped here.
+    defer_stop: Callable[[str], None] | None = None
 
 
 class ActionJournal:
@@ -169,14 +171,22 @@ class PowerSync:
         self._log(summary, len(instances))
         return summary
 
-    def sync_one(self, uuid: str, source: ActionSource = ActionSource.SYNC) -> SyncSummary:
+    def sync_one(
+        self,
+        uuid: str,
+        source: ActionSource = ActionSource.SYNC,
+        defer_stop: Callable[[str], None] | None = None,
+    ) -> SyncSummary:
         """Sync one instance now (a forced sync, or a lifecycle event).
 
         The row is read once the lock is held, so an operation that held the
-        lock before is seen finished, not half-way.
+        lock before is seen finished, not half-way. With ``defer_stop``, an
+        instance whose domain must be stopped is handed to it and left as it
+        is: a graceful stop can take ``shutdown_timeout`` seconds, which the
+        caller may not want to spend in this call.
         """
         started = green.monotonic()
-        call = _Call()
+        call = _Call(defer_stop=defer_stop)
         summary = call.summary
         try:
             with self.locks.lock(uuid):
@@ -361,6 +371,9 @@ class PowerSync:
         reason = f"hypervisor reports {decision.power_state}"
         if decision.stop_domain:
             if not self._still_as_loaded(inst):
+                return SKIPPED
+            if call.defer_stop is not None:
+                call.defer_stop(inst.uuid)
                 return SKIPPED
             LOG.warning(
                 "instance %s is %s in the database but %s on the hypervisor: stopping it",

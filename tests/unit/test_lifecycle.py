@@ -26,9 +26,9 @@ class Agent:
         self.sync = PowerSync(db, self.driver, HOST, KeyedLocks(), action="report")
         self.synced: list[str] = []
 
-        def sync_one(uid, source):
+        def sync_one(uid, source, **kw):
             self.synced.append(uid)
-            return self.sync.sync_one(uid, source)
+            return self.sync.sync_one(uid, source, **kw)
 
         self.events = LifecycleHandler(
             sync_one, stopped_delay=delay, is_stopping=lambda: self.stopping
@@ -176,3 +176,27 @@ def test_the_handler_never_blocks_the_dispatcher(agent):
     agent.events.on_event(LifecycleEvent(inst.domain_name, inst.uuid, Transition.PAUSED))
     assert green.monotonic() - started < 0.05
     agent.settle()
+
+
+def test_a_slow_enforced_stop_holds_up_no_other_event(sqlite_db):
+    """A stopped instance started behind our back is stopped, outside the event slots."""
+    agent = Agent(sqlite_db)
+    agent.sync.action = "enforce"
+    agent.sync.shutdown_timeout = 0.5
+    agent.events = LifecycleHandler(
+        agent.sync.sync_one, stopped_delay=DELAY, concurrency=1, is_stopping=lambda: False
+    )
+    agent.driver.set_event_listener(agent.events.on_event)
+    slow = agent.instance(state=P.SHUTDOWN, vm_state="stopped", power="shutdown")
+    agent.driver.ignores_shutdown.add(slow.domain_name)  # takes the whole timeout
+    other = agent.instance()
+    agent.driver.set_state(slow.domain_name, P.RUNNING)  # started out of band
+    green.sleep(0.05)
+    started = green.monotonic()
+    agent.driver.set_state(other.domain_name, P.PAUSED)
+    while agent.row(other).power_state != "paused" and green.monotonic() - started < 2:
+        green.sleep(0.01)
+    assert green.monotonic() - started < 0.3  # not behind the 0.5 s stop
+    agent.settle()
+    assert agent.driver.domains[slow.domain_name].state == P.SHUTDOWN
+    assert agent.row(slow).power_state == "shutdown" and agent.events.figures.stops == 1
