@@ -105,6 +105,19 @@ def name_current(name: str) -> None:
     greenlet.getcurrent().task_name = name
 
 
+def set_native_threads(count: int) -> None:
+    """Size the native thread pool that runs blocking calls; call before the first one.
+
+    Every libvirt call (builds, syncs, events, stats) takes one of these
+    threads while it blocks, so the pool bounds how many run at once.
+    """
+    eventlet.tpool.set_num_threads(count)
+
+
+def native_threads() -> int:
+    return eventlet.tpool._nthreads
+
+
 def execute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking (C-level) call in the native thread pool, not on the hub."""
     return eventlet.tpool.execute(fn, *args, **kwargs)

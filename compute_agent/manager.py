@@ -123,6 +123,14 @@ class ComputeManager:
             self._set_auto_disabled(False, None)
             green.spawn(self._recover, name="startup-recovery")
         compute = self.conf.compute
+        threads = green.native_threads()
+        if compute.max_concurrent_builds == 0 or compute.max_concurrent_builds > threads:
+            LOG.warning(
+                "max_concurrent_builds %s: at most %d builds can call the hypervisor at once "
+                "(native_thread_pool_size)",
+                compute.max_concurrent_builds or "unlimited",
+                threads,
+            )
         service.add_periodic(POWER_SYNC, self.power_sync.run, compute.sync_power_state_interval)
         if compute.stats_interval > 0:
             service.add_periodic(STATS, self.stats.run, compute.stats_interval)

@@ -61,6 +61,7 @@ def run(argv: Sequence[str]) -> int:
     for name in loader.unknown_options(CONF):
         LOG.warning("ignoring unknown option %s in the config files", name)
     ensure_state_path(CONF)
+    green.set_native_threads(CONF.native_thread_pool_size)
     service = build_service(CONF)
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -80,6 +80,15 @@ opts = [
         help="Seconds a running periodic task may take to finish when the agent "
         "stops before it is cancelled.",
     ),
+    cfg.IntOpt(
+        "native_thread_pool_size",
+        default=32,
+        min=4,
+        max=1024,
+        help="Native threads that run blocking calls (every libvirt call) off the "
+        "event loop. It bounds how many such calls run at once: builds beyond it "
+        "wait even under a higher [compute] max_concurrent_builds.",
+    ),
     cfg.StrOpt(
         "admin_socket",
         default="$state_path/admin.sock",
