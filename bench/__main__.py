@@ -17,6 +17,8 @@ BENCHMARKS = [
     "idle_cost",
     "build_storm",
     "stats_sampling",
+    "rpc_load",
+    "fanout",
 ]
 
 
