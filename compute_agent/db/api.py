@@ -18,9 +18,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from compute_agent import exception
+from compute_agent import exception, green
 from compute_agent.db.models import Instance, InstanceAction, Service
 from compute_agent.utils import utcnow
+
+# Rows turned into objects between two yields when loading a host's
+# instances: building 10,000 ORM objects at once holds the hub for ~1 s.
+LOAD_CHUNK = 500
 
 # Pure-Python drivers: their sockets are green once the agent is monkey-patched,
 # so a slow query never stalls the hub.
@@ -206,15 +210,23 @@ class Database:
         return inst
 
     def instance_get_all_by_host(self, host: str) -> list[Instance]:
-        """Every live instance on ``host``: one SELECT, however many there are."""
+        """Every live instance on ``host``: one SELECT, however many there are.
+
+        The rows become objects LOAD_CHUNK at a time with a yield in between,
+        so loading a large host never holds the hub.
+        """
+        stmt = (
+            sa.select(Instance)
+            .where(Instance.host == host, Instance.deleted.is_(False))
+            .order_by(Instance.id)
+            .execution_options(yield_per=LOAD_CHUNK)
+        )
+        instances: list[Instance] = []
         with self.transaction() as s:
-            return list(
-                s.scalars(
-                    sa.select(Instance)
-                    .where(Instance.host == host, Instance.deleted.is_(False))
-                    .order_by(Instance.id)
-                )
-            )
+            for chunk in s.scalars(stmt).partitions():
+                instances.extend(chunk)
+                green.yield_now()
+        return instances
 
     def instance_update(
         self,
