@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import uuid as uuidlib
 
+from compute_agent import green
+
 
 def create_instance(
     db,
@@ -31,3 +33,13 @@ def create_instance(
         source="rpc",
         reason="test",
     )
+
+
+def wait_until(predicate, timeout: float = 5.0) -> bool:
+    """Poll ``predicate`` greenly until true or ``timeout``; whether it became true."""
+    end = green.monotonic() + timeout
+    while green.monotonic() < end:
+        if predicate():
+            return True
+        green.sleep(0.02)
+    return False

@@ -14,18 +14,10 @@ from compute_agent import exception, green
 from compute_agent.manager import ComputeManager
 from compute_agent.service import NodeService
 from compute_agent.virt.libvirt.driver import LibvirtDriver, stats_from_record
+from tests.helpers import wait_until
 from tests.libvirt_fixtures import kill_connection, libvirt_conf, make_host
 
 DELAY = 0.5
-
-
-def wait_for(predicate, timeout=5.0):
-    end = green.monotonic() + timeout
-    while green.monotonic() < end:
-        if predicate():
-            return True
-        green.sleep(0.02)
-    return False
 
 
 @pytest.fixture
@@ -71,21 +63,21 @@ def power(manager, info):
 def test_out_of_band_changes_reach_the_database_through_events(agent):
     manager, driver = agent
     a, b = build(manager, 2)
-    assert wait_for(lambda: manager.events.pending == 0)
+    assert wait_until(lambda: manager.events.pending == 0)
     out_of_band(domain(driver, a).suspend)
-    assert wait_for(lambda: power(manager, a) == "paused", 2)
+    assert wait_until(lambda: power(manager, a) == "paused", 2)
     out_of_band(domain(driver, a).resume)
-    assert wait_for(lambda: power(manager, a) == "running", 2)
+    assert wait_until(lambda: power(manager, a) == "running", 2)
     started = green.monotonic()
     out_of_band(domain(driver, b).destroy)
-    assert wait_for(lambda: power(manager, b) == "shutdown", DELAY + 2)
+    assert wait_until(lambda: power(manager, b) == "shutdown", DELAY + 2)
     assert green.monotonic() - started >= DELAY  # the STOPPED waited
     assert manager.get_instance_info(b["uuid"])["vm_state"] == "stopped"
     # Started behind the agent's back while the cloud wants it stopped: the
     # STARTED event's sync enforces the stop (power_sync_action = enforce).
     dom = domain(driver, b)
     out_of_band(dom.create)
-    assert wait_for(lambda: not green.execute(dom.isActive), 2)
+    assert wait_until(lambda: not green.execute(dom.isActive), 2)
     assert power(manager, b) == "shutdown"
     assert manager.events.figures.errors == 0
 
@@ -93,7 +85,7 @@ def test_out_of_band_changes_reach_the_database_through_events(agent):
 def test_reboot_through_the_hypervisor_is_not_taken_for_a_stop(agent):
     manager, driver = agent
     (a,) = build(manager, 1)
-    assert wait_for(lambda: manager.events.pending == 0)
+    assert wait_until(lambda: manager.events.pending == 0)
     dom = domain(driver, a)
 
     def reboot_by_hand():
@@ -127,13 +119,13 @@ def test_events_resume_after_a_reconnection(agent):
     # The in-process driver reports nothing on close; the next call finds out.
     with pytest.raises(exception.HypervisorUnavailable):
         driver.get_num_instances()
-    assert wait_for(lambda: driver.connected and driver.host.generation > generation, 5)
+    assert wait_until(lambda: driver.connected and driver.host.generation > generation, 5)
     # The test driver starts each connection afresh from the node file, so
     # rebuild on the new connection, then change it out of band.
     (b,) = build(manager, 1)
-    assert wait_for(lambda: manager.events.pending == 0)
+    assert wait_until(lambda: manager.events.pending == 0)
     out_of_band(domain(driver, b).suspend)
-    assert wait_for(lambda: power(manager, b) == "paused", 2)
+    assert wait_until(lambda: power(manager, b) == "paused", 2)
 
 
 def test_bulk_stats_from_the_test_driver(agent):

@@ -10,7 +10,7 @@ from compute_agent.service import BINARY, HEARTBEAT, NodeService
 from compute_agent.states import PowerState as P
 from compute_agent.virt.fake import FakeDriver
 from compute_agent.virt.libvirt.driver import LibvirtDriver
-from tests.helpers import create_instance
+from tests.helpers import create_instance, wait_until
 from tests.libvirt_fixtures import kill_connection, make_host
 
 
@@ -32,15 +32,6 @@ def fake_agent(conf, sqlite_db):
 
 def service_row(db):
     return db.service_get("test-host", BINARY)
-
-
-def wait_until(predicate, timeout=5.0):
-    end = green.monotonic() + timeout
-    while green.monotonic() < end:
-        if predicate():
-            return True
-        green.sleep(0.02)
-    return False
 
 
 def test_sync_is_a_periodic_task_in_its_own_greenthread(fake_agent, conf):
