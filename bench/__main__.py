@@ -19,6 +19,7 @@ BENCHMARKS = [
     "stats_sampling",
     "rpc_load",
     "fanout",
+    "instance_load",
 ]
 
 

@@ -159,7 +159,8 @@ class LifecycleHandler:
         return len(self._delayed) + len(self._workers)
 
     def stop(self) -> None:
-        """Drop delayed events and syncs not yet started; running ones finish."""
+        """Drop delayed events. Queued syncs give up once they see the agent
+        stopping (``is_stopping``); running ones finish."""
         for gt in list(self._delayed.values()):
             green.kill(gt)
         self._delayed.clear()

@@ -68,6 +68,7 @@ class ComputeManager:
         self.service: NodeService | None = None
         self.started_at = utcnow()
         self._recovered = False
+        self._recovery: green.GreenThread | None = None
         compute = conf.compute
         self.power_sync = PowerSync(
             db,
@@ -121,7 +122,7 @@ class ComputeManager:
             LOG.error("starting without the hypervisor, retrying in the background: %s", exc)
         else:
             self._set_auto_disabled(False, None)
-            green.spawn(self._recover, name="startup-recovery")
+            self._start_recovery()
         compute = self.conf.compute
         threads = green.native_threads()
         if compute.max_concurrent_builds == 0 or compute.max_concurrent_builds > threads:
@@ -151,8 +152,7 @@ class ComputeManager:
             return
         if up:
             self._set_auto_disabled(False, None)
-            if not self._recovered:
-                green.spawn(self._recover, name="startup-recovery")
+            self._start_recovery()
             LOG.info("hypervisor back (%s): running a full power sync", reason)
             if self.service is not None and POWER_SYNC in self.service.runner.tasks:
                 self.service.runner.run_now(POWER_SYNC)
@@ -172,10 +172,13 @@ class ComputeManager:
         if changed and disabled:
             LOG.warning("service disabled: %s", reason)
 
-    def _recover(self) -> None:
-        """Settle what an earlier process left half-done; once, when libvirt is there."""
-        if self._recovered:
+    def _start_recovery(self) -> None:
+        """Settle what an earlier process left half-done: once, one run at a time."""
+        if self._recovered or (self._recovery is not None and not self._recovery.dead):
             return
+        self._recovery = green.spawn(self._recover, name="startup-recovery")
+
+    def _recover(self) -> None:
         try:
             recover_interrupted(self.db, self.driver, self.host, self.locks, self.started_at)
         except Exception as exc:  # noqa: BLE001 - retried when the hypervisor comes back
