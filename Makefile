@@ -8,13 +8,13 @@ STAMP  := $(VENV)/.installed
 CONFIG := etc/compute-agent.conf
 PYTEST_ARGS ?=
 
-.PHONY: run test setup host lint genconfig bench clean
+.PHONY: run test setup host host-min libvirtd lint genconfig bench clean
 
 run: host-min $(STAMP)
 	$(BIN)/compute-agent-manage --config-file $(CONFIG) db sync
 	exec $(BIN)/compute-agent --config-file $(CONFIG)
 
-test: host $(STAMP)
+test: host libvirtd $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -23,6 +23,11 @@ setup: host $(STAMP)
 # apt packages and local services (PostgreSQL, MariaDB, RabbitMQ) for the tests.
 host:
 	tools/setup-host.sh
+
+# A real libvirtd with the QEMU driver (qemu:///system) for the functional
+# tests and the benchmarks.
+libvirtd:
+	tools/setup-libvirtd.sh
 
 # apt packages only: the agent's embedded default needs no service.
 host-min:
@@ -41,8 +46,7 @@ genconfig: $(STAMP)
 	$(BIN)/oslo-config-generator --config-file etc/oslo-config-generator.conf
 
 # The benchmarks; the libvirt ones also go through a real libvirtd.
-bench: host $(STAMP)
-	tools/setup-libvirtd.sh
+bench: host libvirtd $(STAMP)
 	$(BIN)/python -m bench $(BENCH)
 
 clean:
