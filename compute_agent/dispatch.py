@@ -104,6 +104,13 @@ class Dispatcher:
             "memory_mb_used": sum(i.memory_mb for i in instances),
         }
 
+    def _host_state_or_error(self, source: ActionSource) -> dict[str, Any]:
+        """The host's state, or why it cannot be read: status must answer in an outage."""
+        try:
+            return self.get_host_state(source)
+        except exception.DatabaseUnavailable as exc:
+            return {"host": self.manager.host, "error": str(exc)}
+
     def list_instances(self, source: ActionSource) -> list[dict[str, Any]]:
         return self.manager.list_instances()
 
@@ -143,7 +150,7 @@ class Dispatcher:
         return {
             "host": manager.host,
             "version": __version__,
-            "host_state": self.get_host_state(source),
+            "host_state": self._host_state_or_error(source),
             "libvirt": {
                 "connected": manager.driver.connected,
                 "uri": getattr(getattr(manager.driver, "host", None), "uri", None),

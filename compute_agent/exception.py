@@ -38,6 +38,14 @@ class HypervisorUnavailable(ComputeAgentError):
     """The hypervisor cannot be reached now; the request may be retried later."""
 
 
+class DatabaseUnavailable(HypervisorUnavailable):
+    """This host cannot reach its database now; the request may be retried later.
+
+    A kind of HypervisorUnavailable so that RPC callers, who know the four
+    public types, see "this host cannot serve now, retry" and nothing new.
+    """
+
+
 class ForeignDomain(ComputeAgentError):
     """A domain has the instance's name but another UUID: never ours to touch."""
 

@@ -28,6 +28,28 @@ class _Formatter(logging.Formatter):
         return mask_secrets(super().format(record))
 
 
+class _DeadConnectionClose(logging.Filter):
+    """SQLAlchemy's pool failing to close a connection the server already dropped.
+
+    After a database restart the pool's pre-ping finds each pooled
+    connection dead and discards it; closing its socket then fails, and the
+    pool logs that at ERROR with two tracebacks per connection. Nothing is
+    wrong by then: keep one DEBUG line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("sqlalchemy.pool") and record.getMessage().startswith(
+            "Exception terminating connection"
+        ):
+            exc = record.exc_info[1] if record.exc_info else None
+            record.msg = "discarded a dead database connection (%s)"
+            record.args = (f"{type(exc).__name__}: {exc}" if exc else "closed",)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(green)s] %(message)s"
 
 
@@ -36,6 +58,8 @@ def setup(conf: cfg.ConfigOpts | None = None, *, debug: bool = False) -> None:
     log_file = conf.log_file if conf is not None else None
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(FORMAT))
+    # On the handler: a logger's own filters do not see its children's records.
+    handler.addFilter(_DEAD_CLOSE)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -46,3 +70,6 @@ def setup(conf: cfg.ConfigOpts | None = None, *, debug: bool = False) -> None:
     for name in ("alembic.runtime.migration", "oslo_messaging", "amqp", "kombu"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
     logging.captureWarnings(True)
+
+
+_DEAD_CLOSE = _DeadConnectionClose()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from compute_agent import green
+from compute_agent import exception, green
 from compute_agent.utils import utcnow
 
 LOG = logging.getLogger(__name__)
@@ -169,7 +169,10 @@ class PeriodicTask:
             self.failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             self._streak += 1
-            if self._streak == 1:
+            if self._streak == 1 and isinstance(exc, exception.ComputeAgentError):
+                # A typed outage (hypervisor or database away) says all in one line.
+                LOG.error("periodic task %s failed: %s", self.name, self.last_error)
+            elif self._streak == 1:
                 LOG.error(
                     "periodic task %s failed:\n%s", self.name, traceback.format_exc().rstrip()
                 )

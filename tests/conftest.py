@@ -46,7 +46,10 @@ class _ServerDatabase:
         self.backend = backend
         self.admin_url = sa.make_url(SERVER_URLS[backend])
         self.name = f"ca_test_{uuid.uuid4().hex[:10]}"
-        self.admin = sa.create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+        # Pre-ping: the fault tests restart the server under this engine.
+        self.admin = sa.create_engine(
+            self.admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True
+        )
         with self.admin.connect() as conn:
             conn.execute(sa.text(f"CREATE DATABASE {self.name}"))
         self.url = self.admin_url.set(database=self.name).render_as_string(hide_password=False)

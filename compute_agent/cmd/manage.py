@@ -112,6 +112,8 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("builds", ("builds",)),
     ("power_sync_progress", ("power_sync_progress",)),
     ("unresponsive_instances", ("unresponsive_instances",)),
+    # Set when the host's state cannot be read (its database is down).
+    ("host_state_error", ("host_state", "error")),
 )
 
 

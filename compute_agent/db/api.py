@@ -28,6 +28,30 @@ from compute_agent.utils import utcnow
 # (bench/instance_load.py).
 LOAD_CHUNK = 500
 
+
+@contextlib.contextmanager
+def _unreachable_as_typed() -> Iterator[None]:
+    """A lost or refused database connection as DatabaseUnavailable.
+
+    An outage then reaches callers as one typed line (and RPC callers as
+    the documented HypervisorUnavailable) instead of a driver's exception
+    and its traceback for every request; the pool's pre-ping reconnects on
+    the next use once the server is back.
+    """
+    try:
+        yield
+    except sa.exc.DBAPIError as exc:
+        if not (
+            isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
+            or exc.connection_invalidated
+        ):
+            raise
+        reason = str(exc.orig).splitlines()[0][:200] if exc.orig is not None else ""
+        raise exception.DatabaseUnavailable(
+            f"database unavailable: {type(exc.orig).__name__}: {reason}"
+        ) from exc
+
+
 # Pure-Python drivers: their sockets are green once the agent is monkey-patched,
 # so a slow query never stalls the hub.
 _DEFAULT_DRIVERS = {
@@ -99,8 +123,14 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session inside one transaction, committed on success."""
-        with self._sessions.begin() as session:
+        with _unreachable_as_typed(), self._sessions.begin() as session:
             yield session
+
+    @contextlib.contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        """A Core connection inside one transaction, committed on success."""
+        with _unreachable_as_typed(), self.engine.begin() as conn:
+            yield conn
 
     # -- services ---------------------------------------------------------
 
@@ -289,7 +319,7 @@ class Database:
         """
         now = utcnow()
         outcomes = []
-        with self.engine.begin() as conn:
+        with self._begin() as conn:
             for inst, values, expected in writes:
                 stmt = self._cas_statement(
                     tuple(values), tuple((k, v is None) for k, v in expected.items())
@@ -349,7 +379,7 @@ class Database:
         rows = list(rows)
         if rows:
             # Core, not the ORM's bulk path: a sync may journal thousands of rows.
-            with self.engine.begin() as conn:
+            with self._begin() as conn:
                 conn.execute(InstanceAction.__table__.insert(), rows)
         return len(rows)
 
