@@ -10,6 +10,8 @@ on its own. The services are always restarted in a ``finally``.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid as uuidlib
@@ -32,7 +34,7 @@ from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
 from compute_agent.virt.libvirt import nodefile
 from compute_agent.virt.libvirt.driver import power_state
-from tests.functional import services
+from tests.functional import qemu, services
 from tests.functional.agent_process import REPO, AgentProcess
 from tests.functional.rabbit import RabbitRun
 
@@ -391,3 +393,45 @@ def test_libvirtd_killed_during_a_full_sync_and_restarted(start_agent, tmp_path)
 
 def _db_states(agent: Agent) -> dict[str, str]:
     return {r.uuid: r.power_state for r in agent.rows()}
+
+
+def test_libvirtd_killed_with_real_guests_a_change_made_meanwhile_is_caught(start_agent, tmp_path):
+    """Events cannot report what happens while the daemon is down; the full sync must."""
+    with qemu.guests() as prefix:
+        agent = start_agent(
+            f"sqlite:///{tmp_path}/qemu-agent.sqlite",
+            f"[libvirt]\nconnection_uri = {qemu.QEMU_URI}\nvirt_type = qemu\n"
+            "reconnect_min_delay = 0.2\nreconnect_max_delay = 1\n"
+            "[compute]\nsync_power_state_interval = 600\nstats_interval = -1\n"
+            f"instance_name_template = {qemu.name_template(prefix)}\n",
+        )
+        survivor, victim = build(agent, 2)
+        victim_pid = qemu.qemu_pid(f"{prefix}{victim}")
+        survivor_pid = qemu.qemu_pid(f"{prefix}{survivor}")
+        try:
+            services.kill_libvirtd()
+            eventually(lambda: agent.service_row().disabled, "the service AUTO-disabled", 20)
+            # The guest dies while nobody can tell the agent: its QEMU is killed.
+            os.kill(victim_pid, signal.SIGKILL)
+        finally:
+            services.start_libvirtd()
+        eventually(
+            lambda: (
+                agent.admin.call("get_instance_info", {"instance_uuid": victim})["power_state"]
+                == "shutdown"
+            ),
+            "the dead guest recorded as shut down",
+            timeout=30,
+        )
+        assert not agent.service_row().disabled
+        info = agent.admin.call("get_instance_info", {"instance_uuid": survivor})
+        assert info["power_state"] == "running" and info["vm_state"] == "active"
+        conn = qemu.open_system()
+        try:
+            # The survivor's QEMU outlived the daemon: the same process still runs it.
+            assert conn.lookupByName(f"{prefix}{survivor}").isActive()
+            assert qemu.qemu_pid(f"{prefix}{survivor}") == survivor_pid
+            assert not conn.lookupByName(f"{prefix}{victim}").isActive()
+        finally:
+            conn.close()
+        assert_rows_settled(agent, 2)
