@@ -41,10 +41,10 @@ def _unreachable_as_typed() -> Iterator[None]:
     try:
         yield
     except sa.exc.DBAPIError as exc:
-        if not (
-            isinstance(exc, sa.exc.OperationalError | sa.exc.InterfaceError)
-            or exc.connection_invalidated
-        ):
+        # A connection lost mid-use (the dialect says so) or none made at all
+        # (no statement yet). SQLite and MySQL report a bad column as an
+        # OperationalError too, so the error class alone would not tell.
+        if not (exc.connection_invalidated or exc.statement is None):
             raise
         reason = str(exc.orig).splitlines()[0][:200] if exc.orig is not None else ""
         raise exception.DatabaseUnavailable(

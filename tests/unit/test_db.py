@@ -205,3 +205,43 @@ def test_url_helpers():
     assert mask_url("mysql+pymysql://root:s3cret@h/d") == "mysql+pymysql://root:***@h/d"
     with pytest.raises(exception.InvalidInput):
         normalize_url("not a url")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+pg8000://postgres:s3cret@127.0.0.1:1/nowhere",  # nothing listens on port 1
+        "mysql+pymysql://root:s3cret@127.0.0.1:1/nowhere",
+        "sqlite:////nonexistent-dir/agent.sqlite",
+    ],
+)
+def test_an_unreachable_database_is_a_typed_error(url):
+    """Both the ORM and the Core paths: every caller sees one type, no password."""
+    database = Database(url)
+    try:
+        with pytest.raises(exception.DatabaseUnavailable) as orm:
+            database.service_get("h1", "compute-agent")
+        with pytest.raises(exception.DatabaseUnavailable) as core:
+            database.actions_add(
+                [
+                    dict(
+                        instance_uuid=str(uuid.uuid4()),
+                        action="x",
+                        source="rpc",
+                        created_at=utcnow(),
+                    )
+                ]
+            )
+    finally:
+        database.dispose()
+    for error in (orm.value, core.value):
+        assert str(error).startswith("database unavailable: ")
+        assert "s3cret" not in str(error) and "\n" not in str(error)
+    assert isinstance(orm.value, exception.HypervisorUnavailable)  # what RPC callers know
+
+
+def test_a_statement_error_is_not_an_outage(db):
+    # SQLite and MySQL call this an OperationalError; it must stay what it is.
+    with pytest.raises(sa.exc.DBAPIError) as raised, db.transaction() as s:
+        s.execute(sa.text("SELECT no_such_column FROM instances"))
+    assert not isinstance(raised.value, exception.DatabaseUnavailable)

@@ -113,3 +113,18 @@ def test_status_for_the_admin(dispatcher):
     assert {t["name"] for t in status["periodic_tasks"]} >= {"heartbeat", "power_sync"}
     assert status["hub_lag"]["samples"] >= 0 and status["events"]["received"] >= 0
     assert status["builds"] == {"queued": 0, "running": 0, "completed": 0, "failed": 0}
+
+
+def test_status_answers_while_the_database_is_down(dispatcher, monkeypatch):
+    def down(*args, **kwargs):
+        raise exception.DatabaseUnavailable("database unavailable: connection refused")
+
+    monkeypatch.setattr(dispatcher.manager.db, "instance_get_all_by_host", down)
+    status = dispatcher.call("status", {}, CLI, admin=True)
+    assert status["host_state"] == {
+        "host": dispatcher.manager.host,
+        "error": "database unavailable: connection refused",
+    }
+    assert status["libvirt"]["connected"] is True and status["periodic_tasks"]
+    with pytest.raises(exception.DatabaseUnavailable):
+        dispatcher.call("get_host_state", {}, RPC)

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from compute_agent import green
+from compute_agent import exception, green
 from compute_agent.periodic import PeriodicRunner, PeriodicTask, TaskStopped
 
 
@@ -232,3 +232,20 @@ def test_unknown_task_and_duplicate_names():
         runner.add("a", lambda: None, 1)
     with pytest.raises(KeyError):
         runner.run_now("nope")
+
+
+def test_a_typed_outage_is_one_line_without_a_traceback(caplog):
+    def down():
+        raise exception.DatabaseUnavailable("database unavailable: connection refused")
+
+    task = PeriodicTask("beat", down, 0.05)
+    with caplog.at_level(logging.INFO):
+        task.start()
+        green.sleep(0.12)
+        task.stop(1)
+    assert task.failures >= 2
+    assert "Traceback" not in caplog.text
+    assert (
+        "periodic task beat failed: DatabaseUnavailable: database unavailable: connection refused"
+        in caplog.text
+    )
