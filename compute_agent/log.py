@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import urllib.parse
 
 from oslo_config import cfg
 
@@ -17,9 +18,37 @@ _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"]+")
 _CREDENTIALS = re.compile(r"(?P<head>(?:://|,)[^:/@,\s]*:)(?P<pw>[^@\s]+?)(?=@)")
 
 
+# The configured passwords themselves, masked wherever they appear: a
+# library may put one in a message that is no URL (kombu's URL parser,
+# given a password holding '/', raises "Port could not be cast to integer
+# value as '<password up to the slash>'").
+_PASSWORDS: set[str] = set()
+# A URL parser cuts a password at these; each piece this long is masked too.
+_DELIMITERS = re.compile(r"[/?#@:;,\[\]]")
+MIN_SECRET = 4
+MIN_PIECE = 6
+
+
+def register_secret_urls(*urls: str | None) -> None:
+    """Remember the passwords of ``urls`` (raw, unquoted, quoted), so ``mask_secrets``
+    hides them even outside a URL, in whole or in the pieces a parser leaves."""
+    for url in urls:
+        for match in _CREDENTIALS.finditer(url or ""):
+            raw = match.group("pw")
+            plain = urllib.parse.unquote(raw)
+            for form in {raw, plain, urllib.parse.quote(plain, safe=""), urllib.parse.quote(plain)}:
+                if len(form) >= MIN_SECRET:
+                    _PASSWORDS.add(form)
+                _PASSWORDS.update(p for p in _DELIMITERS.split(form) if len(p) >= MIN_PIECE)
+
+
 def mask_secrets(text: str) -> str:
-    """Replace the password of every URL in ``text`` with ``***``."""
-    return _URL.sub(lambda m: _CREDENTIALS.sub(r"\g<head>***", m.group(0)), text)
+    """Replace the password of every URL in ``text``, and every known password, with ``***``."""
+    text = _URL.sub(lambda m: _CREDENTIALS.sub(r"\g<head>***", m.group(0)), text)
+    for secret in sorted(_PASSWORDS, key=len, reverse=True):
+        if secret in text:
+            text = text.replace(secret, "***")
+    return text
 
 
 class _Formatter(logging.Formatter):
@@ -54,6 +83,8 @@ FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(green)s] %(message)s"
 
 
 def setup(conf: cfg.ConfigOpts | None = None, *, debug: bool = False) -> None:
+    if conf is not None:
+        register_secret_urls(conf.transport_url, conf.database.connection)
     handler: logging.Handler
     log_file = conf.log_file if conf is not None else None
     handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)

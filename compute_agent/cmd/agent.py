@@ -58,6 +58,10 @@ def build_service(conf) -> NodeService:
 def run(argv: Sequence[str]) -> int:
     load_config(CONF, argv, PROG)
     log.setup(CONF)
+    if CONF.debug:
+        # Every option's value, as OpenStack services log them; oslo.config
+        # prints secret options ([database] connection, transport_url) as ****.
+        CONF.log_opt_values(LOG, logging.DEBUG)
     for name in loader.unknown_options(CONF):
         LOG.warning("ignoring unknown option %s in the config files", name)
     ensure_state_path(CONF)

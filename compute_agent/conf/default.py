@@ -95,7 +95,11 @@ opts = [
         help="Path of the local UNIX socket (mode 0600) through which "
         "compute-agent-manage talks to the running agent.",
     ),
-    cfg.BoolOpt("debug", default=False, help="Log at DEBUG level."),
+    cfg.BoolOpt(
+        "debug",
+        default=False,
+        help="Log at DEBUG level, and every option's value at start (secrets masked).",
+    ),
     cfg.StrOpt("log_file", help="Write the log to this file instead of standard error."),
 ]
 

@@ -13,6 +13,7 @@ import contextlib
 import os
 import pathlib
 import uuid as uuidlib
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 
 import libvirt
@@ -76,6 +77,31 @@ def guests(prefix: str | None = None) -> Iterator[str]:
         yield prefix
     finally:
         remove_domains(prefix)
+
+
+def guest_xml(name: str, uuid: str, memory_mb: int = 64) -> str:
+    """A tiny diskless QEMU (TCG) guest, as a test would define it behind the agent's back."""
+    domain = ET.Element("domain", type="qemu")
+    ET.SubElement(domain, "name").text = name
+    ET.SubElement(domain, "uuid").text = uuid
+    ET.SubElement(domain, "memory", unit="MiB").text = str(memory_mb)
+    ET.SubElement(domain, "vcpu").text = "1"
+    os_el = ET.SubElement(domain, "os")
+    ET.SubElement(os_el, "type", arch="x86_64").text = "hvm"
+    devices = ET.SubElement(domain, "devices")
+    ET.SubElement(devices, "memballoon", model="none")
+    return ET.tostring(domain, encoding="unicode")
+
+
+def define_guest(
+    conn: libvirt.virConnect, name: str, uuid: str, *, start: bool = False
+) -> libvirt.virDomain:
+    """Define (and optionally start) a guest with the libvirt API, as virsh would."""
+    assert name.startswith(NAME_PREFIX), "a test only makes domains with a test prefix"
+    dom = conn.defineXML(guest_xml(name, uuid))
+    if start:
+        dom.create()
+    return dom
 
 
 def qemu_pid(domain_name: str) -> int:
