@@ -18,6 +18,7 @@ from typing import Any
 from compute_agent import __version__, exception, servicegroup
 from compute_agent.service import BINARY
 from compute_agent.states import ActionSource, PowerState
+from compute_agent.utils import printable
 
 # A request's arguments, serialized, may not exceed this.
 MAX_ARGS_BYTES = 64 * 1024
@@ -76,7 +77,7 @@ class Dispatcher:
         missing = [a for a in spec.required if a not in args]
         if missing:
             raise exception.InvalidInput(f"{method}: missing argument(s) {', '.join(missing)}")
-        unknown = sorted(a[:40] for a in args if a not in spec.required + spec.optional)
+        unknown = sorted(printable(a, 40) for a in args if a not in spec.required + spec.optional)
         if unknown:
             raise exception.InvalidInput(
                 f"{method}: unknown argument(s) {', '.join(unknown[:5])}; takes "

@@ -82,13 +82,26 @@ class _DeadConnectionClose(logging.Filter):
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(green)s] %(message)s"
 
 
+def make_handler(log_file: str | None) -> logging.Handler:
+    """The handler of ``log_file``, or of stderr.
+
+    A request may carry any text, lone surrogates included, and the agent
+    logs parts of it: the file escapes what UTF-8 cannot hold, as stderr
+    does, rather than lose the line to a logging error.
+    """
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(FORMAT))
+    return handler
+
+
 def setup(conf: cfg.ConfigOpts | None = None, *, debug: bool = False) -> None:
     if conf is not None:
         register_secret_urls(conf.transport_url, conf.database.connection)
-    handler: logging.Handler
-    log_file = conf.log_file if conf is not None else None
-    handler = logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter(FORMAT))
+    handler = make_handler(conf.log_file if conf is not None else None)
     # On the handler: a logger's own filters do not see its children's records.
     handler.addFilter(_DEAD_CLOSE)
     root = logging.getLogger()

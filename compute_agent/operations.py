@@ -27,6 +27,7 @@ from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
 from compute_agent.locks import KeyedLocks
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
+from compute_agent.utils import printable
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.spec import DomainSpec, validate_uuid
 
@@ -70,7 +71,7 @@ class BuildRequest:
         missing = [f for f in BUILD_FIELDS if f not in payload]
         if missing:
             raise exception.InvalidInput(f"instance is missing {', '.join(missing)}")
-        extra = sorted(str(k)[:40] for k in payload if k not in BUILD_FIELDS)
+        extra = sorted(printable(k, 40) for k in payload if k not in BUILD_FIELDS)
         if extra:
             raise exception.InvalidInput(f"instance has unknown field(s) {', '.join(extra[:5])}")
         uuid = validate_uuid(payload["uuid"], "instance uuid")

@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from compute_agent import exception
+from compute_agent.utils import printable
 
 # A request line, its newline included, may not exceed this. Arguments are
 # bounded again (smaller) by the dispatcher; this bound only protects the
@@ -69,7 +70,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
             f'request must be a JSON object {{"method": ..., "args": {{...}}}}, '
             f"not {type(message).__name__}"
         )
-    unknown = sorted(str(k)[:40] for k in message if k not in ("method", "args"))
+    unknown = sorted(printable(k, 40) for k in message if k not in ("method", "args"))
     if unknown:
         raise exception.InvalidInput(
             f"request has unknown field(s) {', '.join(unknown[:5])}; it takes method and args"
@@ -81,7 +82,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     if args is None:
         args = {}
     if not isinstance(args, dict):
-        raise exception.InvalidInput(f"{method[:80]}: args must be an object of named values")
+        raise exception.InvalidInput(f"{printable(method)}: args must be an object of named values")
     return method, args
 
 

@@ -31,6 +31,7 @@ from compute_agent.admin import protocol
 from compute_agent.cmd.common import Fatal
 from compute_agent.periodic import TaskStopped
 from compute_agent.states import ActionSource
+from compute_agent.utils import printable
 
 LOG = logging.getLogger(__name__)
 
@@ -280,7 +281,7 @@ class AdminSocketServer:
             return
         self.requests += 1
         level = logging.INFO if method in MUTATING else logging.DEBUG
-        LOG.log(level, "admin request %s %s (%s)", method[:80], _brief(args), peer)
+        LOG.log(level, "admin request %s %s (%s)", printable(method), _brief(args), peer)
         watch = self._progress_source(method, args)
         if watch is None:
             reply = self._call(method, args)
@@ -389,5 +390,5 @@ def _peer(conn: socket.socket) -> str:
 
 
 def _brief(args: dict[str, Any]) -> str:
-    text = ", ".join(f"{str(k)[:40]}={v!r:.80}" for k, v in args.items())
+    text = ", ".join(f"{printable(k, 40)}={v!r:.80}" for k, v in args.items())
     return f"({text})" if text else ""

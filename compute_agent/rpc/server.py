@@ -25,6 +25,7 @@ from compute_agent.periodic import TaskStopped
 from compute_agent.rpc import PUBLIC_ERRORS, TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport, safe_url, transport_url_is_set
 from compute_agent.states import ActionSource
+from compute_agent.utils import printable
 
 LOG = logging.getLogger(__name__)
 
@@ -188,7 +189,11 @@ class RequestDispatcher(oslo_messaging.RPCDispatcher):
         if not isinstance(method, str) or not method:
             raise _expected(exception.InvalidInput("request has no method name"))
         args = message.get("args", {})
-        if args is not None and not isinstance(args, dict):
+        if args is None:
+            # No arguments, as the Dispatcher and the admin socket take it;
+            # oslo's own dispatcher would fail on it with an AttributeError.
+            message["args"] = {}
+        elif not isinstance(args, dict):
             raise _expected(exception.InvalidInput(f"{_name(method)}: arguments must be an object"))
         version = message.get("version", VERSION)
         if not isinstance(version, str) or not _VERSION_RE.match(version):
@@ -205,7 +210,7 @@ def _expects_reply(incoming: Any) -> bool:
 
 
 def _name(method: Any) -> str:
-    return str(method)[:80]
+    return printable(method)
 
 
 class RPCServer:
