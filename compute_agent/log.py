@@ -24,8 +24,10 @@ _CREDENTIALS = re.compile(r"(?P<head>(?:://|,)[^:/@,\s]*:)(?P<pw>[^@\s]+?)(?=@)"
 # value as '<password up to the slash>'").
 _PASSWORDS: set[str] = set()
 # A URL parser cuts a password at these; each piece this long is masked too.
+# Shorter values are left to the URL masking: a password like "guest" is a
+# common word, and masking it everywhere garbles paths and host names.
 _DELIMITERS = re.compile(r"[/?#@:;,\[\]]")
-MIN_SECRET = 4
+MIN_SECRET = 6
 MIN_PIECE = 6
 
 

@@ -38,6 +38,9 @@ def test_formatter_masks_configured_passwords_outside_urls(conf) -> None:
         logging.getLogger().handlers.clear()
 
 
-def test_short_pieces_are_not_masked_everywhere() -> None:
-    log.register_secret_urls("rabbit://u:ab/cd@h:5672/")
-    assert log.mask_secrets("a table and a cd") == "a table and a cd"
+def test_short_passwords_and_pieces_are_masked_in_urls_only() -> None:
+    """'guest' is a word: masking it everywhere garbled 'qemu-guests0' into 'qemu-***s0'."""
+    log.register_secret_urls("rabbit://guest:guest@h:5672/", "rabbit://u:abcdefg/cd@h:5672/")
+    assert log.mask_secrets("/tmp/qemu-guests0 a cd") == "/tmp/qemu-guests0 a cd"
+    assert log.mask_secrets("rabbit://guest:guest@h:5672/") == "rabbit://guest:***@h:5672/"
+    assert log.mask_secrets("as 'abcdefg'") == "as '***'"
