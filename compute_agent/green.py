@@ -7,6 +7,7 @@ this file rather than the agent.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import warnings
 from collections.abc import Callable
@@ -112,6 +113,18 @@ def set_native_threads(count: int) -> None:
     threads while it blocks, so the pool bounds how many run at once.
     """
     eventlet.tpool.set_num_threads(count)
+
+
+def exit_without_joining_native_threads() -> None:
+    """Let the process exit while a native thread is stuck in a C call.
+
+    eventlet's exit hook (``tpool.killall``) joins every pool thread with no
+    timeout, so one libvirt call that never returns (the first statistics
+    call to reach a SIGSTOPped QEMU) kept a stopped agent's process alive
+    until the guest thawed. The pool's threads are daemon threads: without
+    the hook they are left behind at exit, as a stuck call must be.
+    """
+    atexit.unregister(eventlet.tpool.killall)
 
 
 def native_threads() -> int:

@@ -66,6 +66,7 @@ def run(argv: Sequence[str]) -> int:
         LOG.warning("ignoring unknown option %s in the config files", name)
     ensure_state_path(CONF)
     green.set_native_threads(CONF.native_thread_pool_size)
+    green.exit_without_joining_native_threads()
     service = build_service(CONF)
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -93,3 +93,39 @@ def test_only_green_module_imports_eventlet():
             if path.name != "green.py":
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
+
+
+STUCK_CALL = """
+import sys
+from compute_agent import green
+green.monkey_patch()
+if sys.argv[1] == "abandon":
+    green.exit_without_joining_native_threads()
+never = green.native_event()
+green.spawn(green.execute, never.wait)  # a C call that never returns
+green.sleep(0.2)
+print("stuck", flush=True)
+"""
+
+
+@pytest.mark.parametrize("abandon", [True, False])
+def test_a_stuck_native_call_does_not_keep_the_process_alive(abandon):
+    """A libvirt call to a frozen QEMU never returns; a stopped agent must still exit."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", STUCK_CALL, "abandon" if abandon else "join"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT.parent,
+    )
+    try:
+        rc = proc.wait(10 if abandon else 2)
+    except subprocess.TimeoutExpired:
+        rc = None  # eventlet's exit hook is joining the stuck thread
+    finally:
+        proc.kill()
+        out, _ = proc.communicate()
+    assert out == "stuck\n"
+    assert rc == (0 if abandon else None)
