@@ -36,6 +36,7 @@ def load(conf: cfg.ConfigOpts, argv: Sequence[str], prog: str) -> None:
         _read_every_option(conf)
         _check_name_template(conf.compute.instance_name_template)
         _check_admin_socket(conf.admin_socket)
+        _check_log_file(conf.log_file)
     except cfg.ConfigFilesNotFoundError as exc:
         raise ConfigError(f"config file not found: {', '.join(exc.config_files)}") from None
     except cfg.ConfigFilesPermissionDeniedError as exc:
@@ -43,13 +44,40 @@ def load(conf: cfg.ConfigOpts, argv: Sequence[str], prog: str) -> None:
     except cfg.ConfigFileParseError as exc:
         raise ConfigError(f"config file {exc.config_file} is malformed: {exc.msg}") from None
     except (cfg.ConfigFileValueError, cfg.ConfigSourceValueError) as exc:
-        raise ConfigError(_one_line(str(exc))) from None
+        raise ConfigError(_one_line(_LOCATION.sub(r"in \g<file>", str(exc)))) from None
     except cfg.Error as exc:
         raise ConfigError(_one_line(str(exc))) from None
     except OSError as exc:
-        raise ConfigError(f"config file {exc.filename} cannot be read: {exc.strerror}") from None
+        path = exc.filename or _unreadable(argv) or "(one of the --config-file)"
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        path = _unreadable(argv) or "(one of the --config-file)"
+        raise ConfigError(
+            f"config file {path} is not UTF-8: {exc.reason} at byte {exc.start}"
+        ) from None
     except ValueError as exc:
         raise ConfigError(_one_line(str(exc))) from None
+
+
+# oslo names the file of a bad value as "from LocationInfo(location=<...>, detail='<file>')".
+_LOCATION = re.compile(r"from LocationInfo\(location=<[^>]*>, detail='(?P<file>[^']*)'\)")
+
+
+def _unreadable(argv: Sequence[str]) -> str | None:
+    """The first ``--config-file`` in ``argv`` that cannot be read as UTF-8 text.
+
+    oslo's errors for such a file do not always name it (a decoding error
+    never does), and an operator with several files needs to know which.
+    """
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config-file"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config-file=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                f.read()
+        except (OSError, UnicodeDecodeError):
+            return path
+    return None
 
 
 def unknown_options(conf: cfg.ConfigOpts) -> list[str]:
@@ -93,6 +121,17 @@ def _check_admin_socket(path: str) -> None:
             f"admin_socket {path!r} must be a path of 1 to {MAX_SOCKET_PATH} bytes "
             "(the limit of a UNIX socket address)"
         )
+
+
+def _check_log_file(path: str | None) -> None:
+    """The log file must open now: later, the failure would have nowhere to be logged."""
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"log_file {path} cannot be opened: {exc.strerror}") from None
 
 
 def _check_name_template(template: str) -> None:
