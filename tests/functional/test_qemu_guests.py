@@ -288,25 +288,24 @@ def test_out_of_band_changes_reach_the_database_through_events(env, fleet):
     a, b = fleet[3], fleet[4]
     runs = env.task_runs("power_sync")
 
-    def wait_row(uuid: str, vm_state: str, power_state: str, what: str, bound: float) -> float:
-        """Seconds until the row shows the states, at most ``bound``."""
-        t0 = time.monotonic()
+    def wait_row(uuid: str, vm_state: str, power_state: str, what: str, bound: float) -> None:
+        """Wait at most ``bound`` seconds for the row to show the states."""
         eventually(
             lambda: (env.row(uuid).vm_state, env.row(uuid).power_state) == (vm_state, power_state),
             bound,
             what,
             lambda: (env.row(uuid).vm_state, env.row(uuid).power_state),
         )
-        return time.monotonic() - t0
 
     env.dom(a).suspend()
     wait_row(a, "active", "paused", "suspend", EVENT_BOUND_S)
     env.dom(a).resume()
     wait_row(a, "active", "running", "resume", EVENT_BOUND_S)
 
+    before = time.monotonic()
     env.dom(b).destroy()  # STOPPED: waits out the event delay, then syncs
-    took = wait_row(b, "stopped", "shutdown", "destroy", EVENT_DELAY_S + EVENT_BOUND_S)
-    assert took >= EVENT_DELAY_S * 0.8  # held back: it could have been a reboot
+    wait_row(b, "stopped", "shutdown", "destroy", EVENT_DELAY_S + EVENT_BOUND_S)
+    assert time.monotonic() - before >= EVENT_DELAY_S  # held back: it could have been a reboot
     assert not env.dom(b).isActive()
 
     # Started behind the back of an agent that enforces: the event has it stopped again.
@@ -356,7 +355,7 @@ def test_real_statistics_of_running_guests(env, fleet):
         assert stats["memory_kb"] == MEMORY_MB * 1024  # balloon: all of it
         assert stats["memory_rss_kb"] > 1024  # a real QEMU process's resident memory
         assert stats["cpu_time_ns"] > 0
-    # A later cycle: the guests spent more CPU time (SeaBIOS keeps a vCPU busy).
+    # A later cycle: more CPU time (an idle guest's vCPU still takes its timer ticks).
     for uuid, stats in first.items():
         eventually(
             lambda u=uuid, s=stats: (sample(u) or {}).get("cpu_time_ns", 0) > s["cpu_time_ns"],
