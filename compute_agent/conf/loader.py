@@ -12,6 +12,7 @@ import configparser
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Sequence
 
 from oslo_config import cfg
@@ -36,6 +37,7 @@ def load(conf: cfg.ConfigOpts, argv: Sequence[str], prog: str) -> None:
         _read_every_option(conf)
         _check_name_template(conf.compute.instance_name_template)
         _check_admin_socket(conf.admin_socket)
+        _check_transport_url(conf.transport_url)
         _check_log_file(conf.log_file)
     except cfg.ConfigFilesNotFoundError as exc:
         raise ConfigError(f"config file not found: {', '.join(exc.config_files)}") from None
@@ -121,6 +123,27 @@ def _check_admin_socket(path: str) -> None:
             f"admin_socket {path!r} must be a path of 1 to {MAX_SOCKET_PATH} bytes "
             "(the limit of a UNIX socket address)"
         )
+
+
+# user:password@ of each host of a transport URL (hosts are comma-separated).
+_URL_CREDENTIALS = re.compile(r"(?:://|,)[^:/@,\s]*:(?P<pw>[^@\s]+?)(?=@)")
+
+
+def _check_transport_url(url: str | None) -> None:
+    """A rabbit password holding '/' can never log in: refuse it now.
+
+    oslo.messaging rebuilds the URL for kombu with ``quote()``, which leaves
+    '/' as is, so kombu reads the password up to the '/' as the port: the
+    agent would run without RPC, and kombu's error quotes the password.
+    """
+    if not url or not url.startswith("rabbit:"):
+        return
+    for match in _URL_CREDENTIALS.finditer(url):
+        if "/" in urllib.parse.unquote(match.group("pw")):
+            raise ValueError(
+                "[DEFAULT] transport_url: a RabbitMQ password holding '/' cannot be used "
+                "(oslo.messaging passes it to the broker client unescaped); choose another"
+            )
 
 
 def _check_log_file(path: str | None) -> None:
