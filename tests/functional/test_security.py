@@ -254,6 +254,23 @@ def test_passwords_never_appear_in_the_log_or_the_cli(env, tmp_path):
     failed = manage("db", "version", config_files=[*env.config_files, wrong_db])
     assert failed.returncode == 1 and "compute-agent-manage: error: " in failed.stderr
     assert_no_secret(failed.stdout + failed.stderr, "db version on a dead database")
+
+    # The server drops the agent's connections, as in a database outage: the
+    # agent logs what it found (at DEBUG) and reconnects with the password.
+    seen = len(env.agent.lines)
+    with env.db.engine.connect() as c:
+        dropped = c.execute(
+            sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        ).scalar()
+    assert dropped >= 1
+    eventually(
+        lambda: any("dead database connection" in line for line in env.agent.lines[seen:]),
+        10,
+        "the agent's log of its dropped connections",
+    )
     assert_no_secret(env.agent.output, "the agent's log")
 
 
