@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
+import time
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -46,61 +47,57 @@ def name_template(prefix: str) -> str:
     return f"{prefix}%(uuid)s"
 
 
-def remove_domains(prefix: str) -> list[str]:
-    """Destroy and undefine every domain whose name starts with ``prefix``.
+def _remove_once(prefix: str) -> list[str]:
+    """One pass: destroy the prefix's running domains at once, then undefine all.
 
-    Opens its own connection, so it works after a test killed or restarted
-    the daemon the test's own connection used.
+    Destroys run side by side in native threads: libvirt takes about 2 s to
+    stop a QEMU guest (SIGTERM, then it waits for the process), so 20 guests
+    one after another would cost 40 s of a teardown. What is left (a call
+    that met a daemon restart) is for the next pass.
     """
-    assert prefix.startswith(NAME_PREFIX) and len(prefix) > len(NAME_PREFIX)
-    conn = open_system()
-    removed = []
-    try:
-        for dom in conn.listAllDomains():
-            name = dom.name()
-            if not name.startswith(prefix):
-                continue
-            with contextlib.suppress(libvirt.libvirtError):
-                if dom.isActive():
-                    dom.destroy()
-            with contextlib.suppress(libvirt.libvirtError):
-                dom.undefine()
-            removed.append(name)
-    finally:
-        conn.close()
-    return removed
-
-
-def destroy_all(prefix: str) -> int:
-    """Destroy the running domains of ``prefix`` all at once, in native threads.
-
-    libvirt takes about 2 s to stop a QEMU guest (SIGTERM, then it waits for
-    the process to go), so 20 guests one after another cost 40 s of a
-    teardown. Call :func:`remove_domains` after it to undefine them.
-    """
-    assert prefix.startswith(NAME_PREFIX) and len(prefix) > len(NAME_PREFIX)
     conn = open_system()
     try:
-        active = [
-            d
-            for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-            if d.name().startswith(prefix)
-        ]
+        mine = [d for d in conn.listAllDomains() if d.name().startswith(prefix)]
 
         def destroy(dom: libvirt.virDomain) -> None:
             with contextlib.suppress(libvirt.libvirtError):
-                dom.destroy()
+                if dom.isActive():
+                    dom.destroy()
 
-        for thread in [green.spawn(green.execute, destroy, d, name="destroy") for d in active]:
+        for thread in [green.spawn(green.execute, destroy, d, name="destroy") for d in mine]:
             thread.wait()
+        for dom in mine:
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.undefine()
+        return [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]
     finally:
         conn.close()
-    return len(active)
+
+
+def remove_domains(prefix: str, timeout: float = 30) -> None:
+    """Destroy and undefine every domain whose name starts with ``prefix``, surely.
+
+    Opens its own connections, so it works after a test killed or restarted
+    the daemon; passes are repeated until nothing of the prefix is left, and
+    a guest still there after ``timeout`` fails the test rather than leaking.
+    """
+    assert prefix.startswith(NAME_PREFIX) and len(prefix) > len(NAME_PREFIX)
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            left = _remove_once(prefix)
+        except (libvirt.libvirtError, pytest.fail.Exception) as exc:
+            left = [f"(libvirtd not answering: {exc})"]
+        if not left:
+            return
+        if time.monotonic() > end:
+            raise AssertionError(f"guests of {prefix} not removed after {timeout} s: {left}")
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
 def guests(prefix: str | None = None) -> Iterator[str]:
-    """A fresh prefix whose domains are all removed when the block ends."""
+    """A fresh prefix whose domains are surely gone when the block ends."""
     prefix = prefix or new_prefix()
     try:
         yield prefix

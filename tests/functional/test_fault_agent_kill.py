@@ -13,7 +13,6 @@ and the test stays clear of the server restarts other tests make.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import pathlib
 import signal
@@ -59,34 +58,6 @@ def poll(fn: Callable[[], T | None], timeout: float, what: str, every: float = 0
         if time.monotonic() >= end:
             raise AssertionError(f"{what}: not within {timeout} s (last: {value!r})")
         time.sleep(every)
-
-
-@contextlib.contextmanager
-def own_guests() -> Iterator[str]:
-    """A fresh prefix whose domains are surely gone when the block ends.
-
-    Other tests restart libvirtd; a removal that meets the restart is
-    retried until no domain of the prefix is left (bounded).
-    """
-    prefix = qemu.new_prefix()
-    try:
-        yield prefix
-    finally:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                qemu.remove_domains(prefix)
-                conn = libvirt.open(qemu.QEMU_URI)
-                try:
-                    left = [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]
-                finally:
-                    conn.close()
-            except (libvirt.libvirtError, pytest.fail.Exception) as exc:
-                left = [str(exc)]
-            if not left or time.monotonic() > end:
-                break
-            time.sleep(0.5)
-        assert not left, f"guests of {prefix} not removed: {left}"
 
 
 class Node:
@@ -172,7 +143,7 @@ def assert_db_matches(rows: dict[str, Instance], view: dict[str, tuple[str, Powe
 
 
 def test_killed_mid_builds_restart_settles_every_build(tmp_path, cleanup) -> None:
-    with own_guests() as prefix:
+    with qemu.guests() as prefix:
         node = Node(
             tmp_path,
             f"[compute]\ninstance_name_template = {qemu.name_template(prefix)}\n"

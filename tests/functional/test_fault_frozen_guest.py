@@ -13,7 +13,6 @@ and a private file keeps it clear of the server restarts other tests make.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import json
 import os
 import pathlib
@@ -66,34 +65,6 @@ def poll(fn: Callable[[], T | None], timeout: float, what: str, every: float = 0
         time.sleep(every)
 
 
-@contextlib.contextmanager
-def own_guests() -> Iterator[str]:
-    """A fresh prefix whose domains are surely gone when the block ends.
-
-    Other tests restart libvirtd; a removal that meets the restart is
-    retried until no domain of the prefix is left (bounded).
-    """
-    prefix = qemu.new_prefix()
-    try:
-        yield prefix
-    finally:
-        end = time.monotonic() + 30
-        while True:
-            try:
-                qemu.remove_domains(prefix)
-                conn = libvirt.open(qemu.QEMU_URI)
-                try:
-                    left = [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]
-                finally:
-                    conn.close()
-            except (libvirt.libvirtError, pytest.fail.Exception) as exc:
-                left = [str(exc)]
-            if not left or time.monotonic() > end:
-                break
-            time.sleep(0.5)
-        assert not left, f"guests of {prefix} not removed: {left}"
-
-
 class Agent:
     """The agent under test and the ways to ask it things."""
 
@@ -134,7 +105,7 @@ class Agent:
 
 @pytest.fixture
 def agent(tmp_path: pathlib.Path) -> Iterator[Agent]:
-    with own_guests() as prefix:
+    with qemu.guests() as prefix:
         running = Agent(tmp_path, prefix)
         try:
             yield running

@@ -153,7 +153,6 @@ def env(db_url_factory, tmp_path_factory) -> Iterator[Env]:
             api.close()
         with contextlib.suppress(libvirt.libvirtError):
             conn.close()
-        qemu.destroy_all(prefix)
         qemu.remove_domains(prefix)
         run.cleanup()
         db.dispose()

@@ -159,7 +159,6 @@ def env(db_url_factory) -> Iterator[Env]:
             agent.kill()
         if api is not None:
             api.close()
-        qemu.destroy_all(prefix)
         qemu.remove_domains(prefix)
         rabbitmqctl("delete_user", RABBIT_USER)
         run.cleanup()
