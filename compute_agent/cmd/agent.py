@@ -9,7 +9,6 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
-import oslo_messaging  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from compute_agent import exception, log  # noqa: E402
@@ -29,7 +28,7 @@ from compute_agent.db.api import Database  # noqa: E402
 from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
 from compute_agent.rpc.server import RPCServer  # noqa: E402
-from compute_agent.rpc.transport import get_transport, safe_url, transport_url_is_set  # noqa: E402
+from compute_agent.rpc.transport import check_transport_url  # noqa: E402
 from compute_agent.service import NodeService  # noqa: E402
 from compute_agent.virt.loader import load_driver  # noqa: E402
 
@@ -37,35 +36,11 @@ LOG = logging.getLogger("compute_agent.agent")
 PROG = "compute-agent"
 
 
-def check_transport_url(conf) -> None:
-    """A transport_url oslo cannot use fails now in one line, not at RPC start in a traceback.
-
-    oslo checks only the URL's form, and only when the server starts; an
-    unknown driver or a port out of range would otherwise surface later, or
-    as a connection retried for ever.
-    """
-    if not transport_url_is_set(conf):
-        return
-    # stevedore warns of a driver it cannot load: the one line below says it.
-    stevedore = logging.getLogger("stevedore.named")
-    level = stevedore.level
-    stevedore.setLevel(logging.ERROR)
-    try:
-        url = oslo_messaging.TransportURL.parse(conf, conf.transport_url)
-        for host in url.hosts:
-            if host.port is not None and not 0 < host.port < 65536:
-                raise ValueError(f"port {host.port} is out of range")
-        get_transport(conf).cleanup()  # loads the driver; connects to nothing
-    except (oslo_messaging.MessagingException, ValueError, ImportError) as exc:
-        raise Fatal(
-            f"transport_url {safe_url(conf.transport_url)!r} is not usable: {exc}", EXIT_USAGE
-        ) from None
-    finally:
-        stevedore.setLevel(level)
-
-
 def build_service(conf) -> NodeService:
-    check_transport_url(conf)
+    try:
+        check_transport_url(conf)
+    except ValueError as exc:
+        raise Fatal(str(exc), EXIT_USAGE) from None
     try:
         db = Database(conf.database.connection, conf.database.pool_size)
     except (exception.InvalidInput, sa.exc.ArgumentError, ImportError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 
 import oslo_messaging
 from oslo_config import cfg
@@ -60,3 +61,30 @@ def transport_url_is_set(conf: cfg.ConfigOpts) -> bool:
 def safe_url(url: str | None) -> str:
     """The transport URL fit for a log line: every password masked."""
     return mask_secrets(url) if url else "<none>"
+
+
+def check_transport_url(conf: cfg.ConfigOpts) -> None:
+    """A transport_url oslo cannot use fails now in one line, not at RPC start in a traceback.
+
+    oslo checks only the URL's form, and only when the server starts; an
+    unknown driver or a port out of range would otherwise surface later, or
+    as a connection retried for ever.
+    """
+    if not transport_url_is_set(conf):
+        return
+    # stevedore warns of a driver it cannot load: the one line below says it.
+    stevedore = logging.getLogger("stevedore.named")
+    level = stevedore.level
+    stevedore.setLevel(logging.ERROR)
+    try:
+        url = oslo_messaging.TransportURL.parse(conf, conf.transport_url)
+        for host in url.hosts:
+            if host.port is not None and not 0 < host.port < 65536:
+                raise ValueError(f"port {host.port} is out of range")
+        get_transport(conf).cleanup()  # loads the driver; connects to nothing
+    except (oslo_messaging.MessagingException, ValueError, ImportError) as exc:
+        raise ValueError(
+            f"transport_url {safe_url(conf.transport_url)!r} is not usable: {exc}"
+        ) from None
+    finally:
+        stevedore.setLevel(level)
