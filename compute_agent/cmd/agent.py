@@ -74,6 +74,8 @@ def run(argv: Sequence[str]) -> int:
         CONF.log_opt_values(LOG, logging.DEBUG)
     for name in loader.unknown_options(CONF):
         LOG.warning("ignoring unknown option %s in the config files", name)
+    for doubt in loader.doubtful_settings(CONF):
+        LOG.warning("%s", doubt)
     ensure_state_path(CONF)
     green.set_native_threads(CONF.native_thread_pool_size)
     green.exit_without_joining_native_threads()

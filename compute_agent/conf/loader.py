@@ -82,6 +82,25 @@ def _unreadable(argv: Sequence[str]) -> str | None:
     return None
 
 
+def doubtful_settings(conf: cfg.ConfigOpts) -> list[str]:
+    """Values valid one by one that work against each other: warned of at start."""
+    found = []
+    c = conf.compute
+    if (
+        c.stats_interval > 0
+        and c.stats_unresponsive_after <= c.stats_interval + c.stats_call_timeout
+    ):
+        # Seen with 3 <= 1 + 2: one call reaching its deadline left every
+        # instance without a sample for longer than the threshold.
+        found.append(
+            f"[compute] stats_unresponsive_after ({c.stats_unresponsive_after} s) is not more "
+            f"than stats_interval + stats_call_timeout ({c.stats_interval} + "
+            f"{c.stats_call_timeout} s): one slow statistics call will report every "
+            "instance unresponsive"
+        )
+    return found
+
+
 def unknown_options(conf: cfg.ConfigOpts) -> list[str]:
     """``group.option`` names found in the config files that no code registers.
 

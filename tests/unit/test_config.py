@@ -135,3 +135,14 @@ def test_sample_config_is_not_stale(tmp_path):
     )
     committed = (REPO / "etc" / "compute-agent.conf").read_text()
     assert out.read_text() == committed, "etc/compute-agent.conf is stale: run `make genconfig`"
+
+
+def test_stats_thresholds_that_defeat_each_other_are_warned_of(conf):
+    assert loader.doubtful_settings(conf) == []  # the defaults: 300 > 60 + 30
+    conf.set_override("stats_interval", 1, group="compute")
+    conf.set_override("stats_call_timeout", 2, group="compute")
+    conf.set_override("stats_unresponsive_after", 3, group="compute")
+    (doubt,) = loader.doubtful_settings(conf)
+    assert "stats_unresponsive_after (3 s)" in doubt and "1 + 2 s" in doubt
+    conf.set_override("stats_interval", 0, group="compute")  # sampling off: nothing to say
+    assert loader.doubtful_settings(conf) == []
