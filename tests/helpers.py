@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
 import uuid as uuidlib
+from collections.abc import Callable
+from typing import Any
 
 from compute_agent import green
 
@@ -43,3 +46,35 @@ def wait_until(predicate, timeout: float = 5.0) -> bool:
             return True
         green.sleep(0.02)
     return False
+
+
+def eventually(
+    check: Callable[[], Any],
+    timeout: float,
+    what: str,
+    *,
+    every: float = 0.05,
+    detail: Callable[[], Any] | None = None,
+    tolerate: tuple[type[BaseException], ...] = (),
+) -> Any:
+    """Poll ``check`` until it returns something truthy, and return that.
+
+    For tests that watch another process (an agent, a daemon) on the wall
+    clock. Exceptions in ``tolerate`` count as "not yet" (polling through an
+    outage); after ``timeout`` it fails with the last value, or with what
+    ``detail`` says then.
+    """
+    end = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = check()
+        except tolerate as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        if time.monotonic() >= end:
+            said = detail() if detail else last
+            raise AssertionError(f"{what}: not so within {timeout} s; last: {said!r}")
+        time.sleep(every)

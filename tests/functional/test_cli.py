@@ -143,10 +143,11 @@ def test_an_instance_from_boot_to_delete(env):
         rebooted = env.cli("instances", *args, "-f", "value", "-c", "vm_state")
         assert rebooted.returncode == 0 and rebooted.stdout == "active\n", rebooted.stderr
 
-    # Statistics are sampled every second; the first sample may be a moment away.
-    for _ in range(10):
+    # Statistics are sampled every second: the first sample may be a moment
+    # away, and the latest may predate the start above (taken while stopped).
+    for _ in range(20):
         stats = json.loads(env.cli("instances", "stats", uid, "-f", "json").stdout)
-        if stats["stats"] is not None:
+        if stats["stats"] is not None and stats["stats"]["state"] == "running":
             break
     assert stats["uuid"] == uid and stats["stats"]["state"] == "running"
     assert stats["age_s"] is not None and stats["unresponsive"] is False

@@ -35,6 +35,7 @@ from compute_agent.virt.libvirt import nodefile
 from compute_agent.virt.libvirt.driver import power_state
 from tests.functional import qemu
 from tests.functional.agent_process import REPO, AgentProcess, manage
+from tests.helpers import eventually
 
 T = TypeVar("T")
 
@@ -50,14 +51,7 @@ SYNC_STATES = (PowerState.RUNNING, PowerState.PAUSED, PowerState.SHUTDOWN)
 
 def poll(fn: Callable[[], T | None], timeout: float, what: str, every: float = 0.1) -> T:
     """Call ``fn`` until it returns something truthy, for at most ``timeout`` s."""
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= end:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {value!r})")
-        time.sleep(every)
+    return eventually(fn, timeout, what, every=every)
 
 
 class Node:

@@ -30,6 +30,7 @@ from compute_agent.admin.client import AdminClient
 from compute_agent.db.api import Database
 from tests.functional import qemu
 from tests.functional.agent_process import REPO, AgentProcess, manage, manage_all
+from tests.helpers import eventually
 
 T = TypeVar("T")
 
@@ -55,14 +56,7 @@ STUCK_CONFIRM_S = 3.0
 
 def poll(fn: Callable[[], T | None], timeout: float, what: str, every: float = 0.2) -> T:
     """Call ``fn`` until it returns something truthy, for at most ``timeout`` s."""
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() >= end:
-            raise AssertionError(f"{what}: not within {timeout} s (last: {value!r})")
-        time.sleep(every)
+    return eventually(fn, timeout, what, every=every)
 
 
 class Agent:

@@ -36,6 +36,7 @@ from compute_agent.rpcapi import ComputeAPI
 from tests.functional import qemu
 from tests.functional.agent_process import AgentProcess, manage
 from tests.functional.rabbit import RabbitRun
+from tests.helpers import eventually
 
 GUESTS = 20
 MEMORY_MB = 64
@@ -79,26 +80,6 @@ class Env:
     def task_runs(self, name: str) -> int:
         tasks = {t["name"]: t for t in self.status()["periodic_tasks"]}
         return tasks[name]["runs"]
-
-
-def eventually(
-    check: Callable[[], Any],
-    timeout: float,
-    what: str,
-    detail: Callable[[], Any] | None = None,
-) -> Any:
-    """Poll ``check`` every 50 ms until truthy; fail after ``timeout`` with the last
-    value (or what ``detail`` says then)."""
-    end = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < end:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(
-        f"{what}: not so within {timeout} s; last: {detail() if detail else last!r}"
-    )
 
 
 def _write_conf(path: pathlib.Path, host: str, prefix: str, db_url: str) -> None:
@@ -293,7 +274,7 @@ def test_out_of_band_changes_reach_the_database_through_events(env, fleet):
             lambda: (env.row(uuid).vm_state, env.row(uuid).power_state) == (vm_state, power_state),
             bound,
             what,
-            lambda: (env.row(uuid).vm_state, env.row(uuid).power_state),
+            detail=lambda: (env.row(uuid).vm_state, env.row(uuid).power_state),
         )
 
     env.dom(a).suspend()

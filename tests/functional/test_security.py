@@ -21,11 +21,9 @@ import signal
 import stat
 import subprocess
 import tempfile
-import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import libvirt
 import pytest
@@ -38,6 +36,7 @@ from compute_agent.rpcapi import ComputeAPI
 from tests.functional import qemu
 from tests.functional.agent_process import AgentProcess, manage, manage_all
 from tests.functional.rabbit import TRANSIENT_TTL, RabbitRun
+from tests.helpers import eventually
 
 # A token no log line or output could hold by chance; both passwords carry it.
 TOKEN = uuidlib.uuid4().hex
@@ -59,18 +58,6 @@ def rabbitmqctl(*args: str) -> subprocess.CompletedProcess:
 
 def assert_no_secret(text: str, where: str) -> None:
     assert TOKEN not in text, f"a password leaked in {where}:\n{text}"
-
-
-def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll ``check`` every 50 ms until truthy; fail with the last value after ``timeout``."""
-    end = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < end:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not so within {timeout} s; last: {last!r}")
 
 
 def db_url_with_password(url: str, port: int = 5432) -> str:

@@ -34,6 +34,7 @@ from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
 from compute_agent.virt.libvirt import nodefile
 from compute_agent.virt.libvirt.driver import power_state
+from tests import helpers
 from tests.functional import qemu, services
 from tests.functional.agent_process import REPO, AgentProcess
 from tests.functional.rabbit import RabbitRun
@@ -68,19 +69,8 @@ class Agent:
 
 
 def eventually(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    """Poll ``check`` until it returns something truthy; exceptions count as not yet."""
-    end = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < end:
-        try:
-            last = check()
-        except Exception as exc:  # noqa: BLE001 - polling through an outage
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not seen within {timeout} s (last: {last!r})")
+    """Poll ``check`` until truthy; exceptions count as not yet (polling through an outage)."""
+    return helpers.eventually(check, timeout, what, every=0.1, tolerate=(Exception,))
 
 
 @pytest.fixture
