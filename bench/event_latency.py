@@ -25,7 +25,6 @@ import libvirt
 from bench.common import (
     HOST,
     QEMU_URI,
-    libvirtd_running,
     load_average,
     make_conf,
     make_db,
@@ -33,6 +32,7 @@ from bench.common import (
     percentile,
     remove_domains,
     save,
+    skip_without_libvirtd,
     table,
 )
 from compute_agent import green
@@ -238,10 +238,8 @@ def goal_met(result: dict) -> tuple[bool, list[str]]:
 
 def main() -> dict:
     print(f"load average at the start (1/5/15 min): {load_average()}")
-    if not libvirtd_running():
-        print("skipped: no libvirtd on /run/libvirt/libvirt-sock (run tools/setup-libvirtd.sh)")
-        return {"skipped": "no libvirtd"}
-    libvirt.registerErrorHandler(lambda *_: None, None)
+    if (skipped := skip_without_libvirtd()) is not None:
+        return skipped
     conn = green.execute(libvirt.open, QEMU_URI)
     CALL_TIMES.clear()
     try:

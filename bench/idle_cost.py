@@ -18,17 +18,15 @@ from __future__ import annotations
 import resource
 from typing import Any
 
-import libvirt
-
 from bench.common import (
     LibvirtCalls,
     cpu_seconds,
-    libvirtd_running,
     load_average,
     make_conf,
     make_db,
     name_for,
     save,
+    skip_without_libvirtd,
     table,
     test_host,
 )
@@ -101,10 +99,8 @@ def window(
 
 def main() -> dict:
     print(f"load average at the start (1/5/15 min): {load_average()}")
-    if not libvirtd_running():
-        print("skipped: no libvirtd on /run/libvirt/libvirt-sock (run tools/setup-libvirtd.sh)")
-        return {"skipped": "no libvirtd"}
-    libvirt.registerErrorHandler(lambda *_: None, None)
+    if (skipped := skip_without_libvirtd()) is not None:
+        return skipped
     _, uri = test_host(INSTANCES)
     conf = make_conf(
         **{

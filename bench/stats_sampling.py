@@ -24,12 +24,12 @@ from bench.common import (
     HOST,
     QEMU_URI,
     LibvirtCalls,
-    libvirtd_running,
     load_average,
     make_conf,
     make_db,
     remove_domains,
     save,
+    skip_without_libvirtd,
     table,
     test_host,
 )
@@ -175,10 +175,8 @@ def fmt(r: dict[str, Any]) -> list[Any]:
 
 def main() -> dict:
     print(f"load average at the start (1/5/15 min): {load_average()}")
-    if not libvirtd_running():
-        print("skipped: no libvirtd on /run/libvirt/libvirt-sock (run tools/setup-libvirtd.sh)")
-        return {"skipped": "no libvirtd"}
-    libvirt.registerErrorHandler(lambda *_: None, None)
+    if (skipped := skip_without_libvirtd()) is not None:
+        return skipped
     with LibvirtCalls() as calls:
         results = test_driver_rows(calls)
         results += qemu_rows(calls)

@@ -17,6 +17,8 @@ import time
 
 import libvirt
 
+from tests.functional.qemu import process_state
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -117,10 +119,9 @@ def kill_libvirtd() -> int:
 
 def _alive(pid: int) -> bool:
     try:
-        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+        return process_state(pid) != "Z"  # a zombie is dead, only not yet reaped
     except OSError:
         return False
-    return stat[stat.rindex(")") + 2] != "Z"
 
 
 def start_libvirtd(timeout: float = 60) -> float:
