@@ -9,7 +9,6 @@ from ``compute_agent.exception`` with a message that says what was wrong.
 
 from __future__ import annotations
 
-import collections
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -91,18 +90,19 @@ class Dispatcher:
         return {"host": self.manager.host, "version": __version__}
 
     def get_host_state(self, source: ActionSource) -> dict[str, Any]:
-        instances = self.manager.db.instance_get_all_by_host(self.manager.host)
-        by_power = collections.Counter(i.power_state for i in instances)
+        counts = self.manager.db.instance_counts(self.manager.host)
         row = self.manager.db.service_get(self.manager.host, BINARY)
         down_time = self.service.conf.service_down_time
         return {
             "host": self.manager.host,
             "service": servicegroup.describe(row, down_time) if row else None,
             "libvirt_connected": self.manager.driver.connected,
-            "instances": len(instances),
-            "instances_by_power_state": {p.value: by_power.get(p.value, 0) for p in PowerState},
-            "vcpus_used": sum(i.vcpus for i in instances),
-            "memory_mb_used": sum(i.memory_mb for i in instances),
+            "instances": counts.instances,
+            "instances_by_power_state": {
+                p.value: counts.by_power_state.get(p.value, 0) for p in PowerState
+            },
+            "vcpus_used": counts.vcpus,
+            "memory_mb_used": counts.memory_mb,
         }
 
     def _host_state_or_error(self, source: ActionSource) -> dict[str, Any]:

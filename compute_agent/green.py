@@ -288,3 +288,8 @@ def set_switch_tracer(tracer: Callable[[str, Any], None] | None) -> Any:
 def monotonic() -> float:
     """Monotonic clock that is never patched."""
     return _native_time.monotonic()
+
+
+def native_local() -> Any:
+    """Per-native-thread storage (``threading.local`` as it was before patching)."""
+    return _native_threading.local()

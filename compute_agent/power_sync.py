@@ -5,8 +5,8 @@ its per-instance lock: the hypervisor's state is read (or taken from one
 bulk read) and the policy in ``sync_policy`` decides. A row is written only
 if something changed, by a conditional UPDATE on the row's version (its
 ``updated_at``), so it loses to any change made since the row was read;
-such writes share a commit in batches. Audit rows are journalled and
-written in one statement at the end of the run.
+such writes share a commit in batches, and each batch carries the audit
+rows of the writes that won, so a crash loses neither half.
 Every instance ends with a yield, so the rest of the agent keeps running
 however long the hypervisor takes.
 """
@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from compute_agent import exception, green, sync_policy
-from compute_agent.db.api import Database, action_rows, diff
-from compute_agent.db.models import Instance
+from compute_agent.db.api import Database, InstanceRecord, action_rows, diff
 from compute_agent.locks import KeyedLocks
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import utcnow
@@ -29,16 +28,14 @@ from compute_agent.virt.driver import ComputeDriver
 LOG = logging.getLogger(__name__)
 
 MAX_LISTED_UNKNOWN = 100
-# Audit rows are written once at the end of a run; a run longer than this
-# also writes them every this many seconds, so a crash loses little.
-JOURNAL_FLUSH_S = 30.0
-JOURNAL_LIMIT = 100_000
 CHANGED, UNCHANGED, SKIPPED = "changed", "unchanged", "skipped"
 # Row writes are committed together, up to this many, or once the oldest
 # has waited this long: one commit per row is most of the cost of a sync
 # that changes thousands of rows.
 WRITE_BATCH = 100
 WRITE_DELAY_S = 0.5
+# Per-instance change lines logged between two yields when a batch lands.
+LOG_BURST = 20
 
 
 @dataclass
@@ -62,12 +59,12 @@ class SyncSummary:
 class _Write:
     """A row write decided under the instance's lock, committed with others."""
 
-    inst: Instance
+    inst: InstanceRecord
     values: dict[str, Any]
     expected: dict[str, Any]
     changes: list
     reason: str
-    source: ActionSource
+    audit: list[dict[str, Any]]
 
 
 @dataclass
@@ -83,44 +80,6 @@ class _Call:
     since: float = 0.0
     # Given, a domain to stop is handed to it instead of being stopped here.
     defer_stop: Callable[[str], None] | None = None
-
-
-class ActionJournal:
-    """Audit rows waiting to be written, flushed in one statement at a time.
-
-    A sync that changes many instances writes one UPDATE per instance and one
-    INSERT per flush, rather than an INSERT beside every UPDATE: the SQL of a
-    run stays within 5 statements plus one per changed instance.
-    """
-
-    def __init__(self, db: Database, flush_after: float = JOURNAL_FLUSH_S) -> None:
-        self.db = db
-        self.flush_after = flush_after
-        self.rows: list[dict[str, Any]] = []
-        self._oldest = 0.0
-
-    def add(self, rows: list[dict[str, Any]]) -> None:
-        if not self.rows:
-            self._oldest = green.monotonic()
-        self.rows.extend(rows)
-        if len(self.rows) > JOURNAL_LIMIT:
-            dropped = len(self.rows) - JOURNAL_LIMIT
-            del self.rows[:dropped]
-            LOG.error("audit journal over %d rows; dropped the %d oldest", JOURNAL_LIMIT, dropped)
-
-    def maybe_flush(self) -> None:
-        if self.rows and green.monotonic() - self._oldest >= self.flush_after:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        rows, self.rows = self.rows, []
-        try:
-            self.db.actions_add(rows)
-        except Exception as exc:  # noqa: BLE001 - keep the rows for the next flush
-            LOG.error("could not write %d audit rows (kept for retry): %s", len(rows), exc)
-            self.rows = rows + self.rows
 
 
 class PowerSync:
@@ -146,7 +105,6 @@ class PowerSync:
         self.action = action
         self.shutdown_timeout = shutdown_timeout
         self.should_stop = should_stop
-        self.journal = ActionJournal(db)
         self.progress = (0, 0)
 
     # -- entry points -----------------------------------------------------
@@ -166,7 +124,6 @@ class PowerSync:
             summary.aborted = f"hypervisor unavailable: {exc}"
         finally:
             self._flush_writes(call)
-            self.journal.flush()
             summary.duration_s = round(green.monotonic() - started, 4)
         self._log(summary, len(instances))
         return summary
@@ -196,13 +153,12 @@ class PowerSync:
                 finally:
                     self._flush_writes(call)
         finally:
-            self.journal.flush()
             summary.duration_s = round(green.monotonic() - started, 4)
         return summary
 
     # -- the run ----------------------------------------------------------
 
-    def _count_unknown(self, instances: list[Instance], summary: SyncSummary) -> None:
+    def _count_unknown(self, instances: list[InstanceRecord], summary: SyncSummary) -> None:
         claimed = {(i.domain_name, i.uuid.lower()) for i in instances}
         domains = self.driver.list_domains()
         unknown = sorted(d.name for d in domains if (d.name, d.uuid) not in claimed)
@@ -216,13 +172,13 @@ class PowerSync:
                 " ..." if len(unknown) > 10 else "",
             )
 
-    def _prefetch(self, instances: list[Instance]) -> dict[str, PowerState | None]:
+    def _prefetch(self, instances: list[InstanceRecord]) -> dict[str, PowerState | None]:
         wanted = [i for i in instances if i.task_state is None]
         return self.driver.get_power_states(wanted)
 
     def _run_all(
         self,
-        instances: Iterable[Instance],
+        instances: Iterable[InstanceRecord],
         prefetched: dict[str, PowerState | None],
         call: _Call,
     ) -> None:
@@ -230,8 +186,9 @@ class PowerSync:
         pool = green.Pool(self.concurrency)
         done = 0
 
-        def work(inst: Instance) -> None:
+        def work(inst: InstanceRecord) -> None:
             nonlocal done
+            green.name_current("power-sync-worker")
             try:
                 if summary.aborted is None and not self.should_stop():
                     self._handle(inst, prefetched, call, ActionSource.SYNC, wait=False)
@@ -242,7 +199,6 @@ class PowerSync:
                 done += 1
                 self.progress = (done, self.progress[1])
                 self._maybe_flush_writes(call)
-                self.journal.maybe_flush()
                 green.yield_now()
 
         for inst in instances:
@@ -257,7 +213,7 @@ class PowerSync:
 
     def _handle(
         self,
-        inst: Instance,
+        inst: InstanceRecord,
         prefetched: dict[str, PowerState | None] | None,
         call: _Call,
         source: ActionSource,
@@ -273,7 +229,7 @@ class PowerSync:
 
     def _handle_locked(
         self,
-        inst: Instance,
+        inst: InstanceRecord,
         prefetched: dict[str, PowerState | None] | None,
         call: _Call,
         source: ActionSource,
@@ -302,7 +258,7 @@ class PowerSync:
             return
         summary.checked += 1
 
-    def _read(self, inst: Instance) -> PowerState | None:
+    def _read(self, inst: InstanceRecord) -> PowerState | None:
         try:
             return self.driver.get_info(inst).state
         except exception.InstanceNotFound:
@@ -322,15 +278,16 @@ class PowerSync:
             return
         try:
             outcomes = self.db.instance_compare_and_set_many(
-                [(w.inst, w.values, w.expected) for w in writes]
+                [(w.inst, w.values, w.expected, w.audit) for w in writes]
             )
         except Exception as exc:  # noqa: BLE001 - counted; the next sync writes them again
             LOG.error("could not write %d power-sync updates: %s", len(writes), exc)
             summary.errors += len(writes)
             summary.checked -= len(writes)
             return
-        now = utcnow()
-        for write, won in zip(writes, outcomes, strict=True):
+        for logged, (write, won) in enumerate(zip(writes, outcomes, strict=True), 1):
+            if logged % LOG_BURST == 0:
+                green.yield_now()
             if not won:
                 LOG.info(
                     "instance %s changed while being synced; left for the next sync",
@@ -340,11 +297,6 @@ class PowerSync:
                 summary.skipped += 1
                 continue
             summary.changed += 1
-            self.journal.add(
-                action_rows(
-                    write.inst.uuid, write.changes, "power_sync", write.source, write.reason, now
-                )
-            )
             LOG.info(
                 "instance %s: %s (%s)",
                 write.inst.uuid,
@@ -354,7 +306,7 @@ class PowerSync:
 
     def _sync_locked(
         self,
-        inst: Instance,
+        inst: InstanceRecord,
         prefetched: dict[str, PowerState | None] | None,
         call: _Call,
         source: ActionSource,
@@ -403,10 +355,11 @@ class PowerSync:
         expected = {"task_state": None, "updated_at": inst.updated_at}
         if not call.writes:
             call.since = green.monotonic()
-        call.writes.append(_Write(inst, values, expected, changes, reason, source))
+        audit = action_rows(inst.uuid, changes, "power_sync", source, reason, utcnow())
+        call.writes.append(_Write(inst, values, expected, changes, reason, audit))
         return CHANGED
 
-    def _still_as_loaded(self, inst: Instance) -> bool:
+    def _still_as_loaded(self, inst: InstanceRecord) -> bool:
         """Before touching a domain, make sure the row did not move since it was loaded."""
         try:
             fresh = self.db.instance_get(inst.uuid, host=self.host)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -18,6 +19,18 @@ LOG = logging.getLogger(__name__)
 
 BINARY = "compute-agent"
 HEARTBEAT = "heartbeat"
+
+
+def freeze_long_lived_objects() -> None:
+    """Keep what start-up created out of every later garbage collection.
+
+    A full collection walks every tracked object, and start-up leaves a few
+    hundred thousand (modules, oslo, SQLAlchemy, the driver): a full
+    collection during a large sync held the hub for 65-135 ms. Frozen, they
+    are never walked again; only objects made since are.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 class Component(Protocol):
@@ -70,6 +83,7 @@ class NodeService:
         for component in self.components:
             component.start(self)
         self.runner.start()
+        freeze_long_lived_objects()
 
     def add_periodic(
         self, name: str, fn: Callable[[], Any], interval: float, *, fuzzy: bool = True
@@ -113,6 +127,7 @@ class NodeService:
             except Exception as exc:  # noqa: BLE001 - the DB may be the reason we stop
                 LOG.error("could not mark the service stopped: %s", exc)
         self.db.dispose()
+        gc.unfreeze()
         LOG.info("compute-agent stopped in %.2f s", green.monotonic() - started)
 
     # -- the heartbeat ----------------------------------------------------

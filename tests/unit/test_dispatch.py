@@ -119,7 +119,7 @@ def test_status_answers_while_the_database_is_down(dispatcher, monkeypatch):
     def down(*args, **kwargs):
         raise exception.DatabaseUnavailable("database unavailable: connection refused")
 
-    monkeypatch.setattr(dispatcher.manager.db, "instance_get_all_by_host", down)
+    monkeypatch.setattr(dispatcher.manager.db, "instance_counts", down)
     status = dispatcher.call("status", {}, CLI, admin=True)
     assert status["host_state"] == {
         "host": dispatcher.manager.host,
