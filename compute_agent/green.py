@@ -43,6 +43,8 @@ GreenletExit = greenlet.GreenletExit
 _native_os = eventlet.patcher.original("os")
 _native_time = eventlet.patcher.original("time")
 _native_threading = eventlet.patcher.original("threading")
+_native_queue = eventlet.patcher.original("queue")
+_MAIN_THREAD = _native_threading.main_thread()
 
 
 # The oslo.messaging executor for the RPC server. Its "eventlet" executor is
@@ -92,9 +94,14 @@ def greenlet_name(glet: Any) -> str:
     name = getattr(glet, "task_name", None)
     if name:
         return name
-    if glet is eventlet.hubs.get_hub().greenlet:
+    # The calling thread's hub, if it has one: asking eventlet for it would
+    # create one in a native thread that logs, say.
+    hub = getattr(eventlet.hubs._threadlocal, "hub", None)
+    if hub is not None and glet is hub.greenlet:
         return "hub"
-    return "main" if glet.parent is None else "greenthread"
+    if glet.parent is None:
+        return "main" if _native_threading.current_thread() is _MAIN_THREAD else "native"
+    return "greenthread"
 
 
 def current_name() -> str:
@@ -293,3 +300,8 @@ def monotonic() -> float:
 def native_local() -> Any:
     """Per-native-thread storage (``threading.local`` as it was before patching)."""
     return _native_threading.local()
+
+
+def native_queue() -> Any:
+    """An unbounded FIFO between native threads (``queue.SimpleQueue``, unpatched)."""
+    return _native_queue.SimpleQueue()

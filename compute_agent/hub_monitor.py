@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -85,13 +86,24 @@ class HubLagMonitor:
 
     def _loop(self) -> None:
         while not self._stopping:
-            asked = green.monotonic()
+            asked, cpu = green.monotonic(), time.thread_time()
             green.sleep(self.interval)
             lag = max(0.0, green.monotonic() - asked - self.interval)
             longest, culprit = self._tracer.take()
-            self.record(lag, longest, culprit)
+            self.record(lag, longest, culprit, time.thread_time() - cpu)
 
-    def record(self, lag: float, longest: float = 0.0, culprit: str | None = None) -> None:
+    def record(
+        self,
+        lag: float,
+        longest: float = 0.0,
+        culprit: str | None = None,
+        cpu: float | None = None,
+    ) -> None:
+        """Count one wake-up ``lag`` late; ``cpu``: the hub thread's CPU time meanwhile.
+
+        A lag with little CPU spent means the hub's thread waited, not ran:
+        for the GIL, or for a CPU the operating system gave to another process.
+        """
         self.samples += 1
         self.last = lag
         self.max = max(self.max, lag)
@@ -101,10 +113,11 @@ class HubLagMonitor:
         if lag >= self.warn_after:
             self.warnings += 1
             LOG.warning(
-                "hub lag %.3f s: greenthread %r ran %.3f s without yielding",
+                "hub lag %.3f s: greenthread %r ran %.3f s without yielding%s",
                 lag,
                 culprit or "unknown",
                 longest,
+                "" if cpu is None else f" (the hub's thread used {cpu:.3f} s of CPU meanwhile)",
             )
 
     def figures(self) -> LagFigures:

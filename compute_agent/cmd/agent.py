@@ -67,7 +67,7 @@ def build_service(conf) -> NodeService:
 
 def run(argv: Sequence[str]) -> int:
     load_config(CONF, argv, PROG)
-    log.setup(CONF)
+    log.setup(CONF, background=True)
     if CONF.debug:
         # Every option's value, as OpenStack services log them; oslo.config
         # prints secret options ([database] connection, transport_url) as ****.
