@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -94,7 +95,12 @@ def greenlet_name(glet: Any) -> str:
         return name
     if glet is eventlet.hubs.get_hub().greenlet:
         return "hub"
-    return "main" if glet.parent is None else "greenthread"
+    if glet.parent is None:
+        return "main"
+    # A threading.Thread started by a library (oslo's listener, futurist's
+    # workers) is a greenthread once patched, known by its thread's name.
+    thread = threading._active.get(id(glet))  # type: ignore[attr-defined]
+    return f"thread {thread.name}" if thread is not None else "greenthread"
 
 
 def current_name() -> str:
