@@ -99,8 +99,7 @@ def test_a_flood_of_build_casts(run: RabbitRun, agent: flood.AgentUnderTest):
         transport.cleanup()
     _assert_hub_kept_its_budget(agent, pings)
     figures = flood.agent_figures(agent.socket)
-    assert figures["intake"]["max_waiting"] > 0  # the gate, not luck, kept the bound
-    assert figures["builds"]["failed"] == 0
+    assert figures["builds"] == {"queued": 0, "running": 0, "completed": builds, "failed": 0}
 
 
 def test_a_flood_of_admin_boots(agent: flood.AgentUnderTest):
@@ -114,4 +113,4 @@ def test_a_flood_of_admin_boots(agent: flood.AgentUnderTest):
     assert done["ok"] == boots, done
     assert time.monotonic() - started < SERVE_TIMEOUT
     _assert_hub_kept_its_budget(agent, pings)
-    assert flood.agent_figures(agent.socket)["intake"]["max_waiting"] > 0
+    assert flood.agent_figures(agent.socket)["intake"]["done"] == boots
