@@ -15,12 +15,15 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from compute_agent import __version__, exception, servicegroup
+from compute_agent.intake import IntakeGate
 from compute_agent.service import BINARY
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import printable
 
 # A request's arguments, serialized, may not exceed this.
 MAX_ARGS_BYTES = 64 * 1024
+# Requests that do work run at most this many at once without a config.
+DEFAULT_SLOTS = 8
 SYNC_FIELDS = ("checked", "changed", "skipped", "errors", "duration_s")
 
 
@@ -30,24 +33,39 @@ class Method:
     required: tuple[str, ...] = ()
     optional: tuple[str, ...] = ()
     admin_only: bool = False  # not offered over RPC
+    gated: bool = False  # does work: waits for a slot of the intake gate
+
+
+def _slots(service: Any) -> int:
+    conf = getattr(service, "conf", None)
+    return int(getattr(conf, "max_concurrent_requests", DEFAULT_SLOTS))
 
 
 class Dispatcher:
-    def __init__(self, manager: Any, service: Any) -> None:
+    """The request table; requests that do work pass ``intake`` (RPC and CLI alike).
+
+    Without an ``intake`` gate, one is made with ``[DEFAULT]
+    max_concurrent_requests`` slots from the service's config.
+    """
+
+    def __init__(self, manager: Any, service: Any, intake: IntakeGate | None = None) -> None:
         self.manager = manager
         self.service = service
+        self.intake = intake if intake is not None else IntakeGate(_slots(service))
         self.methods: dict[str, Method] = {
             "ping": Method(self.ping),
             "get_host_state": Method(self.get_host_state),
-            "list_instances": Method(self.list_instances),
+            "list_instances": Method(self.list_instances, gated=True),
             "get_instance_info": Method(self.get_instance_info, ("instance_uuid",)),
             "get_instance_stats": Method(self.get_instance_stats, ("instance_uuid",)),
-            "build_instance": Method(self.build_instance, ("instance",)),
-            "start_instance": Method(self.start_instance, ("instance_uuid",)),
-            "stop_instance": Method(self.stop_instance, ("instance_uuid",)),
-            "reboot_instance": Method(self.reboot_instance, ("instance_uuid",), ("hard",)),
-            "delete_instance": Method(self.delete_instance, ("instance_uuid",)),
-            "sync_power_states": Method(self.sync_power_states, (), ("instance_uuid",)),
+            "build_instance": Method(self.build_instance, ("instance",), gated=True),
+            "start_instance": Method(self.start_instance, ("instance_uuid",), gated=True),
+            "stop_instance": Method(self.stop_instance, ("instance_uuid",), gated=True),
+            "reboot_instance": Method(
+                self.reboot_instance, ("instance_uuid",), ("hard",), gated=True
+            ),
+            "delete_instance": Method(self.delete_instance, ("instance_uuid",), gated=True),
+            "sync_power_states": Method(self.sync_power_states, (), ("instance_uuid",), gated=True),
             "status": Method(self.status, admin_only=True),
         }
 
@@ -82,7 +100,10 @@ class Dispatcher:
                 f"{method}: unknown argument(s) {', '.join(unknown[:5])}; takes "
                 f"{', '.join(spec.required + spec.optional) or 'none'}"
             )
-        return spec.fn(source=source, **args)
+        if not spec.gated:
+            return spec.fn(source=source, **args)
+        with self.intake.admit():
+            return spec.fn(source=source, **args)
 
     # -- the methods ------------------------------------------------------
 
@@ -161,6 +182,7 @@ class Dispatcher:
             "hub_lag": asdict(service.lag_monitor.figures()),
             "events": events.figures.as_dict() if events is not None else None,
             "builds": asdict(manager.operations.builds),
+            "intake": asdict(self.intake.figures()),
             "power_sync_progress": list(manager.power_sync.progress),
             "unresponsive_instances": manager.stats.store.unresponsive(),
         }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -101,7 +102,10 @@ def greenlet_name(glet: Any) -> str:
         return "hub"
     if glet.parent is None:
         return "main" if _native_threading.current_thread() is _MAIN_THREAD else "native"
-    return "greenthread"
+    # A threading.Thread started by a library (oslo's listener, futurist's
+    # workers) is a greenthread once patched, known by its thread's name.
+    thread = threading._active.get(id(glet))  # type: ignore[attr-defined]
+    return f"thread {thread.name}" if thread is not None else "greenthread"
 
 
 def current_name() -> str:

@@ -89,6 +89,27 @@ opts = [
         "event loop. It bounds how many such calls run at once: builds beyond it "
         "wait even under a higher [compute] max_concurrent_builds.",
     ),
+    cfg.IntOpt(
+        "max_concurrent_requests",
+        default=8,
+        min=1,
+        max=1024,
+        help="Requests that do work (build, start, stop, reboot, delete, power sync, "
+        "list of instances) run at most this many at once, RPC and admin socket "
+        "together; the others wait their turn in arrival order. Read-only requests "
+        "(ping, host state, one instance, status) never wait. Each running request "
+        "takes its turn on the one event loop, so this bounds how long a turn of it "
+        "lasts under a flood. It also bounds the builds running at once, whatever "
+        "[compute] max_concurrent_builds says.",
+    ),
+    cfg.IntOpt(
+        "refusal_log_interval",
+        default=10,
+        min=1,
+        help="Seconds over which refused RPC requests are summed up: the first refusal "
+        "of a method and error type is logged in full, the others of that window in "
+        "one line at its end.",
+    ),
     cfg.StrOpt(
         "admin_socket",
         default="$state_path/admin.sock",

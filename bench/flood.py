@@ -1,0 +1,317 @@
+"""Flood a real agent process: casts over RabbitMQ, admin-socket pings and boots.
+
+Reusable pieces for the intake benchmark (``bench.intake``), the stress
+benchmark and ``tests/functional/test_intake.py``:
+
+- :class:`AgentUnderTest` starts ``compute-agent`` as a process on its own
+  SQLite database and exchange, with the hub-lag monitor at 10 ms;
+- :func:`send_casts` sends N casts of one method through oslo.messaging;
+- :class:`Pinger` pings the admin socket every 20 ms and keeps each latency;
+- :func:`admin_boots` boots N instances over the admin socket, a few at once;
+- :func:`agent_figures` reads the agent's own hub-lag, heartbeat and intake
+  figures from ``status``.
+
+Works in a monkey-patched process (threads are then greenthreads) or not.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import oslo_messaging
+from oslo_config import cfg
+
+from compute_agent.admin.client import AdminClient
+from compute_agent.rpc import TOPIC, VERSION
+from compute_agent.rpc.transport import get_transport
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PING_INTERVAL = 0.020
+
+
+def new_instance(name: str = "flood") -> dict[str, Any]:
+    """A valid build_instance payload with a fresh UUID."""
+    return {"uuid": str(uuidlib.uuid4()), "name": name, "vcpus": 1, "memory_mb": 64}
+
+
+class AgentUnderTest:
+    """A ``compute-agent`` process on SQLite, RabbitMQ ``exchange``, fake driver.
+
+    ``groups`` adds or overrides options per group (``{"compute": {...}}``).
+    stderr is collected line by line, so the log can be counted.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        exchange: str,
+        transport_url: str,
+        *,
+        groups: Mapping[str, Mapping[str, Any]] | None = None,
+        state_path: str | None = None,
+    ) -> None:
+        self.host = host
+        self.state_path = state_path or tempfile.mkdtemp(prefix="ca-flood-")
+        self.socket = os.path.join(self.state_path, "admin.sock")
+        merged: dict[str, dict[str, Any]] = {
+            "DEFAULT": {
+                "host": host,
+                "state_path": self.state_path,
+                "compute_driver": "fake",
+                "transport_url": transport_url,
+                "control_exchange": exchange,
+                "report_interval": 1,
+                "periodic_fuzzy_delay": 0,
+                "hub_lag_interval": 0.01,
+                "hub_lag_warning": 0.2,
+            },
+            "compute": {"sync_power_state_interval": -1, "stats_interval": -1},
+            "oslo_messaging_rabbit": {"rabbit_transient_queues_ttl": 30},
+        }
+        for group, values in (groups or {}).items():
+            merged.setdefault(group, {}).update(values)
+        self.config = pathlib.Path(self.state_path, "agent.conf")
+        self.config.write_text(
+            "".join(
+                f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
+                for group, values in merged.items()
+            )
+        )
+        subprocess.run(
+            [sys.executable, "-m", "compute_agent.cmd.manage", "--config-file", str(self.config)]
+            + ["db", "sync"],
+            check=True,
+            capture_output=True,
+            cwd=REPO,
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "compute_agent.cmd.agent", "--config-file", str(self.config)],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        self.lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True, name="flood-agent-log")
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_for(self, needle: str, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if any(needle in line for line in self.lines):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = "\n".join(self.lines[-30:])
+        raise RuntimeError(f"{needle!r} not logged within {timeout} s:\n{tail}")
+
+    def count(self, needle: str) -> int:
+        return sum(1 for line in list(self.lines) if needle in line)
+
+    def client(self, reply_timeout: float | None = 30.0) -> AdminClient:
+        return AdminClient(self.socket, reply_timeout=reply_timeout)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        """SIGTERM, wait; kill if it does not stop. Its exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(2)
+        return self.proc.returncode
+
+
+def rpc_client(conf: cfg.ConfigOpts, host: str) -> tuple[Any, Any]:
+    """A bare oslo RPC client aimed at ``host``, and its transport (to clean up)."""
+    transport = get_transport(conf)
+    target = oslo_messaging.Target(topic=TOPIC, server=host, version=VERSION)
+    return oslo_messaging.get_rpc_client(transport, target), transport
+
+
+def send_casts(client: Any, method: str, payloads: Iterable[Mapping[str, Any]]) -> int:
+    """Cast ``method`` once per payload (keyword arguments); how many were sent."""
+    sent = 0
+    for kwargs in payloads:
+        client.cast({}, method, **kwargs)
+        sent += 1
+    return sent
+
+
+def stop_payloads(count: int) -> list[dict[str, Any]]:
+    """``stop_instance`` arguments for ``count`` UUIDs no host knows."""
+    return [{"instance_uuid": str(uuidlib.uuid4())} for _ in range(count)]
+
+
+def build_payloads(count: int, name: str = "flood") -> list[dict[str, Any]]:
+    return [{"instance": new_instance(f"{name}-{i}")} for i in range(count)]
+
+
+@dataclass
+class Latencies:
+    """Round trips in seconds, and failed calls (counted, with the first error)."""
+
+    values: list[float] = field(default_factory=list)
+    failures: int = 0
+    first_error: str | None = None
+
+    def percentile(self, q: float) -> float:
+        if not self.values:
+            return 0.0
+        ordered = sorted(self.values)
+        return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.999999) - 1))]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pings": len(self.values),
+            "failures": self.failures,
+            "p50_s": round(self.percentile(0.5), 4),
+            "p99_s": round(self.percentile(0.99), 4),
+            "max_s": round(max(self.values, default=0.0), 4),
+        }
+
+
+class Pinger:
+    """Pings the admin socket every ``interval`` s in a thread until :meth:`stop`.
+
+    A ping that takes longer than the interval delays the next one, as a
+    client waiting for its answer would.
+    """
+
+    def __init__(self, socket_path: str, interval: float = PING_INTERVAL) -> None:
+        self.client = AdminClient(socket_path, reply_timeout=30.0)
+        self.interval = interval
+        self.latencies = Latencies()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="flood-pinger")
+
+    def start(self) -> Pinger:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            try:
+                self.client.call("ping")
+            except Exception as exc:  # noqa: BLE001 - counted, the pinger goes on
+                self.latencies.failures += 1
+                self.latencies.first_error = self.latencies.first_error or repr(exc)
+            else:
+                self.latencies.values.append(time.monotonic() - started)
+            self._stopping.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+    def stop(self) -> Latencies:
+        self._stopping.set()
+        self._thread.join(35)
+        return self.latencies
+
+
+def admin_boots(socket_path: str, count: int, concurrency: int = 8) -> dict[str, Any]:
+    """Boot ``count`` instances over the admin socket, ``concurrency`` at a time.
+
+    Returns how many succeeded, the error types seen, and the wall time.
+    """
+    client = AdminClient(socket_path, reply_timeout=300.0)
+    todo = iter(range(count))
+    lock = threading.Lock()
+    done = {"ok": 0, "errors": {}}
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(todo, None)
+            if i is None:
+                return
+            try:
+                client.call("build_instance", {"instance": new_instance(f"boot-{i}")})
+            except Exception as exc:  # noqa: BLE001 - counted by type
+                name = getattr(exc, "type", type(exc).__name__)
+                with lock:
+                    done["errors"][name] = done["errors"].get(name, 0) + 1
+            else:
+                with lock:
+                    done["ok"] += 1
+
+    started = time.monotonic()
+    threads = [
+        threading.Thread(target=worker, daemon=True, name=f"flood-boot-{n}")
+        for n in range(concurrency)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done["elapsed_s"] = round(time.monotonic() - started, 2)
+    return done
+
+
+def agent_figures(socket_path: str, timeout: float = 30.0) -> dict[str, Any]:
+    """The agent's own figures: hub lag, heartbeat lateness, builds, intake."""
+    status = AdminClient(socket_path, reply_timeout=timeout).call("status")
+    heartbeat = next((t for t in status["periodic_tasks"] if t["name"] == "heartbeat"), {})
+    return {
+        "hub_lag_max_s": status["hub_lag"]["max_s"],
+        "hub_lag_p99_s": status["hub_lag"]["p99_s"],
+        "hub_lag_worst_offender": status["hub_lag"]["worst_offender"],
+        "heartbeat_max_lateness_s": heartbeat.get("max_lateness_s"),
+        "builds": status["builds"],
+        "intake": status.get("intake"),
+    }
+
+
+def profile(pid: int, svg: str, rate: int = 200) -> subprocess.Popen:
+    """Start ``py-spy record`` on ``pid`` (idle frames dropped) into ``svg``; terminate to save."""
+    spy = pathlib.Path(sys.executable).with_name("py-spy")
+    return subprocess.Popen(
+        [str(spy), "record", "-p", str(pid), "-r", str(rate), "-o", svg, "-f", "raw"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(svg + ".log", "w"),
+    )
+
+
+def stop_profile(spy: subprocess.Popen) -> None:
+    """Stop py-spy as Ctrl-C would, so it writes its output."""
+    spy.send_signal(signal.SIGINT)
+    spy.wait(60)
+
+
+def wait_until(check: Callable[[], Any], timeout: float, interval: float = 0.2) -> Any:
+    """Poll ``check`` until it returns a truthy value; raise TimeoutError after ``timeout``."""
+    end = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < end:
+        try:
+            last = check()
+        except Exception as exc:  # noqa: BLE001 - not yet
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise TimeoutError(f"not done within {timeout} s (last: {last!r})")
