@@ -9,6 +9,7 @@ names the greenthread whose single run was longest since the last wake-up.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import time
@@ -30,6 +31,41 @@ class LagFigures:
     p99_s: float
     warnings: int
     worst_offender: str | None
+    gc_collections: int
+    gc_max_s: float
+
+
+class CollectionTimer:
+    """Times Python's garbage collections, in whatever thread they run.
+
+    A collection holds the GIL throughout, so it stalls the hub whoever
+    triggered it; the switch tracer alone would blame the greenthread that
+    happened to be running.
+    """
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.collections = 0
+        self.max = 0.0
+        self._window_total = 0.0
+        self._window_max = (0.0, -1)
+
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        took = time.perf_counter() - self._started
+        self.collections += 1
+        self.max = max(self.max, took)
+        self._window_total += took
+        if took > self._window_max[0]:
+            self._window_max = (took, info.get("generation", -1))
+
+    def take(self) -> tuple[float, float, int]:
+        """Total and longest collection time since the last call, and the longest's generation."""
+        result = (self._window_total, *self._window_max)
+        self._window_total, self._window_max = 0.0, (0.0, -1)
+        return result
 
 
 class SliceTracer:
@@ -69,12 +105,14 @@ class HubLagMonitor:
         self.worst_offender: str | None = None
         self._worst_slice = 0.0
         self._tracer = SliceTracer()
+        self._collections = CollectionTimer()
         self._previous_tracer: Any = None
         self._thread: green.GreenThread | None = None
         self._stopping = False
 
     def start(self) -> None:
         self._previous_tracer = green.set_switch_tracer(self._tracer)
+        gc.callbacks.append(self._collections)
         self._thread = green.spawn(self._loop, name="hub-lag-monitor")
 
     def stop(self) -> None:
@@ -83,6 +121,8 @@ class HubLagMonitor:
             green.kill(self._thread)
             self._thread = None
         green.set_switch_tracer(self._previous_tracer)
+        if self._collections in gc.callbacks:
+            gc.callbacks.remove(self._collections)
 
     def _loop(self) -> None:
         while not self._stopping:
@@ -90,7 +130,7 @@ class HubLagMonitor:
             green.sleep(self.interval)
             lag = max(0.0, green.monotonic() - asked - self.interval)
             longest, culprit = self._tracer.take()
-            self.record(lag, longest, culprit, time.thread_time() - cpu)
+            self.record(lag, longest, culprit, time.thread_time() - cpu, self._collections.take())
 
     def record(
         self,
@@ -98,11 +138,13 @@ class HubLagMonitor:
         longest: float = 0.0,
         culprit: str | None = None,
         cpu: float | None = None,
+        collections: tuple[float, float, int] = (0.0, 0.0, -1),
     ) -> None:
         """Count one wake-up ``lag`` late; ``cpu``: the hub thread's CPU time meanwhile.
 
         A lag with little CPU spent means the hub's thread waited, not ran:
         for the GIL, or for a CPU the operating system gave to another process.
+        ``collections``: garbage collection time meanwhile (total, longest, its generation).
         """
         self.samples += 1
         self.last = lag
@@ -113,11 +155,12 @@ class HubLagMonitor:
         if lag >= self.warn_after:
             self.warnings += 1
             LOG.warning(
-                "hub lag %.3f s: greenthread %r ran %.3f s without yielding%s",
+                "hub lag %.3f s: greenthread %r ran %.3f s without yielding%s%s",
                 lag,
                 culprit or "unknown",
                 longest,
-                "" if cpu is None else f" (the hub's thread used {cpu:.3f} s of CPU meanwhile)",
+                "" if cpu is None else f"; the hub's thread used {cpu:.3f} s of CPU",
+                _collections_note(collections),
             )
 
     def figures(self) -> LagFigures:
@@ -130,7 +173,19 @@ class HubLagMonitor:
             p99_s=round(_percentile(ordered, 0.99), 4),
             warnings=self.warnings,
             worst_offender=self.worst_offender,
+            gc_collections=self._collections.collections,
+            gc_max_s=round(self._collections.max, 4),
         )
+
+
+def _collections_note(collections: tuple[float, float, int]) -> str:
+    total, longest, generation = collections
+    if total < 0.001:
+        return ""
+    return (
+        f"; garbage collection took {total:.3f} s "
+        f"(longest {longest:.3f} s, generation {generation})"
+    )
 
 
 def _percentile(ordered: list[float], q: float) -> float:
