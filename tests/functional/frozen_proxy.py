@@ -19,24 +19,29 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
+from collections.abc import Callable
 
 _CHUNK = 65536
+_POLL = 0.1  # how often a waiting thread looks whether the proxy stops
 
 
 class FrozenProxy:
-    """Forwards 127.0.0.1:``port`` to ``target_host``:``target_port`` until frozen."""
+    """Forwards 127.0.0.1:``port`` to ``target_host``:``target_port`` until frozen.
+
+    Each socket is closed by the thread that uses it, never under another
+    thread's read (eventlet refuses that), so every wait polls ``_POLL``.
+    """
 
     def __init__(self, target_host: str, target_port: int, *, frozen: bool = False) -> None:
         self.target = (target_host, target_port)
         self.port = 0
+        self.accepted = 0
         self._thawed = threading.Event()
         if not frozen:
             self._thawed.set()
         self._stopping = False
-        self._listener: socket.socket | None = None
-        self._sockets: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self.accepted = 0
+        self._threads: list[threading.Thread] = []
 
     @property
     def frozen(self) -> bool:
@@ -48,10 +53,9 @@ class FrozenProxy:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(("127.0.0.1", 0))
         listener.listen(128)
-        listener.settimeout(0.2)  # so that stop() is noticed
-        self._listener = listener
+        listener.settimeout(_POLL)
         self.port = listener.getsockname()[1]
-        threading.Thread(target=self._accept_loop, name="frozen-proxy-accept", daemon=True).start()
+        self._spawn(self._accept_loop, listener)
         return self
 
     def freeze(self) -> None:
@@ -62,17 +66,13 @@ class FrozenProxy:
         """Forward again, held bytes first."""
         self._thawed.set()
 
-    def stop(self) -> None:
-        """Close the listener and every connection."""
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the listener and every connection; wait for the threads to end."""
         self._stopping = True
         self._thawed.set()
-        with self._lock:
-            sockets = list(self._sockets)
-            self._sockets.clear()
-        for sock in sockets:
-            _close(sock)
-        if self._listener is not None:
-            _close(self._listener)
+        end = time.monotonic() + timeout
+        for thread in list(self._threads):
+            thread.join(max(0.0, end - time.monotonic()))
 
     def __enter__(self) -> FrozenProxy:
         return self.start()
@@ -82,62 +82,77 @@ class FrozenProxy:
 
     # -- the work -----------------------------------------------------------
 
-    def _track(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._sockets.add(sock)
+    def _spawn(self, fn: Callable[..., None], *args: object) -> None:
+        thread = threading.Thread(target=fn, args=args, name="frozen-proxy", daemon=True)
+        self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
 
-    def _accept_loop(self) -> None:
-        assert self._listener is not None
-        while not self._stopping:
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return  # closed by stop()
-            client.settimeout(None)
-            self.accepted += 1
-            self._track(client)
-            threading.Thread(
-                target=self._serve, args=(client,), name="frozen-proxy-conn", daemon=True
-            ).start()
+    def _wait_thawed(self) -> bool:
+        """Wait for the thaw; False if the proxy stops first."""
+        while not self._thawed.wait(_POLL):
+            pass
+        return not self._stopping
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        with listener:
+            while not self._stopping:
+                try:
+                    client, _ = listener.accept()
+                except (TimeoutError, BlockingIOError):
+                    continue
+                client.settimeout(_POLL)
+                self.accepted += 1
+                self._spawn(self._serve, client)
 
     def _serve(self, client: socket.socket) -> None:
         # A connection accepted while frozen waits, unanswered, for the thaw.
-        self._thawed.wait()
-        if self._stopping:
+        if not self._wait_thawed():
+            _close(client)
             return
         try:
             upstream = socket.create_connection(self.target, timeout=5)
         except OSError:
             _close(client)
             return
-        upstream.settimeout(None)
-        self._track(upstream)
-        threading.Thread(
-            target=self._pump, args=(upstream, client), name="frozen-proxy-pump", daemon=True
-        ).start()
-        self._pump(client, upstream)
+        upstream.settimeout(_POLL)
+        pair = _Pair(client, upstream)
+        self._spawn(self._pump, upstream, client, pair)
+        self._pump(client, upstream, pair)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, pair: _Pair) -> None:
         """Copy ``src`` to ``dst``; bytes read while frozen wait for the thaw."""
         try:
-            while True:
-                data = src.recv(_CHUNK)
-                if not data:
-                    break
-                self._thawed.wait()
-                if self._stopping:
+            while not (self._stopping or pair.ended):
+                try:
+                    data = src.recv(_CHUNK)
+                except TimeoutError:
+                    continue
+                if not data or not self._wait_thawed():
                     break
                 dst.sendall(data)
-        except (OSError, EOFError):  # EOFError: eventlet's recv on a socket closed meanwhile
+        except (OSError, EOFError):
             pass
         finally:
-            # Either side gone ends the pair (the other pump then sees EOF).
-            with self._lock:
-                self._sockets.difference_update((src, dst))
-            _close(src)
-            _close(dst)
+            pair.end()
+
+
+class _Pair:
+    """A client and its upstream: one side ending ends both; the last pump out closes."""
+
+    def __init__(self, *sockets: socket.socket) -> None:
+        self.sockets = sockets
+        self.ended = False
+        self._pumps = 2
+        self._lock = threading.Lock()
+
+    def end(self) -> None:
+        with self._lock:
+            self.ended = True
+            self._pumps -= 1
+            last = self._pumps == 0
+        if last:
+            for sock in self.sockets:
+                _close(sock)
 
 
 def _close(sock: socket.socket) -> None:
