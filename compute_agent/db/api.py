@@ -55,17 +55,21 @@ def _unreachable_as_typed() -> Iterator[None]:
             f"database unavailable: no pooled connection free: {_reason(exc)}"
         ) from exc
     except OSError as exc:
-        # A socket error no driver wrapped: pg8000 lets its SSL probe's
-        # timeout through as a bare TimeoutError.
+        # A socket error no driver wrapped: pg8000 lets a timeout of its SSL
+        # probe, and of the first read of every answer, through bare. The
+        # timed-out socket never reads again; the pool's pre-ping drops it.
         raise exception.DatabaseUnavailable(f"database unavailable: {_reason(exc)}") from exc
 
 
+# For the migration helpers, which use the engine directly.
 unreachable_as_typed = _unreachable_as_typed
 
 
 def _reason(error: BaseException | None) -> str:
-    """``Type: first line``, with the socket error a driver wrapped (pg8000's
-    'network error' hides that it was a timeout)."""
+    """``Type: first line``, and the socket error a driver wrapped.
+
+    pg8000's 'network error' alone would hide that it was a timeout.
+    """
     if error is None:
         return ""
     text = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
