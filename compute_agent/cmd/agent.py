@@ -24,7 +24,7 @@ from compute_agent.cmd.common import (  # noqa: E402
 )
 from compute_agent.conf import CONF, loader  # noqa: E402
 from compute_agent.db import migration  # noqa: E402
-from compute_agent.db.api import Database  # noqa: E402
+from compute_agent.db.api import Database, Deadlines  # noqa: E402
 from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
 from compute_agent.rpc.server import RPCServer  # noqa: E402
@@ -42,7 +42,9 @@ def build_service(conf) -> NodeService:
     except ValueError as exc:
         raise Fatal(str(exc), EXIT_USAGE) from None
     try:
-        db = Database(conf.database.connection, conf.database.pool_size)
+        db = Database(
+            conf.database.connection, conf.database.pool_size, Deadlines.from_conf(conf.database)
+        )
     except (exception.InvalidInput, sa.exc.ArgumentError, ImportError) as exc:
         # An unparseable URL, an unknown dialect or a driver not installed.
         raise Fatal(f"[database] connection is not usable: {exc}", EXIT_USAGE) from None
@@ -50,6 +52,9 @@ def build_service(conf) -> NodeService:
         migration.check_schema(db)
     except migration.SchemaError as exc:
         raise Fatal(str(exc)) from None
+    except exception.DatabaseUnavailable as exc:
+        # Down, refusing, or silent past [database] connect_timeout.
+        raise Fatal(f"cannot use database {db.safe_url}: {exc}") from None
     except sa.exc.SQLAlchemyError as exc:
         raise Fatal(
             f"cannot use database {db.safe_url}: {exc.__class__.__name__}: "

@@ -42,7 +42,7 @@ from typing import Any, TextIO  # noqa: E402
 
 from oslo_config import cfg  # noqa: E402
 
-from compute_agent import log  # noqa: E402
+from compute_agent import exception, log  # noqa: E402
 from compute_agent.admin.client import (  # noqa: E402
     AdminClient,
     AgentUnreachable,
@@ -123,10 +123,12 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def _database(conf: cfg.ConfigOpts) -> Any:
     # Imported here: SQLAlchemy and Alembic double the start-up time of the
     # commands that only talk to the socket.
-    from compute_agent.db.api import Database
+    from compute_agent.db.api import Database, Deadlines
 
     ensure_state_path(conf)
-    return Database(conf.database.connection, conf.database.pool_size)
+    return Database(
+        conf.database.connection, conf.database.pool_size, Deadlines.from_conf(conf.database)
+    )
 
 
 def cmd_db_sync(conf: cfg.ConfigOpts) -> int:
@@ -478,6 +480,9 @@ def run(argv: Sequence[str]) -> int:
         raise Fatal(str(exc), EXIT_FAILED) from None
     except output.ColumnError as exc:
         raise Fatal(str(exc), EXIT_USAGE) from None
+    except exception.DatabaseUnavailable as exc:
+        # A db command's own database: down, refusing, or silent past its deadline.
+        raise Fatal(str(exc)) from None
     except Exception as exc:
         # SQLAlchemy's errors, without importing SQLAlchemy for every command.
         sa_exc = sys.modules.get("sqlalchemy.exc")

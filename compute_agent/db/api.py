@@ -95,7 +95,7 @@ def _offloaded(fn: F) -> F:
 
 @contextlib.contextmanager
 def _unreachable_as_typed() -> Iterator[None]:
-    """A lost or refused database connection as DatabaseUnavailable.
+    """A lost, refused or silent database connection as DatabaseUnavailable.
 
     An outage then reaches callers as one typed line (and RPC callers as
     the documented HypervisorUnavailable) instead of a driver's exception
@@ -105,15 +105,93 @@ def _unreachable_as_typed() -> Iterator[None]:
     try:
         yield
     except sa.exc.DBAPIError as exc:
-        # A connection lost mid-use (the dialect says so) or none made at all
-        # (no statement yet). SQLite and MySQL report a bad column as an
-        # OperationalError too, so the error class alone would not tell.
+        # A connection lost mid-use (the dialect says so: a socket timeout is
+        # one) or none made at all (no statement yet). SQLite and MySQL report
+        # a bad column as an OperationalError too, so the class alone would
+        # not tell.
         if not (exc.connection_invalidated or exc.statement is None):
             raise
-        reason = str(exc.orig).splitlines()[0][:200] if exc.orig is not None else ""
+        raise exception.DatabaseUnavailable(f"database unavailable: {_reason(exc.orig)}") from exc
+    except sa.exc.TimeoutError as exc:
+        # Every pooled connection is busy (stuck on a silent server) for the
+        # pool's whole wait.
         raise exception.DatabaseUnavailable(
-            f"database unavailable: {type(exc.orig).__name__}: {reason}"
+            f"database unavailable: no pooled connection free: {_reason(exc)}"
         ) from exc
+    except OSError as exc:
+        # A socket error no driver wrapped: pg8000 lets a timeout of its SSL
+        # probe, and of the first read of every answer, through bare. The
+        # timed-out socket never reads again; the pool's pre-ping drops it.
+        raise exception.DatabaseUnavailable(f"database unavailable: {_reason(exc)}") from exc
+
+
+# For the migration helpers, which use the engine directly.
+unreachable_as_typed = _unreachable_as_typed
+
+
+def _reason(error: BaseException | None) -> str:
+    """``Type: first line``, and the socket error a driver wrapped.
+
+    pg8000's 'network error' alone would hide that it was a timeout.
+    """
+    if error is None:
+        return ""
+    text = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    cause = error.__cause__
+    if isinstance(cause, OSError):
+        text += f" ({type(cause).__name__}: {str(cause)[:100] or 'no detail'})"
+    return text
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """How long each kind of database wait may last, in seconds ([database])."""
+
+    connect: float = 5.0
+    statement: float = 30.0
+    sqlite_busy: float = 5.0
+
+    @classmethod
+    def from_conf(cls, group: Any) -> Deadlines:
+        return cls(group.connect_timeout, group.statement_timeout, group.sqlite_busy_timeout)
+
+
+def connect_args(url: URL, deadlines: Deadlines) -> dict[str, Any]:
+    """The driver's own arguments that put ``deadlines`` on every wait.
+
+    The connect deadline bounds the whole opening (TCP, SSL probe,
+    handshake, login) because both drivers read with it until connected;
+    :func:`_statement_deadline` then widens reads to the statement deadline.
+    """
+    if url.get_backend_name() == "sqlite":
+        return {"check_same_thread": False, "timeout": deadlines.sqlite_busy}
+    driver = url.get_driver_name()
+    if driver == "pg8000":
+        # PostgreSQL takes any setting as a startup parameter: the server
+        # cancels a long statement itself and the connection stays usable.
+        ms = str(max(1, round(deadlines.statement * 1000)))
+        return {"timeout": deadlines.connect, "startup_params": {"statement_timeout": ms}}
+    if driver == "pymysql":
+        seconds = deadlines.connect
+        return {"connect_timeout": seconds, "read_timeout": seconds, "write_timeout": seconds}
+    return {}
+
+
+def _statement_deadline(seconds: float) -> Any:
+    """A ``connect`` listener: once connected, a read may wait ``seconds``.
+
+    Each driver keeps its socket deadline in an attribute of its own
+    (tests/unit/test_db_deadlines.py notices a driver renaming it).
+    """
+
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        sock = getattr(dbapi_conn, "_usock", None)  # pg8000
+        if sock is not None:
+            sock.settimeout(seconds)
+        if hasattr(dbapi_conn, "_read_timeout"):  # PyMySQL: applied at its next read/write
+            dbapi_conn._read_timeout = dbapi_conn._write_timeout = seconds
+
+    return on_connect
 
 
 # Pure-Python drivers: their sockets are green once the agent is monkey-patched,
@@ -155,8 +233,9 @@ class Change:
 class Database:
     """An engine and the agent's queries against it."""
 
-    def __init__(self, url: str, pool_size: int = 5) -> None:
+    def __init__(self, url: str, pool_size: int = 5, deadlines: Deadlines | None = None) -> None:
         self.url = normalize_url(url)
+        self.deadlines = deadlines or Deadlines()
         self.safe_url = self.url.render_as_string(hide_password=True)
         kwargs: dict[str, Any] = {"pool_pre_ping": True}
         if self.url.get_backend_name() == "sqlite":
@@ -165,11 +244,12 @@ class Database:
                 poolclass=sa.pool.QueuePool,
                 pool_size=1,
                 max_overflow=0,
-                connect_args={"check_same_thread": False, "timeout": 5},
             )
         else:
             kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
+        kwargs["connect_args"] = connect_args(self.url, self.deadlines)
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
+        event.listen(self.engine, "connect", _statement_deadline(self.deadlines.statement))
         if self.url.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         if self.url.get_driver_name() == "pg8000":

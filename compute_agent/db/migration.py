@@ -9,7 +9,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from compute_agent.db.api import Database
+from compute_agent.db.api import Database, unreachable_as_typed
 
 _SCRIPTS = os.path.join(os.path.dirname(__file__), "migrations")
 
@@ -31,14 +31,14 @@ def head_revision() -> str:
 
 
 def current_revision(db: Database) -> str | None:
-    with db.engine.connect() as conn:
+    with unreachable_as_typed(), db.engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def upgrade(db: Database, revision: str = "head") -> str:
     """Migrate the schema to ``revision``; return the revision now current."""
     cfg = _config()
-    with db.engine.begin() as conn:
+    with unreachable_as_typed(), db.engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return current_revision(db) or ""

@@ -206,7 +206,7 @@ def test_operations_that_fail_exit_1(env, instance, tmp_path):
     assert_fails(sync, 1, "InstanceNotFound")
     assert_fails(boot_again, 1, "InstanceExists")
     db_sync = manage("db", "sync", config_files=[bad_db])
-    assert_fails(db_sync, 1, "database error")
+    assert_fails(db_sync, 1, "database unavailable")
 
 
 def test_usage_errors_exit_2(env, instance):

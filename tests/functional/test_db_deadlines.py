@@ -1,0 +1,216 @@
+"""A database that stops answering: every wait on it ends at its deadline.
+
+A TCP proxy in front of the real server is frozen (connections stay open,
+nothing is forwarded, new ones are accepted and never answered), or the
+configured port accepts and never answers. Without deadlines the
+heartbeat, ``status``, ``instances list``, ``db version`` and the agent's
+start all hung, silently (issue 11).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from compute_agent import exception, green
+from compute_agent.db import migration
+from compute_agent.db.api import Database, Deadlines
+from tests.functional.agent_process import REPO, AgentProcess, manage_all
+from tests.functional.frozen_proxy import FrozenProxy
+from tests.helpers import eventually
+
+CONNECT_TIMEOUT = 1.0
+STATEMENT_TIMEOUT = 2.0
+DEADLINES = Deadlines(connect=CONNECT_TIMEOUT, statement=STATEMENT_TIMEOUT)
+# A silent pooled connection fails after the statement deadline, its
+# replacement after the connect deadline; the rest is a loaded machine's
+# slack (a CLI process alone takes 1-3 s to start).
+FIRST_FAILURE_BOUND = STATEMENT_TIMEOUT + CONNECT_TIMEOUT + 12
+HEARTBEAT_FAILED = "periodic task heartbeat failed"
+
+
+def _via(url: str, port: int) -> str:
+    return sa.make_url(url).set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+
+
+def _config(where, url: str) -> list:
+    where.mkdir(exist_ok=True)
+    path = where / "deadlines.conf"
+    path.write_text(
+        f"[DEFAULT]\nstate_path = {where}/state\nhost = deadline-host\n"
+        "report_interval = 1\nperiodic_fuzzy_delay = 0\n"
+        f"[database]\nconnection = {url}\nconnect_timeout = {CONNECT_TIMEOUT}\n"
+        f"statement_timeout = {STATEMENT_TIMEOUT}\n"
+    )
+    return [REPO / "etc" / "compute-agent.conf", path]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose kernel completes every TCP handshake; nobody ever answers."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_frozen_server_is_a_typed_error_within_the_deadline(backend, db_url_factory):
+    """In-process, green: the socket deadlines fire under eventlet, hub free meanwhile."""
+    url = sa.make_url(db_url_factory(backend))
+    with FrozenProxy(url.host, url.port) as proxy:
+        database = Database(_via(url.render_as_string(False), proxy.port), deadlines=DEADLINES)
+        ticks = []
+        ticker = green.spawn(_tick, ticks, name="ticker")
+        try:
+            migration.upgrade(database)  # through the proxy: it forwards while thawed
+            assert database.service_get_all() == []  # connected, pooled
+            proxy.freeze()
+            took = []
+            for _ in range(2):  # the pooled connection's pre-ping, then a fresh one
+                t0 = time.monotonic()
+                with pytest.raises(exception.DatabaseUnavailable, match="timed out"):
+                    database.service_get_all()
+                took.append(round(time.monotonic() - t0, 2))
+            proxy.thaw()
+            assert database.service_get_all() == []
+            # Frozen in the middle of a transaction: the statement's own wait
+            # ends, and the connection it leaves is never used again.
+            t0 = time.monotonic()
+            with pytest.raises(exception.DatabaseUnavailable, match="timed out"):
+                with database.transaction() as s:
+                    s.execute(sa.text("SELECT 1"))
+                    proxy.freeze()
+                    s.execute(sa.text("SELECT 2"))
+            took.append(round(time.monotonic() - t0, 2))
+            proxy.thaw()
+            assert database.service_get_all() == []
+            assert max(took) < STATEMENT_TIMEOUT + CONNECT_TIMEOUT + 5, took
+        finally:
+            green.kill(ticker)
+            database.dispose()
+    # The waits were green: the hub kept waking a 50 ms ticker all along.
+    gaps = [b - a for a, b in zip(ticks, ticks[1:], strict=False)]
+    print(f"\n{backend}: DatabaseUnavailable after {took} s; longest ticker gap {max(gaps):.3f} s")
+    assert len(ticks) > 20 and max(gaps) < 1.0, max(gaps)
+
+
+def _tick(ticks: list[float]) -> None:
+    while True:
+        ticks.append(time.monotonic())
+        green.sleep(0.05)
+
+
+def test_agent_on_a_frozen_postgresql_reports_and_recovers(tmp_path, db_url_factory):
+    url = db_url_factory("postgresql")
+    direct = Database(url)
+    migration.upgrade(direct)
+    direct.dispose()
+    parsed = sa.make_url(url)
+    with FrozenProxy(parsed.host, parsed.port) as proxy:
+        config = _config(tmp_path, _via(url, proxy.port))
+        agent = AgentProcess(config)
+        try:
+            agent.wait_for("heartbeat 2")
+            proxy.freeze()
+            frozen_at, frozen_wall = time.monotonic(), time.time()
+            status, listing = manage_all(
+                [["status", "-f", "json"], ["instances", "list"]], config, timeout=60
+            )
+            answered = time.monotonic() - frozen_at
+            # status answers, with the reason; instances list fails typed; no hang.
+            assert status.returncode == 0, status.stderr
+            host_state = json.loads(status.stdout)["host_state"]
+            assert host_state["error"].startswith("database unavailable: "), host_state
+            assert listing.returncode == 1
+            assert listing.stderr.startswith(
+                "compute-agent-manage: error: DatabaseUnavailable: database unavailable: "
+            ), listing.stderr
+            assert len(listing.stderr.splitlines()) == 1
+            assert answered < FIRST_FAILURE_BOUND, answered
+
+            # The heartbeat fails once per try, each a line of its own, counted.
+            eventually(
+                lambda: _count(agent, HEARTBEAT_FAILED) >= 3,
+                FIRST_FAILURE_BOUND + 10,
+                "three heartbeat failures logged",
+                detail=lambda: agent.output[-2000:],
+            )
+            (status,) = manage_all([["status", "-f", "json"]], config, timeout=60)
+            (heartbeat,) = [
+                t for t in json.loads(status.stdout)["periodic_tasks"] if t["name"] == "heartbeat"
+            ]
+            assert heartbeat["failures"] >= 3
+            assert heartbeat["last_error"].startswith("DatabaseUnavailable: database unavailable")
+
+            proxy.thaw()
+            agent.wait_for("periodic task heartbeat recovered after", timeout=30)
+            done = _count(agent, "heartbeat ")
+            eventually(
+                lambda: _count(agent, "heartbeat ") > done + 1, 15, "heartbeats after the thaw"
+            )
+            rc, _ = agent.terminate()
+        finally:
+            agent.kill()
+    assert rc == 0, agent.output
+    failures = [line for line in agent.lines if HEARTBEAT_FAILED in line]
+    assert all("DatabaseUnavailable: database unavailable" in line for line in failures)
+    assert "Traceback" not in agent.output
+    # A failure line per try: the first after one statement and one connect
+    # deadline, the next ones a connect deadline after each heartbeat start.
+    times = [frozen_wall] + [_logged_at(line) for line in failures]
+    gaps = [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
+    print(
+        f"\nstatus and instances list answered {answered:.2f} s after the freeze; "
+        f"heartbeat failures {len(failures)}, logged at gaps of {gaps} s"
+    )
+    assert max(gaps) < STATEMENT_TIMEOUT + CONNECT_TIMEOUT + 5, gaps
+
+
+def _logged_at(line: str) -> float:
+    """The wall time of an agent log line (its asctime, local time)."""
+    return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def _count(agent: AgentProcess, needle: str) -> int:
+    return sum(needle in line for line in list(agent.lines))
+
+
+def test_db_commands_and_start_on_a_silent_port_fail_with_one_line(tmp_path, silent_port):
+    pg = _config(tmp_path / "pg", f"postgresql://postgres@127.0.0.1:{silent_port}/none")
+    my = _config(tmp_path / "my", f"mysql://root@127.0.0.1:{silent_port}/none")
+    agent = AgentProcess(pg)
+    try:
+        results, batches = [], []
+        for config, commands in (
+            (pg, [["db", "version"], ["db", "sync"]]),
+            (my, [["db", "version"]]),
+        ):
+            t0 = time.monotonic()
+            results += manage_all(commands, config, timeout=60)
+            batches.append(time.monotonic() - t0)
+        rc = agent.wait_exit(timeout=60)
+    finally:
+        agent.kill()
+    for done in results:
+        assert done.returncode == 1, done
+        assert done.stdout == ""
+        (line,) = done.stderr.splitlines()
+        assert line.startswith("compute-agent-manage: error: database unavailable: "), line
+        assert "timed out" in line, line
+    assert rc == 1, agent.output
+    (line,) = agent.lines
+    assert line.startswith("compute-agent: error: cannot use database "), line
+    assert "database unavailable: " in line and "timed out" in line, line
+    # One connect deadline each, not for ever: the rest is start-up on a
+    # loaded machine (2.9 s for `db version` alone at load average 6).
+    batches = [round(b, 2) for b in batches]
+    print(f"\nsilent port: CLI batches (pg 2 commands, mysql 1) exited after {batches} s")
+    assert max(batches) < CONNECT_TIMEOUT + 20, batches
