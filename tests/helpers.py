@@ -19,6 +19,8 @@ def create_instance(
     vm_state: str = "active",
     power_state: str = "running",
     task_state: str | None = None,
+    vcpus: int = 1,
+    memory_mb: int = 64,
 ):
     """An instance row, named as the default instance_name_template would name it."""
     uid = uuid or str(uuidlib.uuid4())
@@ -30,12 +32,37 @@ def create_instance(
             vm_state=vm_state,
             task_state=task_state,
             power_state=power_state,
-            vcpus=1,
-            memory_mb=64,
+            vcpus=vcpus,
+            memory_mb=memory_mb,
         ),
         source="rpc",
         reason="test",
     )
+
+
+def bulk_create_instances(db, rows: list[dict[str, Any]]) -> None:
+    """Many instance rows in one INSERT (``uuid``, ``host``, states; names by the template)."""
+    import sqlalchemy as sa
+
+    from compute_agent.db.models import Instance
+    from compute_agent.utils import utcnow
+
+    now = utcnow()
+    full = [
+        {
+            "domain_name": f"instance-{r['uuid']}",
+            "task_state": None,
+            "created_at": now,
+            "updated_at": now,
+            "deleted": False,
+            "vcpus": 1,
+            "memory_mb": 64,
+            **r,
+        }
+        for r in rows
+    ]
+    with db.engine.begin() as conn:
+        conn.execute(sa.insert(Instance), full)
 
 
 def wait_until(predicate, timeout: float = 5.0) -> bool:
