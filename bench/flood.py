@@ -74,7 +74,7 @@ class AgentUnderTest:
                 "report_interval": 1,
                 "periodic_fuzzy_delay": 0,
                 "hub_lag_interval": 0.01,
-                "hub_lag_warning": 0.2,
+                "hub_lag_warning": 0.05,
             },
             "compute": {"sync_power_state_interval": -1, "stats_interval": -1},
             "oslo_messaging_rabbit": {"rabbit_transient_queues_ttl": 30},
