@@ -10,7 +10,12 @@ waiting together make one sync.
 A STOPPED event waits: a guest reboot emits STOPPED then STARTED, and
 acting on the STOPPED alone would record a rebooting guest as stopped (and,
 with the enforcing policy, could have it stopped). Any later event for the
-same domain cancels the wait.
+same domain cancels the wait. Every event also restarts the clock of the
+"really stopped" rule (``compute_agent.steady``): a STOPPED event counts as
+the domain seen shut off at that moment, so the sync after the delay can
+record it as stopped if it is still so; a sync that sees a passing state
+too early asks for a re-check (:meth:`LifecycleHandler.recheck`), which is
+delayed, coalesced and cancelled exactly like a STOPPED event.
 
 Event syncs run a few at a time. A sync that finds a domain to stop (a
 stopped instance started behind the agent's back) hands the stop to a
@@ -25,14 +30,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from compute_agent import exception, green
-from compute_agent.states import ActionSource
+from compute_agent import exception, green, steady
+from compute_agent.states import ActionSource, PowerState
 from compute_agent.virt.events import LifecycleEvent, Transition
 
 LOG = logging.getLogger(__name__)
 
 # Transitions that are held back, and cancelled by any later event.
 DELAYED = frozenset({Transition.STOPPED, Transition.UNDEFINED})
+# What a transition says the domain became, for the steady rule's clock.
+STATE_AFTER = {
+    Transition.STOPPED: PowerState.SHUTDOWN,
+    Transition.CRASHED: PowerState.CRASHED,
+    Transition.PAUSED: PowerState.PAUSED,
+}
 
 # sync_one(uuid, source, defer_stop=None): PowerSync.sync_one.
 SyncOne = Callable[..., Any]
@@ -48,6 +59,7 @@ class EventFigures:
     ignored: int = 0
     not_ours: int = 0
     stops: int = 0
+    rechecks: int = 0
     errors: int = 0
     last_latency_s: float | None = None
 
@@ -63,8 +75,10 @@ class LifecycleHandler:
         stopped_delay: float,
         concurrency: int = 4,
         is_stopping: Callable[[], bool] = lambda: False,
+        watch: steady.SteadyWatch | None = None,
     ) -> None:
         self._sync_one = sync_one
+        self._watch = watch
         self.stopped_delay = stopped_delay
         self._is_stopping = is_stopping
         self._slots = green.Semaphore(max(1, concurrency))
@@ -89,10 +103,12 @@ class LifecycleHandler:
             green.kill(pending)
             self.figures.cancelled += 1
             LOG.info(
-                "instance %s: pending stop event cancelled by a later %s event",
+                "instance %s: pending delayed sync cancelled by a later %s event",
                 uuid,
                 event.transition,
             )
+        if self._watch is not None:
+            self._watch.event(uuid, STATE_AFTER.get(event.transition))
         if event.transition in DELAYED and self.stopped_delay > 0:
             self.figures.delayed += 1
             self._delayed[uuid] = green.spawn_after(
@@ -100,6 +116,19 @@ class LifecycleHandler:
             )
             return
         self._submit(uuid, event)
+
+    def recheck(self, uuid: str, after: float) -> None:
+        """Sync ``uuid`` again in ``after`` s, unless an event comes first.
+
+        The sync asks for it when a state it read may be passing; a delayed
+        sync already pending for the instance serves the same purpose.
+        """
+        uuid = uuid.lower()
+        if uuid in self._delayed or self._is_stopping():
+            return
+        self.figures.rechecks += 1
+        event = LifecycleEvent(uuid, uuid, Transition.STOPPED, "re-check")
+        self._delayed[uuid] = green.spawn_after(after, self._delay_over, uuid, event)
 
     def _delay_over(self, uuid: str, event: LifecycleEvent) -> None:
         self._delayed.pop(uuid, None)

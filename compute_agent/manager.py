@@ -21,7 +21,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from compute_agent import exception, green
+from compute_agent import exception, green, steady
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
 from compute_agent.lifecycle import LifecycleHandler
@@ -70,6 +70,9 @@ class ComputeManager:
         self._recovered = False
         self._recovery: green.GreenThread | None = None
         compute = conf.compute
+        # The one "really stopped" rule, shared by the sync, events and operations.
+        delay = conf.libvirt.lifecycle_event_delay
+        self.steady = steady.SteadyWatch(delay)
         self.power_sync = PowerSync(
             db,
             driver,
@@ -80,6 +83,7 @@ class ComputeManager:
             action=compute.power_sync_action,
             shutdown_timeout=compute.shutdown_timeout,
             should_stop=self._stopping,
+            watch=self.steady,
         )
         self.operations = InstanceOperations(
             db,
@@ -89,15 +93,19 @@ class ComputeManager:
             name_template=compute.instance_name_template,
             shutdown_timeout=compute.shutdown_timeout,
             max_concurrent_builds=compute.max_concurrent_builds,
+            steady_delay=delay,
+            watch=self.steady,
         )
         self.events: LifecycleHandler | None = None
         if compute.handle_lifecycle_events:
             self.events = LifecycleHandler(
                 self.power_sync.sync_one,
-                stopped_delay=conf.libvirt.lifecycle_event_delay,
+                stopped_delay=delay,
                 concurrency=compute.sync_power_state_concurrency,
                 is_stopping=self._stopping,
+                watch=self.steady,
             )
+            self.power_sync.recheck_later = self.events.recheck
         self.stats = StatsSampler(
             db,
             driver,

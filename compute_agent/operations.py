@@ -21,13 +21,13 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from compute_agent import exception, green
+from compute_agent import exception, green, steady
 from compute_agent.conf.loader import render_domain_name
-from compute_agent.db.api import Database
+from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.db.models import Instance
 from compute_agent.locks import KeyedLocks
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
-from compute_agent.utils import printable
+from compute_agent.utils import printable, utcnow
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.spec import DomainSpec, validate_uuid
 
@@ -41,6 +41,11 @@ STOPPABLE = frozenset({VmState.ACTIVE, VmState.PAUSED, VmState.SUSPENDED, VmStat
 STARTABLE = frozenset({VmState.STOPPED})
 REBOOTABLE = frozenset({VmState.ACTIVE, VmState.PAUSED, VmState.SUSPENDED, VmState.ERROR})
 DELETABLE = frozenset(VmState) - {VmState.DELETED}
+# A delete removes the domain, checks it is gone, and tries again this often
+# if a concurrent start or define brought it back meanwhile.
+DESTROY_ATTEMPTS = 3
+# What a stop brings about itself: it counts at once (see steady.wait_steady).
+STOPPED_STATES = frozenset({PowerState.SHUTDOWN, PowerState.CRASHED})
 
 # What an instance is, judged from its domain once an operation is over.
 VM_STATE_OF = {
@@ -113,8 +118,14 @@ class InstanceOperations:
         name_template: str,
         shutdown_timeout: float,
         max_concurrent_builds: int,
+        steady_delay: float = 0.0,
+        watch: steady.SteadyWatch | None = None,
     ) -> None:
         self.db = db
+        # ``[libvirt] lifecycle_event_delay``: how long a settle waits out a
+        # passing state (a boot's pause, a reboot's shut-off).
+        self.steady_delay = steady_delay
+        self.watch = watch
         self.driver = driver
         self.host = host
         self.locks = locks
@@ -221,22 +232,46 @@ class InstanceOperations:
     # -- power ------------------------------------------------------------
 
     def stop(self, uuid: str, source: ActionSource) -> Instance:
+        """Stop the guest; an instance whose domain is gone is stopped already."""
         with self._claim(uuid, "stop", STOPPABLE, TaskState.POWERING_OFF, source) as inst:
-            self.driver.power_off(inst, timeout=self.shutdown_timeout)
-            return self._settle(inst, "stop", source, VmState.STOPPED)
+            try:
+                self.driver.power_off(inst, timeout=self.shutdown_timeout)
+            except exception.InstanceNotFound:
+                LOG.warning("instance %s: its domain is missing; recorded as stopped", uuid)
+            return self._settle(inst, "stop", source, VmState.STOPPED, STOPPED_STATES)
 
     def start(self, uuid: str, source: ActionSource) -> Instance:
+        """Start the guest; a missing domain is re-created from the instance's spec."""
         with self._claim(uuid, "start", STARTABLE, TaskState.POWERING_ON, source) as inst:
-            self.driver.power_on(inst)
+            try:
+                self.driver.power_on(inst)
+            except exception.InstanceNotFound:
+                self._recreate(inst, "start", source)
             return self._settle(inst, "start", source, VmState.ACTIVE)
 
     def reboot(self, uuid: str, hard: bool, source: ActionSource) -> Instance:
+        """Reboot; a hard reboot of an instance whose domain is gone re-creates it."""
         if not isinstance(hard, bool):
             raise exception.InvalidInput(f"hard must be true or false, not {hard!r}")
         action = "reboot_hard" if hard else "reboot"
         with self._claim(uuid, action, REBOOTABLE, TaskState.REBOOTING, source) as inst:
-            self.driver.reboot(inst, hard=hard)
+            try:
+                self.driver.reboot(inst, hard=hard)
+            except exception.InstanceNotFound as exc:
+                if not hard:
+                    raise exception.InstanceNotFound(
+                        inst.uuid, "its domain is missing; reboot --hard re-creates it"
+                    ) from exc
+                self._recreate(inst, action, source)
             return self._settle(inst, action, source, VmState.ACTIVE)
+
+    def _recreate(self, inst: Instance, action: str, source: ActionSource) -> None:
+        """Define and start the instance's domain again from its recorded spec."""
+        LOG.warning("instance %s: its domain is missing; re-creating it", inst.uuid)
+        note = Change("domain", None, "re-created")
+        reason = "its domain was missing: re-created from the instance's spec"
+        self.db.actions_add(action_rows(inst.uuid, [note], action, str(source), reason, utcnow()))
+        self.driver.spawn(DomainSpec.for_instance(inst))
 
     # -- delete -----------------------------------------------------------
 
@@ -256,14 +291,38 @@ class InstanceOperations:
             failed_vm_state=VmState.ERROR,
         ) as inst:
             try:
-                self.driver.destroy(inst)
-            except exception.InstanceNotFound:
-                LOG.info("instance %s: no domain to destroy", uuid)
+                self._destroy_until_gone(inst)
             except exception.ForeignDomain as exc:
                 LOG.error("instance %s: deleting the row only; %s", uuid, exc)
             self.db.instance_soft_delete(inst, source=str(source), reason="delete requested")
+            if self.watch is not None:
+                self.watch.forget(inst.uuid)
             LOG.info("instance %s deleted", uuid)
             return inst
+
+    def _destroy_until_gone(self, inst: Instance) -> None:
+        """Destroy the domain, then make sure no domain of this name and UUID is left.
+
+        A start or define racing the delete (out of band) can bring the
+        domain back between the driver's steps; the row must never be
+        deleted while its guest still runs, owned by nobody.
+        """
+        for attempt in range(1, DESTROY_ATTEMPTS + 1):
+            try:
+                self.driver.destroy(inst)
+            except exception.InstanceNotFound:
+                if attempt == 1:
+                    LOG.info("instance %s: no domain to destroy", inst.uuid)
+            if not self.driver.instance_exists(inst):
+                return
+            LOG.warning(
+                "instance %s: its domain came back during the delete (attempt %d); destroying it",
+                inst.uuid,
+                attempt,
+            )
+        raise exception.InstanceInvalidState(
+            f"instance {inst.uuid}: its domain keeps coming back; delete not completed"
+        )
 
     # -- the flow ---------------------------------------------------------
 
@@ -320,10 +379,28 @@ class InstanceOperations:
                 f"allowed from {', '.join(sorted(allowed))}"
             )
 
-    def _settle(self, inst: Instance, action: str, source: ActionSource, want: VmState) -> Instance:
-        """Clear the task; vm_state follows what the domain now is."""
-        observed = self._observe(inst)
-        vm_state = VM_STATE_OF.get(observed, want) if observed is not None else VmState.ERROR
+    def _settle(
+        self,
+        inst: Instance,
+        action: str,
+        source: ActionSource,
+        want: VmState,
+        expected: frozenset[PowerState] = frozenset(),
+    ) -> Instance:
+        """Clear the task; vm_state follows what the domain is once it is steady.
+
+        A passing state (QEMU's start-up pause, a reboot's shut-off, an
+        out-of-band start racing a stop) is waited out by the one rule of
+        ``steady``; the operation's own result (``expected``) counts at once.
+        No domain is a stopped instance after a stop, an error otherwise.
+        """
+        observed = steady.wait_steady(lambda: self._observe(inst), self.steady_delay, expected)
+        if self.watch is not None:
+            self.watch.forget(inst.uuid)
+        if observed is None:
+            vm_state = VmState.STOPPED if want is VmState.STOPPED else VmState.ERROR
+        else:
+            vm_state = VM_STATE_OF.get(observed, want)
         self._set(
             inst,
             {

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from compute_agent import exception, green, sync_policy
-from compute_agent.db.api import Database, InstanceRecord, action_rows, diff
+from compute_agent import exception, green, steady, sync_policy
+from compute_agent.db.api import Change, Database, InstanceRecord, action_rows, diff
 from compute_agent.locks import KeyedLocks
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import utcnow
@@ -95,6 +95,7 @@ class PowerSync:
         action: str = sync_policy.ENFORCE,
         shutdown_timeout: float = 60,
         should_stop: Callable[[], bool] = lambda: False,
+        watch: steady.SteadyWatch | None = None,
     ) -> None:
         self.db = db
         self.driver = driver
@@ -106,6 +107,12 @@ class PowerSync:
         self.shutdown_timeout = shutdown_timeout
         self.should_stop = should_stop
         self.progress = (0, 0)
+        # The "really stopped" rule; without one, a re-read counts at once.
+        self.watch = watch if watch is not None else steady.SteadyWatch(0)
+        # (uuid, seconds): sync that instance again later. The manager points
+        # it at the lifecycle handler, so that events cancel and coalesce it.
+        self.recheck_later: Callable[[str, float], None] = self._recheck_later
+        self._rechecks: set[str] = set()
 
     # -- entry points -----------------------------------------------------
 
@@ -155,6 +162,24 @@ class PowerSync:
         finally:
             summary.duration_s = round(green.monotonic() - started, 4)
         return summary
+
+    def _recheck_later(self, uuid: str, after: float) -> None:
+        """Sync ``uuid`` again once a passing state could count (no events)."""
+        if uuid in self._rechecks:
+            return
+        self._rechecks.add(uuid)
+        green.spawn_after(after, self._recheck, uuid, name=f"recheck-{uuid[:8]}")
+
+    def _recheck(self, uuid: str) -> None:
+        self._rechecks.discard(uuid)
+        if self.should_stop():
+            return
+        try:
+            self.sync_one(uuid)
+        except exception.InstanceNotFound:
+            pass
+        except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
+            LOG.warning("re-check of instance %s failed: %s", uuid, exc)
 
     # -- the run ----------------------------------------------------------
 
@@ -318,9 +343,9 @@ class PowerSync:
             observed = self._read(inst)
         decision = sync_policy.decide(inst.vm_state, observed, self.action)
         if decision.recheck:
-            observed = self._read(inst)
-            decision = sync_policy.decide(inst.vm_state, observed, self.action, rechecked=True)
+            decision = self._recheck_steady(inst)
         reason = f"hypervisor reports {decision.power_state}"
+        audit_stop: Change | None = None
         if decision.stop_domain:
             if not self._still_as_loaded(inst):
                 return SKIPPED
@@ -336,11 +361,14 @@ class PowerSync:
             suspended = decision.power_state is PowerState.SUSPENDED
             self.driver.power_off(inst, timeout=0 if suspended else self.shutdown_timeout)
             call.summary.domains_stopped += 1
+            before = decision.power_state
             observed = self._read(inst)
             decision = sync_policy.Decision(
                 PowerState.NOSTATE if observed is None else observed, decision.vm_state
             )
-            reason = f"domain was {'suspended' if suspended else 'running'}; stopped by the sync"
+            reason = f"domain was {before}; stopped by the sync"
+            # The stop is audited even when the row already said shutdown.
+            audit_stop = Change("power_state", before.value, decision.power_state.value)
         if decision.warning:
             LOG.warning("instance %s: %s", inst.uuid, decision.warning)
             reason = decision.warning
@@ -348,16 +376,38 @@ class PowerSync:
         if decision.vm_state is not None:
             values["vm_state"] = decision.vm_state.value
         changes = diff(inst, values)
-        if not changes:
+        if not changes and audit_stop is None:
             return UNCHANGED
         # The row's updated_at is its version: every writer bumps it, so the
         # write loses to any change made since this sync read the row.
         expected = {"task_state": None, "updated_at": inst.updated_at}
         if not call.writes:
             call.since = green.monotonic()
-        audit = action_rows(inst.uuid, changes, "power_sync", source, reason, utcnow())
-        call.writes.append(_Write(inst, values, expected, changes, reason, audit))
+        audited = changes
+        if audit_stop is not None and all(c.field != "power_state" for c in changes):
+            audited = [audit_stop, *changes]
+        audit = action_rows(inst.uuid, audited, "power_sync", source, reason, utcnow())
+        call.writes.append(_Write(inst, values, expected, audited, reason, audit))
         return CHANGED
+
+    def _recheck_steady(self, inst: InstanceRecord) -> sync_policy.Decision:
+        """Read again and decide with the steady rule; not steady yet: power_state
+        only, and the instance is synced again once the state could count."""
+        observed = self._read(inst)
+        counts = self.watch.observe(inst.uuid, observed)
+        decision = sync_policy.decide(inst.vm_state, observed, self.action, rechecked=counts)
+        if not decision.recheck:
+            return decision
+        after = self.watch.remaining(inst.uuid) + steady.POLL_S / 5
+        LOG.info(
+            "instance %s is %s in the database and %s on the hypervisor: checked again in %.1f s",
+            inst.uuid,
+            inst.vm_state,
+            decision.power_state,
+            after,
+        )
+        self.recheck_later(inst.uuid, after)
+        return sync_policy.Decision(decision.power_state)
 
     def _still_as_loaded(self, inst: InstanceRecord) -> bool:
         """Before touching a domain, make sure the row did not move since it was loaded."""

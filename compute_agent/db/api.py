@@ -595,7 +595,8 @@ class Database:
     @_offloaded
     def instance_soft_delete(self, inst: Instance, source: str, reason: str) -> None:
         now = utcnow()
-        changes = diff(inst, {"vm_state": "deleted", "task_state": None})
+        # The domain is gone with the row: power_state says so (nothing runs).
+        changes = diff(inst, {"power_state": "nostate", "vm_state": "deleted", "task_state": None})
         with self.transaction() as s:
             s.execute(
                 sa.update(Instance)
@@ -603,6 +604,7 @@ class Database:
                 .values(
                     vm_state="deleted",
                     task_state=None,
+                    power_state="nostate",
                     deleted=True,
                     deleted_at=now,
                     updated_at=now,
@@ -613,6 +615,7 @@ class Database:
                 action_rows(inst.uuid, changes, "delete", source, reason, now),
             )
         inst.vm_state, inst.task_state, inst.deleted, inst.deleted_at = "deleted", None, True, now
+        inst.power_state = "nostate"
 
     # -- the audit trail --------------------------------------------------
 

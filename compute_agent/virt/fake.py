@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from compute_agent import exception, green
@@ -68,6 +68,9 @@ class FakeDriver(ComputeDriver):
         self.calls: collections.Counter[str] = collections.Counter()
         self.faults: dict[str, Fault] = {}
         self.ignores_shutdown: set[str] = set()
+        # method -> fn(domain name), run once the method has done its work:
+        # what happens "meanwhile" in a race (an out-of-band start, a slow boot).
+        self.after: dict[str, Callable[[str], None]] = {}
         self._connected = False
         self._release = None
 
@@ -145,6 +148,11 @@ class FakeDriver(ComputeDriver):
                 raise fault.error
         if delay > 0:
             green.execute(green.native_sleep, delay)
+
+    def _after(self, method: str, name: str) -> None:
+        hook = self.after.get(method)
+        if hook is not None:
+            hook(name)
 
     def _hang(self) -> None:
         if self._release is None:
@@ -267,6 +275,7 @@ class FakeDriver(ComputeDriver):
         self._set(dom, PowerState.SHUTDOWN)
         del self.domains[instance.domain_name]
         self._emit_event(LifecycleEvent(dom.name, dom.uuid, Transition.UNDEFINED))
+        self._after("destroy", dom.name)
 
     def power_off(self, instance: InstanceRef, timeout: float = 60) -> None:
         self._call("power_off", instance.domain_name)
@@ -274,10 +283,12 @@ class FakeDriver(ComputeDriver):
         if timeout > 0 and dom.name in self.ignores_shutdown:
             green.sleep(timeout)  # the guest ignores the request; force it after the wait
         self._set(dom, PowerState.SHUTDOWN)
+        self._after("power_off", dom.name)
 
     def power_on(self, instance: InstanceRef) -> None:
         self._call("power_on", instance.domain_name)
         self._set(self._lookup(instance), PowerState.RUNNING)
+        self._after("power_on", instance.domain_name)
 
     def reboot(self, instance: InstanceRef, hard: bool = False) -> None:
         if not hard:
@@ -293,3 +304,4 @@ class FakeDriver(ComputeDriver):
             # A hard reboot is a destroy and a start: STOPPED, then STARTED.
             self._set(self._lookup(instance), PowerState.SHUTDOWN)
         self._set(self._lookup(instance), PowerState.RUNNING)
+        self._after("reboot_hard" if hard else "reboot", instance.domain_name)

@@ -234,14 +234,18 @@ def test_failed_start_when_the_hypervisor_is_gone(ops, sqlite_db):
     assert (row.vm_state, row.task_state) == ("stopped", None)
 
 
-def test_start_finds_the_domain_gone(ops, sqlite_db):
+def test_start_finds_the_domain_gone_and_re_creates_it(ops, sqlite_db):
     ops, driver = ops
     inst = built(ops)
     ops.stop(inst.uuid, RPC)
     del driver.domains[inst.domain_name]
-    with pytest.raises(exception.InstanceNotFound):
-        ops.start(inst.uuid, RPC)
-    assert sqlite_db.instance_get(inst.uuid).task_state is None
+    started = ops.start(inst.uuid, RPC)
+    assert (started.vm_state, started.task_state, started.power_state) == (
+        "active",
+        None,
+        "running",
+    )
+    assert driver.domains[inst.domain_name].state == P.RUNNING
 
 
 # -- delete -------------------------------------------------------------------

@@ -50,8 +50,15 @@ def test_row6_stopped_but_running_enforce_stops_report_records(observed):
 
 
 @pytest.mark.parametrize("observed", [P.SHUTDOWN, P.CRASHED])
-def test_row7_paused_shutdown_or_crashed_becomes_stopped(observed):
-    assert decide("paused", observed) == Decision(observed, vm_state=V.STOPPED)
+def test_row7_paused_shutdown_or_crashed_becomes_stopped_once_steady(observed):
+    assert decide("paused", observed) == Decision(observed, recheck=True)
+    assert decide("paused", observed, rechecked=True) == Decision(observed, vm_state=V.STOPPED)
+
+
+@pytest.mark.parametrize("vm", ["paused", "suspended"])
+def test_row8_paused_or_suspended_but_running_heals_to_active_after_a_reread(vm):
+    assert decide(vm, P.RUNNING) == Decision(P.RUNNING, recheck=True)
+    assert decide(vm, P.RUNNING, rechecked=True) == Decision(P.RUNNING, vm_state=V.ACTIVE)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +68,7 @@ def test_row7_paused_shutdown_or_crashed_becomes_stopped(observed):
         ("stopped", P.SHUTDOWN),
         ("stopped", None),
         ("paused", P.PAUSED),
-        ("suspended", P.RUNNING),
+        ("suspended", P.SUSPENDED),
     ],
 )
 def test_everything_else_follows_power_state_only(vm, observed):

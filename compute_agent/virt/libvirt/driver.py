@@ -73,6 +73,15 @@ _UNDEFINE_FLAGS = (
     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
 )
 SHUTDOWN_POLL_S = 0.5
+# libvirt refusals that mean the domain's state did not allow the call.
+_STATE_CODES = frozenset(
+    {
+        libvirt.VIR_ERR_OPERATION_INVALID,
+        libvirt.VIR_ERR_OPERATION_DENIED,
+        libvirt.VIR_ERR_OPERATION_UNSUPPORTED,
+        libvirt.VIR_ERR_NO_SUPPORT,
+    }
+)
 
 
 def power_state(libvirt_state: int) -> PowerState:
@@ -183,17 +192,57 @@ def _spawn_native(conn: Any, xml: str) -> None:
         raise
 
 
-def _destroy_native(conn: Any, name: str, uuid: str) -> None:
-    dom = _find_native(conn, name, uuid)
-    if dom.isActive():
-        dom.destroy()
+def _code(exc: libvirt.libvirtError) -> int | None:
+    return exc.get_error_code()
+
+
+def _undefine(dom: Any) -> None:
     try:
         dom.undefineFlags(_UNDEFINE_FLAGS)
     except libvirt.libvirtError as exc:
         # Drivers without managed save or NVRAM reject the flags themselves.
-        if exc.get_error_code() not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
+        if _code(exc) not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG):
             raise
         dom.undefine()
+
+
+def _destroy_if_active(dom: Any) -> None:
+    """Force the domain off; one that stopped (or vanished) meanwhile is off."""
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError as exc:
+        if _code(exc) not in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_NO_DOMAIN):
+            raise
+
+
+def _create_unless_running(dom: Any) -> None:
+    """Start the domain; one already running (started meanwhile) is a success.
+
+    QEMU says so with VIR_ERR_OPERATION_INVALID, the test driver with an
+    internal error: whatever the code, a domain found active is started.
+    """
+    try:
+        dom.create()
+    except libvirt.libvirtError as exc:
+        if dom.isActive():
+            LOG.info("domain %s was started meanwhile: %s", dom.name(), exc.get_error_message())
+            return
+        raise
+
+
+def _destroy_native(conn: Any, name: str, uuid: str) -> None:
+    """Undefine first, then destroy: nothing can start the domain in between.
+
+    Destroying first left a window (a QEMU takes seconds to die) in which a
+    concurrent start ran the domain again, and the undefine then made it a
+    running transient domain that nobody owns. Undefined first, a running
+    domain becomes transient and the destroy removes it; an inactive one is
+    gone at once. The caller checks that nothing came back.
+    """
+    dom = _find_native(conn, name, uuid)
+    _undefine(dom)
+    _destroy_if_active(dom)
 
 
 def _shutdown_native(conn: Any, name: str, uuid: str) -> bool:
@@ -201,25 +250,39 @@ def _shutdown_native(conn: Any, name: str, uuid: str) -> bool:
     dom = _find_native(conn, name, uuid)
     if not dom.isActive():
         return False
-    dom.shutdown()
+    try:
+        dom.shutdown()
+    except libvirt.libvirtError as exc:
+        if _code(exc) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+            return False  # it stopped meanwhile
+        raise
     return True
 
 
 def _force_off_native(conn: Any, name: str, uuid: str) -> None:
-    dom = _find_native(conn, name, uuid)
-    if dom.isActive():
-        dom.destroy()
+    _destroy_if_active(_find_native(conn, name, uuid))
 
 
 def _power_on_native(conn: Any, name: str, uuid: str) -> None:
+    """Make the domain run, acting on what it finds: a domain that is (or
+    became) running, or is still starting up, is started."""
     dom = _find_native(conn, name, uuid)
-    state = dom.state()[0]
-    if state == libvirt.VIR_DOMAIN_PAUSED:
-        dom.resume()
-    elif state == libvirt.VIR_DOMAIN_PMSUSPENDED:
-        dom.pMWakeup(0)
-    elif not dom.isActive():
-        dom.create()
+    state, reason = dom.state()
+    try:
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason != libvirt.VIR_DOMAIN_PAUSED_STARTING_UP:
+            dom.resume()
+        elif state == libvirt.VIR_DOMAIN_PMSUSPENDED:
+            dom.pMWakeup(0)
+        elif not dom.isActive():
+            _create_unless_running(dom)
+    except libvirt.libvirtError:
+        # A resume or wake-up refused because a start raced it: running is the goal.
+        if not _running(dom):
+            raise
+
+
+def _running(dom: Any) -> bool:
+    return dom.state()[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED)
 
 
 def _soft_reboot_native(conn: Any, name: str, uuid: str) -> None:
@@ -228,9 +291,20 @@ def _soft_reboot_native(conn: Any, name: str, uuid: str) -> None:
 
 def _hard_reboot_native(conn: Any, name: str, uuid: str) -> None:
     dom = _find_native(conn, name, uuid)
-    if dom.isActive():
-        dom.destroy()
-    dom.create()
+    _destroy_if_active(dom)
+    _create_unless_running(dom)
+
+
+def typed_error(exc: libvirt.libvirtError, what: str, uuid: str) -> Exception:
+    """The agent's typed error for a libvirt refusal of ``what`` on an instance."""
+    said = exc.get_error_message() or str(exc)
+    message = f"libvirt refused to {what} instance {uuid}: {said}"
+    code = _code(exc)
+    if code == libvirt.VIR_ERR_NO_DOMAIN:
+        return exception.InstanceNotFound(uuid, f"libvirt: {said}")
+    if code in _STATE_CODES:
+        return exception.InstanceInvalidState(message)
+    return exception.HypervisorUnavailable(message)
 
 
 class LibvirtDriver(ComputeDriver):
@@ -338,11 +412,21 @@ class LibvirtDriver(ComputeDriver):
 
     # -- operations -------------------------------------------------------
 
+    def _act(self, fn: Any, instance: InstanceRef, what: str) -> Any:
+        """Run an operation; a libvirt refusal becomes a typed error, never a raw one."""
+        try:
+            return self._run(fn, instance)
+        except libvirt.libvirtError as exc:
+            raise typed_error(exc, what, instance.uuid) from exc
+
     def spawn(self, spec: DomainSpec) -> None:
-        self.host.run(_spawn_native, domain_xml.build(spec, self.virt_type))
+        try:
+            self.host.run(_spawn_native, domain_xml.build(spec, self.virt_type))
+        except libvirt.libvirtError as exc:
+            raise typed_error(exc, "create", spec.uuid) from exc
 
     def destroy(self, instance: InstanceRef) -> None:
-        self._run(_destroy_native, instance)
+        self._act(_destroy_native, instance, "destroy")
 
     def power_off(self, instance: InstanceRef, timeout: float = 60) -> None:
         if timeout > 0:
@@ -358,10 +442,10 @@ class LibvirtDriver(ComputeDriver):
                     if self.get_state(instance) == PowerState.SHUTDOWN:
                         return
                 LOG.warning("%s did not shut down within %s s; forcing off", instance.uuid, timeout)
-        self._run(_force_off_native, instance)
+        self._act(_force_off_native, instance, "force off")
 
     def power_on(self, instance: InstanceRef) -> None:
-        self._run(_power_on_native, instance)
+        self._act(_power_on_native, instance, "start")
 
     def reboot(self, instance: InstanceRef, hard: bool = False) -> None:
         if not hard:
@@ -370,4 +454,4 @@ class LibvirtDriver(ComputeDriver):
                 return
             except libvirt.libvirtError as exc:
                 LOG.warning("soft reboot of %s failed (%s); rebooting hard", instance.uuid, exc)
-        self._run(_hard_reboot_native, instance)
+        self._act(_hard_reboot_native, instance, "hard reboot")
