@@ -56,10 +56,11 @@ opts = [
         "lifecycle_event_delay",
         default=15.0,
         min=0,
-        help="Seconds a STOPPED lifecycle event waits before the instance is synced. "
-        "Any later event for the same domain cancels it: a guest reboot emits "
-        "STOPPED then STARTED, and acting on the STOPPED alone would record a "
-        "running guest as stopped.",
+        help="Seconds a shut-off, crashed or paused domain must stay so, and be read "
+        "again, before it counts (vm_state stopped, an enforced stop): a reboot is "
+        "shut off for a moment and QEMU pauses while it starts. A STOPPED lifecycle "
+        "event waits this long before the instance is synced, and any later event "
+        "for the same domain cancels it; operations wait out such states this long.",
     ),
 ]
 
