@@ -103,7 +103,7 @@ class LifecycleHandler:
             green.kill(pending)
             self.figures.cancelled += 1
             LOG.info(
-                "instance %s: pending delayed sync cancelled by a later %s event",
+                "instance %s: pending stop event cancelled by a later %s event",
                 uuid,
                 event.transition,
             )

@@ -203,7 +203,9 @@ class InstanceOperations:
                 self._cleanup_failed_build(inst)
                 self._fail(inst, "build", source, exc, vm_state=VmState.ERROR)
                 raise
-            observed = self._observe(inst)
+            observed = steady.wait_steady(lambda: self._observe(inst), self.steady_delay)
+            if self.watch is not None:
+                self.watch.forget(inst.uuid)
             self._set(
                 inst,
                 {

@@ -362,11 +362,20 @@ class LibvirtDriver(ComputeDriver):
             return False
         return True
 
+    def _query(self, fn: Any, instance: InstanceRef) -> Any:
+        """Run a read; a domain that vanished between lookup and read is not found."""
+        try:
+            return self._run(fn, instance)
+        except libvirt.libvirtError as exc:
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                raise typed_error(exc, "read", instance.uuid) from exc
+            raise
+
     def get_info(self, instance: InstanceRef) -> InstanceInfo:
-        return self._run(_info_native, instance)
+        return self._query(_info_native, instance)
 
     def get_state(self, instance: InstanceRef) -> PowerState:
-        return self._run(_state_native, instance)
+        return self._query(_state_native, instance)
 
     def get_num_instances(self) -> int:
         return self.host.run(_count_native)
