@@ -73,6 +73,8 @@ _UNDEFINE_FLAGS = (
     | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
 )
 SHUTDOWN_POLL_S = 0.5
+# How long a start waits for a domain that another start is bringing up.
+START_WAIT_S = 60.0
 # libvirt refusals that mean the domain's state did not allow the call.
 _STATE_CODES = frozenset(
     {
@@ -281,6 +283,12 @@ def _power_on_native(conn: Any, name: str, uuid: str) -> None:
             raise
 
 
+def _starting_native(conn: Any, name: str, uuid: str) -> bool:
+    """Whether QEMU is still starting the domain (paused until it runs)."""
+    state, reason = _find_native(conn, name, uuid).state()
+    return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP
+
+
 def _running(dom: Any) -> bool:
     return dom.state()[0] in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_BLOCKED)
 
@@ -454,7 +462,12 @@ class LibvirtDriver(ComputeDriver):
         self._act(_force_off_native, instance, "force off")
 
     def power_on(self, instance: InstanceRef) -> None:
+        """Start the domain and return once it runs, as ``create()`` itself does:
+        a domain found starting (a start raced this one) is waited for."""
         self._act(_power_on_native, instance, "start")
+        deadline = green.monotonic() + START_WAIT_S
+        while self._act(_starting_native, instance, "start") and green.monotonic() < deadline:
+            green.sleep(SHUTDOWN_POLL_S / 5)
 
     def reboot(self, instance: InstanceRef, hard: bool = False) -> None:
         if not hard:
