@@ -99,6 +99,31 @@ def validate_display_name(name: Any) -> str:
     return name
 
 
+def destroy_until_gone(driver: ComputeDriver, inst: Instance) -> None:
+    """Destroy the domain, then make sure no domain of this name and UUID is left.
+
+    A start or define racing the delete (out of band) can bring the domain
+    back between the driver's steps; the row must never be deleted while
+    its guest still runs, owned by nobody. ForeignDomain is the caller's.
+    """
+    for attempt in range(1, DESTROY_ATTEMPTS + 1):
+        try:
+            driver.destroy(inst)
+        except exception.InstanceNotFound:
+            if attempt == 1:
+                LOG.info("instance %s: no domain to destroy", inst.uuid)
+        if not driver.instance_exists(inst):
+            return
+        LOG.warning(
+            "instance %s: its domain came back during the delete (attempt %d); destroying it",
+            inst.uuid,
+            attempt,
+        )
+    raise exception.InstanceInvalidState(
+        f"instance {inst.uuid}: its domain keeps coming back; delete not completed"
+    )
+
+
 @dataclass
 class BuildFigures:
     queued: int = 0
@@ -303,28 +328,7 @@ class InstanceOperations:
             return inst
 
     def _destroy_until_gone(self, inst: Instance) -> None:
-        """Destroy the domain, then make sure no domain of this name and UUID is left.
-
-        A start or define racing the delete (out of band) can bring the
-        domain back between the driver's steps; the row must never be
-        deleted while its guest still runs, owned by nobody.
-        """
-        for attempt in range(1, DESTROY_ATTEMPTS + 1):
-            try:
-                self.driver.destroy(inst)
-            except exception.InstanceNotFound:
-                if attempt == 1:
-                    LOG.info("instance %s: no domain to destroy", inst.uuid)
-            if not self.driver.instance_exists(inst):
-                return
-            LOG.warning(
-                "instance %s: its domain came back during the delete (attempt %d); destroying it",
-                inst.uuid,
-                attempt,
-            )
-        raise exception.InstanceInvalidState(
-            f"instance {inst.uuid}: its domain keeps coming back; delete not completed"
-        )
+        destroy_until_gone(self.driver, inst)
 
     # -- the flow ---------------------------------------------------------
 

@@ -17,7 +17,7 @@ from compute_agent import exception, green
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
 from compute_agent.locks import KeyedLocks
-from compute_agent.operations import VM_STATE_OF
+from compute_agent.operations import VM_STATE_OF, destroy_until_gone
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
 from compute_agent.virt.driver import ComputeDriver
 
@@ -82,10 +82,7 @@ def _recover_one(
     task = inst.task_state
     reason = f"{task} interrupted by an agent restart"
     if task == TaskState.DELETING.value:
-        try:
-            driver.destroy(inst)
-        except exception.InstanceNotFound:
-            pass
+        destroy_until_gone(driver, inst)
         db.instance_soft_delete(inst, source=str(ActionSource.STARTUP), reason=reason)
         summary.deleted.append(inst.uuid)
         LOG.warning("instance %s: %s; delete completed", inst.uuid, reason)
@@ -100,6 +97,9 @@ def _recover_one(
                 driver.destroy(inst)
                 observed = None
             vm_state = VmState.ERROR
+    elif observed is None and task == TaskState.POWERING_OFF.value:
+        vm_state = VmState.STOPPED  # as a stop of a missing domain settles
+        reason += "; its domain is missing"
     elif observed is None:
         vm_state = VmState.ERROR
         reason += "; its domain is missing"

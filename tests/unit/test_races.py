@@ -27,7 +27,7 @@ from tests.helpers import create_instance, wait_until
 from tests.libvirt_fixtures import libvirt_conf, make_host
 
 HOST = "test-host"
-DELAY = 0.4  # [libvirt] lifecycle_event_delay for these tests
+DELAY = 1.0  # [libvirt] lifecycle_event_delay for these tests: long enough for a loaded CI
 RPC = ActionSource.RPC
 
 
