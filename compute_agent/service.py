@@ -14,24 +14,12 @@ from compute_agent.db.api import Database
 from compute_agent.db.models import Service as ServiceRow
 from compute_agent.hub_monitor import HubLagMonitor
 from compute_agent.periodic import PeriodicRunner, PeriodicTask
+from compute_agent.utils import freeze_long_lived_objects
 
 LOG = logging.getLogger(__name__)
 
 BINARY = "compute-agent"
 HEARTBEAT = "heartbeat"
-
-
-def freeze_long_lived_objects() -> None:
-    """Keep what start-up created out of every later garbage collection.
-
-    A full collection walks every tracked object, and start-up leaves a few
-    hundred thousand (modules, oslo, SQLAlchemy, the driver): a full
-    collection during a large sync held the hub for 65-135 ms. Frozen, they
-    are never walked again; only objects made since are. No collection runs
-    first: one over the whole start-up heap is itself a 100 ms stall, and
-    the little garbage start-up leaves is kept instead.
-    """
-    gc.freeze()
 
 
 class Component(Protocol):

@@ -27,7 +27,7 @@ from compute_agent.periodic import TaskStopped
 from compute_agent.rpc import PUBLIC_ERRORS, TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport, safe_url, transport_url_is_set
 from compute_agent.states import ActionSource
-from compute_agent.utils import printable
+from compute_agent.utils import freeze_long_lived_objects, printable
 
 LOG = logging.getLogger(__name__)
 
@@ -296,6 +296,7 @@ class RPCServer:
             LOG.exception("RPC server could not start; this host takes no RPC requests")
             return
         self.serving.set()
+        freeze_long_lived_objects()
         LOG.info("RPC serving topic %s as server %s, version %s", TOPIC, self.host, VERSION)
 
     def stop(self) -> None:
