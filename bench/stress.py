@@ -558,6 +558,12 @@ def summarise(name: str, backend: str, runs: list[dict[str, Any]]) -> dict[str, 
     _, p99_text = _median_spread([r["ping"].get("p99_s") for r in runs], _ms)
     _, pmax_text = _median_spread([r["ping"].get("max_s") for r in runs], _ms)
     ok = hub <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
+    if name == "silent_db":  # and the outage is reported: a failure line, status answers
+        ok = ok and all(
+            r["work"]["first_heartbeat_failure_s"] is not None
+            and r["work"]["status"].get("answered_s") is not None
+            for r in runs
+        )
     return {
         "scenario": name,
         "database": backend,
