@@ -654,6 +654,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "not_run": {"libvirtd_kill": LIBVIRTD_NOTE},
         "load_average_end": load_average(),
     }
-    name = "stress" if not args.scenario and not args.db else "stress-partial"
+    # stress.json for the whole benchmark; a subset is named after what it ran.
+    name = "-".join(["stress", *(args.db or []), *(args.scenario or [])])
     save(name, data)
     return data
