@@ -507,7 +507,9 @@ def _figures(
     lags = [(float(m[1]), m[2], float(m[3])) for m in LAG_LINE.finditer(log)]
     worst_line = max(lags, default=None)
     grew = after["hub_lag"]["max_s"] > before["hub_lag"]["max_s"]
-    hub_worst = max([lag for lag, _, _ in lags] + ([after["hub_lag"]["max_s"]] if grew else []))
+    hub_worst = max(
+        [lag for lag, _, _ in lags] + ([after["hub_lag"]["max_s"]] if grew else []), default=0.0
+    )
     beat_before = _task(before, "heartbeat")
     beat_after = _task(after, "heartbeat")
     return {
