@@ -56,6 +56,7 @@ from compute_agent.rpc import TOPIC
 from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
 from compute_agent.virt.libvirt import nodefile
+from tests.functional.frozen_proxy import FrozenProxy
 
 HUB_BUDGET_S = 0.050
 HEARTBEAT_BUDGET_S = 0.5
@@ -228,7 +229,7 @@ class Run:
     states: dict[str, str]
     rabbit: BenchRabbit | None
     api: Any
-    proxy: stress_load.FrozenProxy | None
+    proxy: FrozenProxy | None
     work: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -412,7 +413,7 @@ def database(backend: str, workdir: pathlib.Path) -> Iterator[str]:
         drop()
 
 
-def _through_proxy(url: str, proxy: stress_load.FrozenProxy) -> str:
+def _through_proxy(url: str, proxy: FrozenProxy) -> str:
     return sa.make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(False)
 
 
@@ -431,7 +432,7 @@ def run_once(scenario: Scenario, backend: str) -> dict[str, Any]:
             agent_url = url
             if scenario.postgresql_only:
                 target = sa.make_url(url)
-                proxy = stress_load.FrozenProxy((target.host, target.port or 5432))
+                proxy = FrozenProxy(target.host, target.port or 5432).start()
                 agent_url = _through_proxy(url, proxy)
             sections: dict[str, dict[str, Any]] = {
                 "compute": {
@@ -481,7 +482,7 @@ def run_once(scenario: Scenario, backend: str) -> dict[str, Any]:
             if rc not in (0, None):
                 print(f"  note: agent exit status {rc} (log {agent.log_path})")
         if proxy is not None:
-            proxy.close()
+            proxy.stop()
         if db is not None:
             db.dispose()
         if rabbit is not None:

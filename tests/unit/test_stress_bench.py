@@ -7,9 +7,10 @@ import socket
 
 import pytest
 
-from bench import stress, stress_load
+from bench import stress
 from compute_agent import green
 from compute_agent.hub_monitor import HubLagMonitor
+from tests.functional.frozen_proxy import FrozenProxy
 
 
 def test_the_lag_warning_the_benchmark_parses_is_the_one_the_monitor_logs(caplog):
@@ -46,6 +47,7 @@ def test_the_verdict_is_on_the_median_of_the_runs(runs, verdict):
 
 
 def test_the_frozen_proxy_forwards_then_moves_nothing():
+    """The proxy the stress benchmark and the deadline tests share."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(4)
@@ -56,7 +58,7 @@ def test_the_frozen_proxy_forwards_then_moves_nothing():
             green.spawn(lambda c=conn: [c.sendall(d) for d in iter(lambda: c.recv(100), b"")])
 
     echoer = green.spawn(echo)
-    proxy = stress_load.FrozenProxy(server.getsockname())
+    proxy = FrozenProxy(*server.getsockname()).start()
     try:
         client = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
         client.sendall(b"ping")
@@ -75,6 +77,6 @@ def test_the_frozen_proxy_forwards_then_moves_nothing():
         client.settimeout(5)
         assert client.recv(100) == b"lost"
     finally:
-        proxy.close()
+        proxy.stop()
         green.kill(echoer)
         server.close()
