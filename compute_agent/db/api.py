@@ -177,21 +177,48 @@ def connect_args(url: URL, deadlines: Deadlines) -> dict[str, Any]:
     return {}
 
 
-def _statement_deadline(seconds: float) -> Any:
-    """A ``connect`` listener: once connected, a read may wait ``seconds``.
+def _set_read_deadline(dbapi_conn: Any, seconds: float) -> None:
+    """Let a read on ``dbapi_conn`` wait at most ``seconds``.
 
     Each driver keeps its socket deadline in an attribute of its own
     (tests/unit/test_db_deadlines.py notices a driver renaming it).
     """
+    sock = getattr(dbapi_conn, "_usock", None)  # pg8000
+    if sock is not None:
+        sock.settimeout(seconds)
+    if hasattr(dbapi_conn, "_read_timeout"):  # PyMySQL: applied at its next read/write
+        dbapi_conn._read_timeout = dbapi_conn._write_timeout = seconds
+
+
+def _statement_deadline(seconds: float) -> Any:
+    """A ``connect`` listener: once connected, a read may wait ``seconds``."""
 
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
-        sock = getattr(dbapi_conn, "_usock", None)  # pg8000
-        if sock is not None:
-            sock.settimeout(seconds)
-        if hasattr(dbapi_conn, "_read_timeout"):  # PyMySQL: applied at its next read/write
-            dbapi_conn._read_timeout = dbapi_conn._write_timeout = seconds
+        _set_read_deadline(dbapi_conn, seconds)
 
     return on_connect
+
+
+def _ping_deadline(engine: Engine, deadlines: Deadlines) -> None:
+    """The pool's check of a pooled connection waits the connect deadline, not a statement's.
+
+    A ``SELECT 1`` has nothing to compute: a server that does not answer it
+    within the connect deadline is as good as unreachable. With the
+    statement deadline (30 s) a silent server kept every caller, the
+    heartbeat included, waiting 30 s before the pool even tried a new
+    connection.
+    """
+    dialect = engine.dialect
+    ping = dialect.do_ping
+
+    def do_ping(dbapi_conn: Any) -> bool:
+        _set_read_deadline(dbapi_conn, deadlines.connect)
+        try:
+            return bool(ping(dbapi_conn))
+        finally:
+            _set_read_deadline(dbapi_conn, deadlines.statement)
+
+    dialect.do_ping = do_ping  # type: ignore[method-assign]
 
 
 # Pure-Python drivers: their sockets are green once the agent is monkey-patched,
@@ -250,6 +277,7 @@ class Database:
         kwargs["connect_args"] = connect_args(self.url, self.deadlines)
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
         event.listen(self.engine, "connect", _statement_deadline(self.deadlines.statement))
+        _ping_deadline(self.engine, self.deadlines)
         if self.url.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         if self.url.get_driver_name() == "pg8000":
