@@ -520,6 +520,9 @@ def _figures(
         "hub_worst_s": hub_worst if hub_worst else None,
         "hub_worst_blamed": worst_line[1] if worst_line else None,
         "hub_lag_warnings": len(lags),
+        # The three longest, whole: each says how much CPU the hub's thread
+        # used meanwhile and how long garbage collection took.
+        "hub_lag_worst_lines": _worst_lag_lines(log, 3),
         "hub_lag_max_since_start_s": after["hub_lag"]["max_s"],
         "hub_lag_max_before_load_s": before["hub_lag"]["max_s"],
         "hub_lag_p99_last_1000_s": after["hub_lag"]["p99_s"],
@@ -531,6 +534,11 @@ def _figures(
         "ping": pings,
         "work": work,
     }
+
+
+def _worst_lag_lines(log: str, count: int) -> list[str]:
+    lines = [(float(m[1]), line) for line in log.splitlines() if (m := LAG_LINE.search(line))]
+    return [line for _, line in sorted(lines)[-count:]]
 
 
 # -- the table ------------------------------------------------------------------
