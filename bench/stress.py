@@ -63,6 +63,10 @@ HEARTBEAT_BUDGET_S = 0.5
 LAG_WARNING_S = 0.020
 BIG_HOST = 10_000
 LAG_LINE = re.compile(r"hub lag ([\d.]+) s: greenthread '(.*?)' ran ([\d.]+) s without yielding")
+# What the hub-lag line says of the time the hub's thread was runnable but
+# given no CPU: the host's other processes (this benchmark's own clients
+# included), not the agent.
+CPU_WAIT = re.compile(r"it waited ([\d.]+) s for a CPU")
 HEARTBEAT_FAILED = "periodic task heartbeat failed"
 SILENT_WAIT_S = 45.0  # how long silent_db waits for the heartbeat's first failure line
 STATES = [PowerState.RUNNING, PowerState.RUNNING, PowerState.PAUSED, PowerState.SHUTDOWN]
@@ -518,6 +522,7 @@ def _figures(
         "database": backend,
         # None: below the warning threshold for the whole window.
         "hub_worst_s": hub_worst if hub_worst else None,
+        "hub_worst_own_s": _worst_own(log),
         "hub_worst_blamed": worst_line[1] if worst_line else None,
         "hub_lag_warnings": len(lags),
         # The three longest, whole: each says how much CPU the hub's thread
@@ -534,6 +539,16 @@ def _figures(
         "ping": pings,
         "work": work,
     }
+
+
+def _worst_own(log: str) -> float | None:
+    """The worst stretch less the time the hub's thread waited for a CPU meanwhile."""
+    own = []
+    for line in log.splitlines():
+        if (lag := LAG_LINE.search(line)) is not None:
+            waited = CPU_WAIT.search(line)
+            own.append(max(0.0, float(lag[1]) - (float(waited[1]) if waited else 0.0)))
+    return max(own, default=None)
 
 
 def _worst_lag_lines(log: str, count: int) -> list[str]:
@@ -563,12 +578,14 @@ def _s(v: float) -> str:
 
 def summarise(name: str, backend: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     hub, hub_text = _median_spread([r["hub_worst_s"] for r in runs], _ms)
+    own, own_text = _median_spread([r.get("hub_worst_own_s") for r in runs], _ms)
     beat, beat_text = _median_spread([r["heartbeat_late_s"] for r in runs], _s)
     if not any(r["heartbeat_late_grew"] for r in runs):
         beat_text = "<= " + beat_text  # the worst since start, none during the load
     _, p99_text = _median_spread([r["ping"].get("p99_s") for r in runs], _ms)
     _, pmax_text = _median_spread([r["ping"].get("max_s") for r in runs], _ms)
     ok = hub <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
+    own_ok = own <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
     if name == "silent_db":  # and the outage is reported: a failure line, status answers
         ok = ok and all(
             r["work"]["first_heartbeat_failure_s"] is not None
@@ -580,13 +597,16 @@ def summarise(name: str, backend: str, runs: list[dict[str, Any]]) -> dict[str, 
         "database": backend,
         "runs": len(runs),
         "hub_worst_median_s": hub,
+        "hub_worst_own_median_s": own,
         "heartbeat_late_median_s": beat,
         "verdict": "PASS" if ok else "FAIL",
+        "verdict_own": "PASS" if own_ok else "FAIL",
         "row": [
             name,
             backend,
             len(runs),
             hub_text,
+            own_text,
             runs[-1]["hub_worst_blamed"] or "-",
             beat_text,
             p99_text,
@@ -594,6 +614,7 @@ def summarise(name: str, backend: str, runs: list[dict[str, Any]]) -> dict[str, 
             runs[-1]["work"].get("served", "-"),
             f"{statistics.median(r['load_s'] for r in runs):.0f} s",
             "PASS" if ok else "**FAIL**",
+            "PASS" if own_ok else "**FAIL**",
         ],
     }
 
@@ -603,6 +624,7 @@ HEADERS = [
     "database",
     "runs",
     "hub worst stretch, ms",
+    "of it the agent's (no CPU wait), ms",
     "blamed (last run)",
     "heartbeat late, s",
     "admin ping p99, ms",
@@ -610,6 +632,7 @@ HEADERS = [
     "work served (last run)",
     "load time",
     "goal 50 ms / 0.5 s",
+    "goal, the agent's stretch",
 ]
 
 

@@ -22,6 +22,15 @@ def test_the_lag_warning_the_benchmark_parses_is_the_one_the_monitor_logs(caplog
     assert (float(match[1]), match[2], float(match[3])) == (0.123, "rpc-stop_instance", 0.125)
 
 
+def test_the_agents_own_stretch_leaves_out_the_wait_for_a_cpu(caplog):
+    monitor = HubLagMonitor(interval=0.01, warn_after=0.02)
+    with caplog.at_level(logging.WARNING, logger="compute_agent.hub_monitor"):
+        monitor.record(0.080, 0.085, "hub", 0.002, runnable=0.060)
+        monitor.record(0.030, 0.031, "rpc-ping", 0.029, runnable=0.0)
+    assert "waited 0.060 s for a CPU" in caplog.text
+    assert abs(stress._worst_own(caplog.text) - 0.030) < 1e-9
+
+
 def _run(hub: float | None, beat: float, grew: bool = True) -> dict:
     return {
         "hub_worst_s": hub,
