@@ -199,7 +199,7 @@ def _statement_deadline(seconds: float) -> Any:
     return on_connect
 
 
-def _ping_deadline(engine: Engine, deadlines: Deadlines) -> None:
+def _ping_deadline(engine: Engine, deadlines: Deadlines, counted: Callable[[], None]) -> None:
     """The pool's check of a pooled connection waits the connect deadline, not a statement's.
 
     A ``SELECT 1`` has nothing to compute: a server that does not answer it
@@ -212,6 +212,7 @@ def _ping_deadline(engine: Engine, deadlines: Deadlines) -> None:
     ping = dialect.do_ping
 
     def do_ping(dbapi_conn: Any) -> bool:
+        counted()
         _set_read_deadline(dbapi_conn, deadlines.connect)
         try:
             return bool(ping(dbapi_conn))
@@ -277,13 +278,15 @@ class Database:
         kwargs["connect_args"] = connect_args(self.url, self.deadlines)
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
         event.listen(self.engine, "connect", _statement_deadline(self.deadlines.statement))
-        _ping_deadline(self.engine, self.deadlines)
+        self.statements = 0
+        _ping_deadline(self.engine, self.deadlines, self._count_one)
         if self.url.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         if self.url.get_driver_name() == "pg8000":
             event.listen(self.engine, "do_connect", _Pg8000PreferSSL().connect)
-        self.statements = 0
         event.listen(self.engine, "before_cursor_execute", self._count)
+        for name in ("begin", "commit", "rollback"):
+            event.listen(self.engine, name, self._count_one)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cas_cache: dict[tuple, sa.Update] = {}
         # SQLite's work goes to the native thread pool, one call at a time:
@@ -295,7 +298,14 @@ class Database:
         self._native_turn = green.native_lock()
         self._in_native = green.native_local()
 
-    def _count(self, *args: Any) -> None:
+    def _count(
+        self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> None:
+        """Count what the server runs: each row of an executemany is a statement."""
+        self.statements += len(parameters) if many else 1
+
+    def _count_one(self, *args: Any) -> None:
+        """BEGIN, COMMIT, ROLLBACK and the pool's check run on the server too."""
         self.statements += 1
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
