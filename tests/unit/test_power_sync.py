@@ -68,9 +68,7 @@ def test_statements_are_bounded_by_changes(db, driver):
     summary = make_sync(db, driver).run()
     ran = db.statements
     assert summary.changed == 30
-    audit = sum(
-        1 for i in insts for a in db.actions_get(i.uuid) if a.action == "power_sync"
-    )
+    audit = sum(1 for i in insts for a in db.actions_get(i.uuid) if a.action == "power_sync")
     # Counted as the server runs them: the load (check, BEGIN, SELECT,
     # COMMIT), one batch (check, BEGIN, COMMIT), an UPDATE per change and
     # an INSERT row per audit row.
