@@ -20,19 +20,26 @@ BENCHMARKS = [
     "rpc_load",
     "fanout",
     "instance_load",
+    "stress",
 ]
 
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.ERROR)
-    names = argv or BENCHMARKS
+    # Options (``--x``) after a single name go to that benchmark's main(argv).
+    options = [a for i, a in enumerate(argv) if any(b.startswith("-") for b in argv[: i + 1])]
+    names = argv[: len(argv) - len(options)] or BENCHMARKS
+    if options and len(names) != 1:
+        print("options are for one benchmark: python -m bench NAME --option ...")
+        return 2
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
         return 2
     for name in names:
         print(f"\n## {name}\n", flush=True)
-        importlib.import_module(f"bench.{name}").main()
+        module = importlib.import_module(f"bench.{name}")
+        module.main(options) if options else module.main()
     return 0
 
 

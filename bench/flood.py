@@ -35,6 +35,7 @@ from oslo_config import cfg
 from compute_agent.admin.client import AdminClient
 from compute_agent.rpc import TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport
+from tests.functional.agent_process import AgentProcess
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PING_INTERVAL = 0.020
@@ -95,38 +96,15 @@ class AgentUnderTest:
             capture_output=True,
             cwd=REPO,
         )
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "compute_agent.cmd.agent", "--config-file", str(self.config)],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            text=True,
-            cwd=REPO,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
-        )
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True, name="flood-agent-log")
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.append(line.rstrip("\n"))
+        self.process = AgentProcess([self.config])
+        self.lines = self.process.lines
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        return self.process.proc.pid
 
     def wait_for(self, needle: str, timeout: float = 60) -> None:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if any(needle in line for line in self.lines):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        tail = "\n".join(self.lines[-30:])
-        raise RuntimeError(f"{needle!r} not logged within {timeout} s:\n{tail}")
+        self.process.wait_for(needle, timeout)
 
     def count(self, needle: str) -> int:
         return sum(1 for line in list(self.lines) if needle in line)
@@ -136,15 +114,12 @@ class AgentUnderTest:
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM, wait; kill if it does not stop. Its exit status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
+        if self.process.proc.poll() is None:
             try:
-                self.proc.wait(timeout)
+                self.process.terminate(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._reader.join(2)
-        return self.proc.returncode
+                self.process.kill()
+        return self.process.proc.returncode
 
 
 def rpc_client(conf: cfg.ConfigOpts, host: str) -> tuple[Any, Any]:

@@ -23,7 +23,7 @@ from compute_agent.utils import printable
 # A request's arguments, serialized, may not exceed this.
 MAX_ARGS_BYTES = 64 * 1024
 # Requests that do work run at most this many at once without a config.
-DEFAULT_SLOTS = 8
+DEFAULT_SLOTS = 64
 SYNC_FIELDS = ("checked", "changed", "skipped", "errors", "duration_s")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -125,12 +126,23 @@ class HubLagMonitor:
             gc.callbacks.remove(self._collections)
 
     def _loop(self) -> None:
-        while not self._stopping:
-            asked, cpu = green.monotonic(), time.thread_time()
-            green.sleep(self.interval)
-            lag = max(0.0, green.monotonic() - asked - self.interval)
-            longest, culprit = self._tracer.take()
-            self.record(lag, longest, culprit, time.thread_time() - cpu, self._collections.take())
+        queued = RunQueueClock()
+        try:
+            while not self._stopping:
+                asked, cpu, waited = green.monotonic(), time.thread_time(), queued.read()
+                green.sleep(self.interval)
+                lag = max(0.0, green.monotonic() - asked - self.interval)
+                longest, culprit = self._tracer.take()
+                self.record(
+                    lag,
+                    longest,
+                    culprit,
+                    time.thread_time() - cpu,
+                    self._collections.take(),
+                    queued.read() - waited if waited is not None else None,
+                )
+        finally:
+            queued.close()
 
     def record(
         self,
@@ -139,12 +151,14 @@ class HubLagMonitor:
         culprit: str | None = None,
         cpu: float | None = None,
         collections: tuple[float, float, int] = (0.0, 0.0, -1),
+        runnable: float | None = None,
     ) -> None:
         """Count one wake-up ``lag`` late; ``cpu``: the hub thread's CPU time meanwhile.
 
         A lag with little CPU spent means the hub's thread waited, not ran:
         for the GIL, or for a CPU the operating system gave to another process.
         ``collections``: garbage collection time meanwhile (total, longest, its generation).
+        ``runnable``: how long the hub's thread waited meanwhile for a CPU.
         """
         self.samples += 1
         self.last = lag
@@ -155,12 +169,13 @@ class HubLagMonitor:
         if lag >= self.warn_after:
             self.warnings += 1
             LOG.warning(
-                "hub lag %.3f s: greenthread %r ran %.3f s without yielding%s%s",
+                "hub lag %.3f s: greenthread %r ran %.3f s without yielding%s%s%s",
                 lag,
                 culprit or "unknown",
                 longest,
                 "" if cpu is None else f"; the hub's thread used {cpu:.3f} s of CPU",
                 _collections_note(collections),
+                "" if runnable is None else f"; it waited {runnable:.3f} s for a CPU",
             )
 
     def figures(self) -> LagFigures:
@@ -176,6 +191,37 @@ class HubLagMonitor:
             gc_collections=self._collections.collections,
             gc_max_s=round(self._collections.max, 4),
         )
+
+
+class RunQueueClock:
+    """How long the calling thread has waited, runnable, for a CPU (Linux schedstat).
+
+    A hub-lag with the hub's thread runnable but not running is the host's
+    CPUs being busy with other processes, which no change to the agent
+    fixes; without this, the log blamed whichever greenthread was current.
+    """
+
+    PATH = "/proc/thread-self/schedstat"
+
+    def __init__(self) -> None:
+        try:
+            self._fd: int | None = os.open(self.PATH, os.O_RDONLY)
+        except OSError:
+            self._fd = None
+
+    def read(self) -> float | None:
+        """Seconds spent runnable and waiting since the thread started; None if unknown."""
+        if self._fd is None:
+            return None
+        try:
+            return int(os.pread(self._fd, 128, 0).split()[1]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def _collections_note(collections: tuple[float, float, int]) -> str:

@@ -9,29 +9,20 @@ from typing import Any, Protocol
 
 from oslo_config import cfg
 
-from compute_agent import green, servicegroup
+from compute_agent import exception, green, servicegroup
 from compute_agent.db.api import Database
 from compute_agent.db.models import Service as ServiceRow
 from compute_agent.hub_monitor import HubLagMonitor
 from compute_agent.periodic import PeriodicRunner, PeriodicTask
+from compute_agent.utils import freeze_long_lived_objects
 
 LOG = logging.getLogger(__name__)
 
 BINARY = "compute-agent"
 HEARTBEAT = "heartbeat"
-
-
-def freeze_long_lived_objects() -> None:
-    """Keep what start-up created out of every later garbage collection.
-
-    A full collection walks every tracked object, and start-up leaves a few
-    hundred thousand (modules, oslo, SQLAlchemy, the driver): a full
-    collection during a large sync held the hub for 65-135 ms. Frozen, they
-    are never walked again; only objects made since are. No collection runs
-    first: one over the whole start-up heap is itself a 100 ms stall, and
-    the little garbage start-up leaves is kept instead.
-    """
-    gc.freeze()
+# The share of report_interval a heartbeat waits for its write: the task
+# stays on schedule however slow the database is.
+HEARTBEAT_WAIT = 0.8
 
 
 class Component(Protocol):
@@ -66,6 +57,8 @@ class NodeService:
         self.stopping = False
         self._stop_requested = green.Event()
         self._stopped = False
+        self._heartbeat_write: green.Future | None = None
+        self._heartbeat_started = 0.0
 
     # -- life cycle -------------------------------------------------------
 
@@ -134,11 +127,44 @@ class NodeService:
     # -- the heartbeat ----------------------------------------------------
 
     def heartbeat(self) -> int:
+        """Write the heartbeat, waiting for it at most HEARTBEAT_WAIT of an interval.
+
+        A database that stops answering holds its write for up to its
+        deadlines (seconds); waited for, that made the heartbeat task itself
+        seconds late. The write goes on in its own greenthread instead, this
+        run fails on time with one line, and no second write starts while
+        the first still waits.
+        """
         assert self.row is not None
-        self.db.service_heartbeat(self.row.id)
+        pending = self._heartbeat_write
+        if pending is not None and not pending.done():
+            raise exception.DatabaseUnavailable(
+                f"database unavailable: the heartbeat written {self._since_write():.1f} s ago "
+                "is still waiting for an answer"
+            )
+        write = green.Future()
+        self._heartbeat_write, self._heartbeat_started = write, green.monotonic()
+
+        def run() -> None:
+            try:
+                write.set_result(self.db.service_heartbeat(self.row.id))  # type: ignore[union-attr]
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting run
+                write.set_exception(exc)
+
+        green.spawn(run, name="heartbeat-write")
+        wait = self.conf.report_interval * HEARTBEAT_WAIT
+        try:
+            write.result(wait)
+        except TimeoutError:
+            raise exception.DatabaseUnavailable(
+                f"database unavailable: no answer to the heartbeat within {wait:.1f} s"
+            ) from None
         self.row.report_count += 1
         LOG.info("heartbeat %d", self.row.report_count)
         return self.row.report_count
+
+    def _since_write(self) -> float:
+        return green.monotonic() - self._heartbeat_started
 
     def is_up(self) -> bool:
         row = self.db.service_get(self.host, BINARY)

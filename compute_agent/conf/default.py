@@ -91,16 +91,17 @@ opts = [
     ),
     cfg.IntOpt(
         "max_concurrent_requests",
-        default=8,
+        default=64,
         min=1,
         max=1024,
         help="Requests that do work (build, start, stop, reboot, delete, power sync, "
         "list of instances) run at most this many at once, RPC and admin socket "
         "together; the others wait their turn in arrival order. Read-only requests "
-        "(ping, host state, one instance, status) never wait. Each running request "
-        "takes its turn on the one event loop, so this bounds how long a turn of it "
-        "lasts under a flood. It also bounds the builds running at once, whatever "
-        "[compute] max_concurrent_builds says.",
+        "(ping, host state, one instance, status) never wait. A request holds its "
+        "turn until it ends, a stop waiting for a slow guest included, so a low "
+        "value lets a few slow guests hold up every other operation; builds have "
+        "their own limit, [compute] max_concurrent_builds. RPC requests also wait "
+        "in the broker while executor_thread_pool_size of them are taken in.",
     ),
     cfg.IntOpt(
         "refusal_log_interval",

@@ -177,21 +177,49 @@ def connect_args(url: URL, deadlines: Deadlines) -> dict[str, Any]:
     return {}
 
 
-def _statement_deadline(seconds: float) -> Any:
-    """A ``connect`` listener: once connected, a read may wait ``seconds``.
+def _set_read_deadline(dbapi_conn: Any, seconds: float) -> None:
+    """Let a read on ``dbapi_conn`` wait at most ``seconds``.
 
     Each driver keeps its socket deadline in an attribute of its own
     (tests/unit/test_db_deadlines.py notices a driver renaming it).
     """
+    sock = getattr(dbapi_conn, "_usock", None)  # pg8000
+    if sock is not None:
+        sock.settimeout(seconds)
+    if hasattr(dbapi_conn, "_read_timeout"):  # PyMySQL: applied at its next read/write
+        dbapi_conn._read_timeout = dbapi_conn._write_timeout = seconds
+
+
+def _statement_deadline(seconds: float) -> Any:
+    """A ``connect`` listener: once connected, a read may wait ``seconds``."""
 
     def on_connect(dbapi_conn: Any, _record: Any) -> None:
-        sock = getattr(dbapi_conn, "_usock", None)  # pg8000
-        if sock is not None:
-            sock.settimeout(seconds)
-        if hasattr(dbapi_conn, "_read_timeout"):  # PyMySQL: applied at its next read/write
-            dbapi_conn._read_timeout = dbapi_conn._write_timeout = seconds
+        _set_read_deadline(dbapi_conn, seconds)
 
     return on_connect
+
+
+def _ping_deadline(engine: Engine, deadlines: Deadlines, counted: Callable[[], None]) -> None:
+    """The pool's check of a pooled connection waits the connect deadline, not a statement's.
+
+    A ``SELECT 1`` has nothing to compute: a server that does not answer it
+    within the connect deadline is as good as unreachable. With the
+    statement deadline (30 s) a silent server kept every caller, the
+    heartbeat included, waiting 30 s before the pool even tried a new
+    connection.
+    """
+    dialect = engine.dialect
+    ping = dialect.do_ping
+
+    def do_ping(dbapi_conn: Any) -> bool:
+        counted()
+        _set_read_deadline(dbapi_conn, deadlines.connect)
+        try:
+            return bool(ping(dbapi_conn))
+        finally:
+            _set_read_deadline(dbapi_conn, deadlines.statement)
+
+    dialect.do_ping = do_ping  # type: ignore[method-assign]
 
 
 # Pure-Python drivers: their sockets are green once the agent is monkey-patched,
@@ -250,12 +278,15 @@ class Database:
         kwargs["connect_args"] = connect_args(self.url, self.deadlines)
         self.engine: Engine = sa.create_engine(self.url, **kwargs)
         event.listen(self.engine, "connect", _statement_deadline(self.deadlines.statement))
+        self.statements = 0
+        _ping_deadline(self.engine, self.deadlines, self._count_one)
         if self.url.get_backend_name() == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         if self.url.get_driver_name() == "pg8000":
             event.listen(self.engine, "do_connect", _Pg8000PreferSSL().connect)
-        self.statements = 0
         event.listen(self.engine, "before_cursor_execute", self._count)
+        for name in ("begin", "commit", "rollback"):
+            event.listen(self.engine, name, self._count_one)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cas_cache: dict[tuple, sa.Update] = {}
         # SQLite's work goes to the native thread pool, one call at a time:
@@ -267,7 +298,14 @@ class Database:
         self._native_turn = green.native_lock()
         self._in_native = green.native_local()
 
-    def _count(self, *args: Any) -> None:
+    def _count(
+        self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
+    ) -> None:
+        """Count what the server runs: each row of an executemany is a statement."""
+        self.statements += len(parameters) if many else 1
+
+    def _count_one(self, *args: Any) -> None:
+        """BEGIN, COMMIT, ROLLBACK and the pool's check run on the server too."""
         self.statements += 1
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

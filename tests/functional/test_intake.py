@@ -3,10 +3,10 @@
 Each test floods one front door and then reads the agent's own figures:
 the hub-lag monitor (every 10 ms) and the heartbeat's lateness. Before the
 intake was bounded, 5000 + 500 casts stalled the hub for 5 to 28 s, the
-heartbeat 4 to 27 s, and logged 5000 WARNINGs. The bounds here are far
-from those figures and well above the 50 ms goal, so that a loaded CI
-machine passes: the full garbage collections of a grown heap (130-170 ms
-measured, a cause outside intake) must not fail them.
+heartbeat 4 to 27 s, and logged 5000 WARNINGs; with intake bounded, the
+hub's worst stretch measured 11-98 ms, what is left being the hub's thread
+waiting for a CPU of the loaded machine (the lag lines say so). The bounds
+are well above the 50 ms goal, so that a loaded CI machine passes.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 from bench import flood
 from tests.functional.rabbit import TRANSPORT_URL, RabbitRun
 
-HUB_LAG_BOUND = 0.4
+HUB_LAG_BOUND = 0.25
 HEARTBEAT_BOUND = 0.5
 SERVE_TIMEOUT = 120
 
@@ -67,7 +67,7 @@ def test_a_flood_of_refused_casts_then_builds(run: RabbitRun, agent: flood.Agent
         flood.send_casts(client, "stop_instance", flood.stop_payloads(stops))
         flood.send_casts(client, "build_instance", flood.build_payloads(builds))
         # status answers while the flood is served.
-        assert agent.client(5.0).call("status")["intake"]["slots"] == 8
+        assert agent.client(5.0).call("status")["intake"]["slots"] == 64
         flood.wait_until(lambda: _served(agent, stops + builds, builds), SERVE_TIMEOUT, 0.5)
     finally:
         pings = pinger.stop()

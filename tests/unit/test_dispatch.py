@@ -113,7 +113,7 @@ def test_status_for_the_admin(dispatcher):
     assert {t["name"] for t in status["periodic_tasks"]} >= {"heartbeat", "power_sync"}
     assert status["hub_lag"]["samples"] >= 0 and status["events"]["received"] >= 0
     assert status["builds"] == {"queued": 0, "running": 0, "completed": 0, "failed": 0}
-    assert status["intake"]["slots"] == 8 and status["intake"]["waiting"] == 0
+    assert status["intake"]["slots"] == 64 and status["intake"]["waiting"] == 0
 
 
 def test_status_answers_while_the_database_is_down(dispatcher, monkeypatch):

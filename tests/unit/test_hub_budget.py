@@ -31,8 +31,8 @@ from compute_agent.hub_monitor import HubLagMonitor
 from compute_agent.locks import KeyedLocks
 from compute_agent.log import BackgroundHandler
 from compute_agent.power_sync import PowerSync
-from compute_agent.service import freeze_long_lived_objects
 from compute_agent.states import PowerState as P
+from compute_agent.utils import freeze_long_lived_objects
 from compute_agent.virt.fake import FakeDriver
 from tests.helpers import bulk_create_instances, create_instance, wait_until
 

@@ -153,3 +153,54 @@ def test_without_transport_url_the_server_says_so_and_connects_nowhere(tmp_path,
         server.stop()
     assert [r.getMessage() for r in caplog.records] == ["RPC disabled: no [DEFAULT] transport_url"]
     assert server.transport is None and not server.serving.is_set()
+
+
+def test_the_server_takes_in_at_most_backlog_requests_and_the_rest_wait(tmp_path):
+    """oslo acknowledges as a worker takes a message: the listener must wait for room."""
+    import oslo_messaging
+    from oslo_config import cfg
+
+    from compute_agent import green
+    from compute_agent.rpc.server import _BoundedRPCServer
+    from compute_agent.rpc.transport import _register_global_only_opts
+
+    conf = cfg.ConfigOpts()
+    _register_global_only_opts(conf)
+    conf([])
+    transport = oslo_messaging.get_rpc_transport(conf, url="fake:")
+    target = oslo_messaging.Target(topic="backlog", server="h1")
+    taken, done, most = [0], [0], [0]
+
+    class Endpoint:
+        def work(self, ctxt, n):
+            green.sleep(0.01)
+            done[0] += 1
+
+    class Counting(_BoundedRPCServer):
+        def _on_incoming(self, incoming):
+            taken[0] += 1
+            most[0] = max(most[0], taken[0] - done[0])
+            super()._on_incoming(incoming)
+
+    server = Counting(
+        transport,
+        target,
+        oslo_messaging.RPCDispatcher([Endpoint()], None),
+        "threading",
+        backlog=4,
+    )
+    server.start()
+    client = oslo_messaging.get_rpc_client(transport, target)
+    try:
+        for n in range(40):
+            client.cast({}, "work", n=n)
+        end = green.monotonic() + 10
+        while done[0] < 40 and green.monotonic() < end:
+            green.sleep(0.02)
+    finally:
+        server.stop()
+        server.wait()
+        transport.cleanup()
+    assert done[0] == 40
+    # The fifth message is read only once one of four has finished.
+    assert most[0] <= 5, most

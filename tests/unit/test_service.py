@@ -83,3 +83,29 @@ def test_hub_blocking_task_does_delay_the_heartbeat(service):
     green.sleep(2)
     assert service.runner.tasks[HEARTBEAT].max_lateness > 0.3
     assert service.lag_monitor.figures().worst_offender == "hog"
+
+
+def test_a_silent_database_fails_each_heartbeat_on_time(conf, sqlite_db, monkeypatch):
+    """The heartbeat returns within its share of the interval: one failure each, none late."""
+    from compute_agent import exception
+
+    conf.set_override("report_interval", 1)
+    svc = NodeService(conf, sqlite_db)
+    svc.row = sqlite_db.service_start(svc.host, BINARY)
+    answer = green.Event()
+    real = sqlite_db.service_heartbeat
+
+    def silent(service_id):
+        answer.wait()  # the database answers only when told to
+        return real(service_id)
+
+    monkeypatch.setattr(sqlite_db, "service_heartbeat", silent)
+    started = green.monotonic()
+    with pytest.raises(exception.DatabaseUnavailable, match="no answer .* within 0.8 s"):
+        svc.heartbeat()
+    assert green.monotonic() - started < 0.8 + 0.4  # measured: 0.80 s
+    with pytest.raises(exception.DatabaseUnavailable, match="still waiting"):
+        svc.heartbeat()  # at once: no second write while the first waits
+    answer.set()
+    green.sleep(0.05)
+    assert svc.heartbeat() == 1
