@@ -20,19 +20,26 @@ BENCHMARKS = [
     "rpc_load",
     "fanout",
     "instance_load",
+    "race_soak",
 ]
 
 
 def main(argv: list[str]) -> int:
+    """Names first; options after them (``race_soak --seconds 300``) go to the one benchmark."""
     logging.basicConfig(level=logging.ERROR)
-    names = argv or BENCHMARKS
+    split = next((i for i, a in enumerate(argv) if a.startswith("-")), len(argv))
+    names, options = argv[:split] or BENCHMARKS, argv[split:]
+    if options and len(names) != 1:
+        print("options are for one benchmark: python -m bench NAME --option ...")
+        return 2
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
         return 2
     for name in names:
         print(f"\n## {name}\n", flush=True)
-        importlib.import_module(f"bench.{name}").main()
+        module = importlib.import_module(f"bench.{name}")
+        module.main(options) if options else module.main()
     return 0
 
 
