@@ -571,7 +571,9 @@ class RaceRun:
                     desired, off_since, ambiguous = "stopped", None, False
             elif s.kind == "oob" and s.outcome == "ok":
                 if s.action == "destroy" and desired == "active":
-                    off_since = s.t1
+                    # From the call's start: the guest may be off before it returns,
+                    # so the shut-off is never judged shorter than it was.
+                    off_since = s.t0
                 elif s.action in ("create", "reboot") and desired == "active":
                     off_since = None
         settle(when)
