@@ -21,10 +21,12 @@ BENCHMARKS = [
     "fanout",
     "instance_load",
     "stress",
+    "race_soak",
 ]
 
 
 def main(argv: list[str]) -> int:
+    """Names first; options after them (``race_soak --seconds 300``) go to the one benchmark."""
     logging.basicConfig(level=logging.ERROR)
     # Options (``--x``) after a single name go to that benchmark's main(argv).
     options = [a for i, a in enumerate(argv) if any(b.startswith("-") for b in argv[: i + 1])]
