@@ -536,8 +536,10 @@ class RaceRun:
     def desired_at(self, uuid: str, when: float) -> str:
         """What the user last asked of a guest at ``when``: active, stopped or ambiguous.
 
-        Agent operations that were not refused say it directly (start, reboot,
-        build: active; stop: stopped). Out of band, a destroy makes the guest
+        Agent operations that succeeded say it directly (start, reboot,
+        build: active; stop: stopped); one that failed (not refused: the
+        agent tried and reported an error) leaves it ambiguous until the next
+        action. Out of band, a destroy makes the guest
         stopped only once the shut-off has lasted ``lifecycle_event_delay``
         (shorter is a reboot, as the agent must see it); a create or resume
         on a guest the user wants stopped leaves it stopped (enforce mode
@@ -564,7 +566,12 @@ class RaceRun:
 
         for s in events:
             settle(s.t0)
-            if s.kind in ("op", "setup") and not s.refused:
+            if s.kind in ("op", "setup") and s.outcome != "ok" and not s.refused:
+                # Failed, and the user was told so (HypervisorUnavailable: say,
+                # the guest's QEMU killed by an out-of-band destroy mid-start):
+                # what the user wants next is not known until a later action.
+                off_since, ambiguous = None, True
+            elif s.kind in ("op", "setup") and not s.refused:
                 if s.action in ("start", "reboot", "reboot_hard", "build"):
                     desired, off_since, ambiguous = "active", None, False
                 elif s.action == "stop":
