@@ -24,7 +24,8 @@ from compute_agent.cmd.common import (  # noqa: E402
 )
 from compute_agent.conf import CONF, loader  # noqa: E402
 from compute_agent.db import migration  # noqa: E402
-from compute_agent.db.api import Database, Deadlines  # noqa: E402
+from compute_agent.db.api import Database  # noqa: E402
+from compute_agent.db.engine import Deadlines  # noqa: E402
 from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
 from compute_agent.rpc.server import RPCServer  # noqa: E402

@@ -123,7 +123,8 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def _database(conf: cfg.ConfigOpts) -> Any:
     # Imported here: SQLAlchemy and Alembic double the start-up time of the
     # commands that only talk to the socket.
-    from compute_agent.db.api import Database, Deadlines
+    from compute_agent.db.api import Database
+    from compute_agent.db.engine import Deadlines
 
     ensure_state_path(conf)
     return Database(

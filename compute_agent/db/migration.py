@@ -9,7 +9,8 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from compute_agent.db.api import Database, unreachable_as_typed
+from compute_agent.db.api import Database
+from compute_agent.db.engine import unreachable_as_typed
 
 _SCRIPTS = os.path.join(os.path.dirname(__file__), "migrations")
 

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 
 from compute_agent import exception, green
 from compute_agent.db import migration
-from compute_agent.db.api import Database, Deadlines
+from compute_agent.db.api import Database
+from compute_agent.db.engine import Deadlines
 from tests.functional.agent_process import REPO, AgentProcess, manage_all
 from tests.functional.frozen_proxy import FrozenProxy
 from tests.helpers import eventually

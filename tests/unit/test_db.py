@@ -10,7 +10,8 @@ from alembic.runtime.migration import MigrationContext
 
 from compute_agent import exception, servicegroup
 from compute_agent.db import migration
-from compute_agent.db.api import Database, mask_url, normalize_url
+from compute_agent.db.api import Database
+from compute_agent.db.engine import mask_url, normalize_url
 from compute_agent.db.models import Base
 from compute_agent.utils import utcnow
 from tests.helpers import create_instance

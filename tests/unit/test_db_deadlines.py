@@ -6,7 +6,8 @@ import pytest
 import sqlalchemy as sa
 
 from compute_agent import exception
-from compute_agent.db.api import Database, Deadlines, connect_args, unreachable_as_typed
+from compute_agent.db.api import Database
+from compute_agent.db.engine import Deadlines, connect_args, unreachable_as_typed
 
 DEADLINES = Deadlines(connect=1.5, statement=7.0, sqlite_busy=3.0)
 
