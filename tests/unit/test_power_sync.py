@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from compute_agent import exception, green
+from compute_agent import exception, green, steady
 from compute_agent.locks import KeyedLocks
 from compute_agent.power_sync import PowerSync
 from compute_agent.states import PowerState as P
@@ -114,6 +114,52 @@ def test_active_suspended_is_stopped_and_its_domain_forced_off(db, driver):
     r = row(db, inst)
     assert (r.vm_state, r.power_state) == ("stopped", "shutdown")
     assert summary.domains_stopped == 1 and driver.calls["power_off"] == 1
+
+
+def test_report_mode_never_stops_a_suspended_active_guest(db, driver, caplog):
+    inst = add(db, driver, hv=P.SUSPENDED)
+    summary = make_sync(db, driver, action="report").run()
+    r = row(db, inst)
+    assert (r.vm_state, r.power_state) == ("active", "suspended")
+    assert driver.domains[inst.domain_name].state is P.SUSPENDED
+    assert summary.domains_stopped == 0 and driver.calls["power_off"] == 0
+    assert driver.calls["destroy"] == 0
+    assert "active instance is suspended on the hypervisor" in caplog.text
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.parametrize("action", ["enforce", "report"])
+@pytest.mark.parametrize("hv", [P.SHUTDOWN, None])
+def test_suspended_shut_off_or_gone_becomes_stopped_after_the_steady_reread(db, driver, hv, action):
+    inst = add(db, driver, vm_state="suspended", power="suspended", hv=P.SUSPENDED)
+    if hv is None:
+        driver.domains.pop(inst.domain_name)
+    else:
+        driver.set_state(inst.domain_name, hv)
+    clock = _Clock()
+    sync = make_sync(db, driver, action=action, watch=steady.SteadyWatch(15, clock))
+    rechecks = []
+    sync.recheck_later = lambda uuid, after: rechecks.append((uuid, after))
+    sync.run()
+    r = row(db, inst)
+    if hv is None:
+        # No domain counts at once: nothing can come back under that name.
+        assert (r.vm_state, r.power_state) == ("stopped", "nostate") and not rechecks
+    else:
+        assert (r.vm_state, r.power_state) == ("suspended", "shutdown")  # not steady yet
+        assert [u for u, _ in rechecks] == [inst.uuid] and rechecks[0][1] >= 15
+        clock.now += 15
+        sync.sync_one(inst.uuid)
+        r = row(db, inst)
+        assert (r.vm_state, r.power_state) == ("stopped", "shutdown")
+    assert driver.calls["power_off"] == 0
 
 
 def test_active_without_domain_gets_nostate_and_a_warning(db, driver, caplog):
