@@ -64,8 +64,8 @@ def agent(sqlite_db):
         (P.RUNNING, P.PAUSED, "paused"),  # PAUSED event
         (P.PAUSED, P.RUNNING, "running"),  # RESUMED event
         (P.SHUTDOWN, P.RUNNING, "running"),  # STARTED event
-        # SUSPENDED event: the policy stops a suspended active instance's domain.
-        (P.RUNNING, P.SUSPENDED, "shutdown"),
+        # SUSPENDED event: this agent reports, so the domain is left suspended.
+        (P.RUNNING, P.SUSPENDED, "suspended"),
         (P.RUNNING, P.CRASHED, "crashed"),  # CRASHED event
     ],
 )
