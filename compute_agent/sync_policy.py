@@ -98,16 +98,17 @@ _STEADY_STOPPED = _both(_steady(VmState.STOPPED))
 _HEAL_ACTIVE = _both(_steady(VmState.ACTIVE))
 _STOP_OR_WARN = (Rule(stop=True), Rule(warn="stopped instance is {observed} on the hypervisor"))
 
-# (vm_state, observation) -> (enforce rule, report rule).
+# (vm_state, observation) -> (enforce rule, report rule). Only the states
+# that some other actor owns get a rule for "anything"; every other pair is
+# written out, so a new observation is a gap, not a silent "consistent".
 _ROWS: dict[tuple[VmState, PowerState | None], tuple[Rule, Rule]] = {}
 for _obs in OBSERVATIONS:
     _ROWS[VmState.BUILDING, _obs] = _both(_nothing("the build (or start-up recovery) settles it"))
     _ROWS[VmState.ERROR, _obs] = _both(_nothing("an operator settles it (stop, reboot --hard)"))
     _ROWS[VmState.DELETED, _obs] = _both(_nothing("a deleted row is no longer synced"))
-    _ROWS[VmState.ACTIVE, _obs] = _both(_nothing(_CONSISTENT))
-    _ROWS[VmState.STOPPED, _obs] = _both(_nothing(_CONSISTENT))
 _ROWS.update(
     {
+        (VmState.ACTIVE, _S.RUNNING): _both(_nothing(_CONSISTENT)),
         (VmState.ACTIVE, _S.PAUSED): _both(
             _nothing("QEMU starting, or paused from outside: memory kept, power_state records it")
         ),
@@ -122,6 +123,8 @@ _ROWS.update(
         (VmState.STOPPED, _S.RUNNING): _STOP_OR_WARN,
         (VmState.STOPPED, _S.PAUSED): _STOP_OR_WARN,
         (VmState.STOPPED, _S.SUSPENDED): _STOP_OR_WARN,
+        (VmState.STOPPED, _S.SHUTDOWN): _both(_nothing(_CONSISTENT)),
+        (VmState.STOPPED, _S.CRASHED): _both(_nothing(_CONSISTENT)),
         (VmState.STOPPED, _S.NOSTATE): _both(_nothing(_TRANSIENT)),
         (VmState.STOPPED, None): _both(_nothing("consistent: `start` re-creates the domain")),
     }
