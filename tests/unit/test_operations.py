@@ -10,7 +10,7 @@ from compute_agent.operations import InstanceOperations
 from compute_agent.states import ActionSource
 from compute_agent.states import PowerState as P
 from compute_agent.virt.fake import FakeDriver
-from tests.helpers import create_instance
+from tests.helpers import create_instance, wait_until
 
 HOST = "h1"
 RPC = ActionSource.RPC
@@ -180,7 +180,8 @@ def test_a_busy_instance_is_refused_at_once(ops, sqlite_db):
     inst = built(ops)
     driver.method_latency["power_off"] = 0.3
     stopping = green.spawn(ops.stop, inst.uuid, RPC)
-    green.sleep(0.05)
+    # Until the stop holds the instance (database calls take their turns).
+    assert wait_until(lambda: driver.calls["power_off"] >= 1)
     started = green.monotonic()
     with pytest.raises(exception.InstanceInvalidState, match="busy \\(powering-off\\)"):
         ops.reboot(inst.uuid, True, RPC)
@@ -298,9 +299,12 @@ def test_builds_beyond_the_limit_wait_in_a_visible_queued_state(sqlite_db):
     payloads = [request() for _ in range(6)]
     peak = 0
     builds = [green.spawn(ops.build, p, RPC) for p in payloads]
-    green.sleep(0.05)
-    rows = sqlite_db.instance_get_all_by_host(HOST)
-    assert sorted(r.task_state for r in rows) == ["queued"] * 4 + ["spawning"] * 2
+
+    def states() -> list:
+        return sorted(r.task_state for r in sqlite_db.instance_get_all_by_host(HOST))
+
+    # Until two builds hold their turn and four wait (their rows say so).
+    assert wait_until(lambda: states() == ["queued"] * 4 + ["spawning"] * 2), states()
     assert ops.builds.queued == 4 and ops.builds.running == 2
     while any(not b.dead for b in builds):
         peak = max(peak, ops.builds.running)
@@ -314,8 +318,8 @@ def test_no_limit_when_zero(sqlite_db):
     driver = FakeDriver(method_latency={"define": 0.1, "start": 0.1})
     ops, driver = make_ops(sqlite_db, driver, limit=0)
     builds = [green.spawn(ops.build, request(), RPC) for _ in range(8)]
-    green.sleep(0.05)
-    assert ops.builds.running == 8 and ops.builds.queued == 0
+    assert wait_until(lambda: ops.builds.running == 8)
+    assert ops.builds.queued == 0
     for b in builds:
         b.wait()
 
@@ -326,7 +330,7 @@ def test_a_queued_build_can_be_deleted_and_then_gives_up(sqlite_db):
     first, second = request(), request()
     b1 = green.spawn(ops.build, first, RPC)
     b2 = green.spawn(ops.build, second, RPC)
-    green.sleep(0.05)
+    assert wait_until(lambda: ops.builds.queued == 1)
     assert sqlite_db.instance_get(second["uuid"]).task_state == "queued"
     ops.delete(second["uuid"], RPC)
     b1.wait()
