@@ -308,3 +308,26 @@ def test_interval_zero_disables_the_schedule_not_the_forced_run(agent, sqlite_db
     summary = manager.reap_deleted(timeout=10)
     assert summary["reaped"] == 1 and summary["domains"] == [gone.domain_name]
     assert gone.domain_name not in driver.domains and task.runs == 1
+
+
+def test_stopping_the_agent_mid_run_does_not_wait_for_the_whole_run(agent, sqlite_db, conf):
+    """SIGTERM during a long run: the run ends after the domain in hand, the stop is prompt."""
+    service, manager, driver = agent
+    conf.set_override("running_deleted_instance_poll_interval", 3600, group="compute")
+    driver.method_latency["destroy"] = 0.3  # a QEMU takes seconds to die; 20 x 0.3 s here
+    for _ in range(20):
+        deleted(sqlite_db, driver)
+    service.start()
+    task = service.runner.tasks[REAPER]
+    assert wait_until(lambda: driver.calls["destroy"] >= 1, timeout=10)
+    started = green.monotonic()
+    service.request_stop("test")
+    service.stop()
+    took = green.monotonic() - started
+    # Well under the 6 s the run would take, and under the grace (3 s): not cancelled.
+    assert took < conf.graceful_shutdown_timeout, took
+    assert task.runs == 1 and task.last_error is None
+    summary = task.last_result
+    assert summary.aborted == "agent stopping" and summary.errors == 0
+    assert summary.reaped + summary.deferred == 20 and summary.deferred > 0
+    assert len(driver.domains) == summary.deferred
