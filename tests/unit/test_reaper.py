@@ -7,10 +7,12 @@ import pytest
 
 from compute_agent import exception, green
 from compute_agent.conf import loader
+from compute_agent.dispatch import Dispatcher
 from compute_agent.locks import KeyedLocks
 from compute_agent.manager import REAPER, ComputeManager
 from compute_agent.reaper import DeletedGuestReaper
 from compute_agent.service import NodeService
+from compute_agent.states import ActionSource
 from compute_agent.states import PowerState as P
 from compute_agent.virt.fake import FakeDriver
 from tests.helpers import create_instance, wait_until
@@ -331,3 +333,19 @@ def test_stopping_the_agent_mid_run_does_not_wait_for_the_whole_run(agent, sqlit
     assert summary.aborted == "agent stopping" and summary.errors == 0
     assert summary.reaped + summary.deferred == 20 and summary.deferred > 0
     assert len(driver.domains) == summary.deferred
+
+
+def test_the_forced_run_is_for_the_admin_socket_only(agent, sqlite_db):
+    service, manager, driver = agent
+    gone = deleted(sqlite_db, driver)
+    service.start()
+    dispatcher = Dispatcher(manager, service)
+    with pytest.raises(exception.InvalidInput, match="unknown method"):
+        dispatcher.call("reap_deleted_instances", {}, ActionSource.RPC)
+    with pytest.raises(exception.InvalidInput, match="unknown argument"):
+        dispatcher.call("reap_deleted_instances", {"action": "noop"}, ActionSource.CLI, admin=True)
+    summary = dispatcher.call("reap_deleted_instances", {}, ActionSource.CLI, admin=True)
+    assert summary["found"] in (0, 1)  # the run at start may have reaped it already
+    assert gone.domain_name not in driver.domains
+    status = dispatcher.call("status", {}, ActionSource.CLI, admin=True)
+    assert status["running_deleted"]["totals"]["reaped"] == 1
