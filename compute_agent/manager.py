@@ -3,12 +3,13 @@
 It owns the driver and the per-instance locks, and hands the work to the
 modules that hold it: ``power_sync`` (the periodic sync and the sync of one
 instance), ``lifecycle`` (events), ``operations`` (build, stop, start,
-reboot, delete), ``stats`` (sampling) and ``recovery`` (operations an
-earlier process left half-done). It registers the periodic tasks with the
-service, and reacts to the hypervisor connection going and coming: the
-service is disabled with an ``AUTO:`` reason while libvirt is away (an
-operator's own disable is never touched), and a full sync follows its
-return, since events may have been lost meanwhile.
+reboot, delete), ``stats`` (sampling), ``reaper`` (guests of deleted
+instances) and ``recovery`` (operations an earlier process left half-done).
+It registers the periodic tasks with the service, and reacts to the
+hypervisor connection going and coming: the service is disabled with an
+``AUTO:`` reason while libvirt is away (an operator's own disable is never
+touched), and a full sync follows its return, since events may have been
+lost meanwhile.
 
 Every request method takes plain values (as RPC and the admin socket
 deliver them), validates them, and returns plain dicts.
@@ -28,6 +29,7 @@ from compute_agent.lifecycle import LifecycleHandler
 from compute_agent.locks import KeyedLocks
 from compute_agent.operations import InstanceOperations
 from compute_agent.power_sync import PowerSync, SyncSummary
+from compute_agent.reaper import DeletedGuestReaper
 from compute_agent.recovery import recover_interrupted
 from compute_agent.service import NodeService
 from compute_agent.states import ActionSource
@@ -40,6 +42,7 @@ LOG = logging.getLogger(__name__)
 
 POWER_SYNC = "power_sync"
 STATS = "stats"
+REAPER = "running_deleted"
 AUTO_PREFIX = "AUTO:"
 
 
@@ -106,6 +109,15 @@ class ComputeManager:
                 watch=self.steady,
             )
             self.power_sync.recheck_later = self.events.recheck
+        self.reaper = DeletedGuestReaper(
+            db,
+            driver,
+            self.host,
+            self.locks,
+            action=compute.running_deleted_instance_action,
+            max_per_run=compute.running_deleted_instance_max_per_run,
+            should_stop=self._stopping,
+        )
         self.stats = StatsSampler(
             db,
             driver,
@@ -143,6 +155,10 @@ class ComputeManager:
         service.add_periodic(POWER_SYNC, self.power_sync.run, compute.sync_power_state_interval)
         if compute.stats_interval > 0:
             service.add_periodic(STATS, self.stats.run, compute.stats_interval)
+        # Registered even when its interval disables the schedule: it can be run on demand.
+        service.add_periodic(
+            REAPER, self.reaper.run, compute.running_deleted_instance_poll_interval
+        )
 
     def stop(self) -> None:
         if self.events is not None:
@@ -264,3 +280,11 @@ class ComputeManager:
             assert self.service is not None
             summary = self.service.runner.run_now(POWER_SYNC).result(timeout)
         return summary.as_dict()
+
+    def reap_deleted(self, timeout: float | None = None) -> dict[str, Any]:
+        """Run the look for guests of deleted instances now; return its summary.
+
+        It joins the periodic task's queue, as a forced power sync does.
+        """
+        assert self.service is not None
+        return self.service.runner.run_now(REAPER).result(timeout).as_dict()

@@ -86,6 +86,36 @@ opts = [
         help="An instance with no complete statistics sample for this many seconds "
         "is reported unresponsive.",
     ),
+    cfg.IntOpt(
+        "running_deleted_instance_poll_interval",
+        default=1800,
+        help="Seconds between two looks for guests of deleted instances that are "
+        "still on the hypervisor (a domain whose name and UUID are those of a "
+        "soft-deleted instance of this host). 0 or a negative value disables the "
+        "periodic look (it can still be run on demand with "
+        "compute-agent-manage reap-deleted).",
+    ),
+    cfg.StrOpt(
+        "running_deleted_instance_action",
+        default="reap",
+        choices=[
+            ("reap", "force the guest off and remove its definition"),
+            ("shutdown", "force the guest off and keep its definition"),
+            ("log", "only log a warning (and audit it)"),
+            ("noop", "do nothing; such guests are only counted"),
+        ],
+        help="What is done to a guest of a deleted instance of this host. A domain "
+        "whose name or UUID matches no deleted instance of this host is never "
+        "touched.",
+    ),
+    cfg.IntOpt(
+        "running_deleted_instance_max_per_run",
+        default=50,
+        min=1,
+        max=10000,
+        help="At most this many guests of deleted instances are handled per run; "
+        "the rest wait for the next run.",
+    ),
     cfg.StrOpt(
         "instance_name_template",
         default="instance-%(uuid)s",
