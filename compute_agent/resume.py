@@ -135,6 +135,7 @@ class BootResume:
         self._boot_id: str | None = None
         self._stopping = False
         self._in_flight = 0
+        self._idle = green.Event()
         # Set while no pass is due or under way: the power sync may run.
         self._done = green.Event()
         self._done.set()
@@ -189,9 +190,7 @@ class BootResume:
         """Let the power sync go, whatever became of the pass."""
         self._done.set()
 
-    def wait_done(
-        self, should_stop: Callable[[], bool], limit: float = SYNC_WAIT_LIMIT_S
-    ) -> bool:
+    def wait_done(self, should_stop: Callable[[], bool], limit: float = SYNC_WAIT_LIMIT_S) -> bool:
         """Wait for a pass under way; False if the agent began stopping meanwhile.
 
         Each wait is short, so a stop is seen within POLL_S; after ``limit``
@@ -240,14 +239,18 @@ class BootResume:
                 self.concurrency or "all",
             )
             slots = green.Semaphore(self.concurrency) if self.concurrency else None
-            threads = []
             for inst in instances:
-                if lost or not self._take(slots):
+                if not self._take(slots):
                     break
-                threads.append(green.spawn(self._one, inst, slots, lost, name="resume-guest"))
+                if lost:  # the hypervisor went away while this one waited for a slot
+                    if slots is not None:
+                        slots.release()
+                    break
+                self._in_flight += 1  # counted from here, so the drain below sees it
+                fig.max_in_flight = max(fig.max_in_flight, self._in_flight)
+                green.spawn(self._one, inst, slots, lost, name="resume-guest")
                 green.yield_now()
-            for thread in threads:
-                thread.wait()
+            self._drain()
         except Exception as exc:  # noqa: BLE001 - the pass must end cleanly, whatever it met
             lost.append(f"{type(exc).__name__}: {exc}")
         finally:
@@ -283,10 +286,14 @@ class BootResume:
                 return True
         return False
 
+    def _drain(self) -> None:
+        """Wait for the starts under way; a stop leaves them to finish on their own."""
+        while self._in_flight > 0 and not (self._stopping or self.should_stop()):
+            self._idle.wait(POLL_S)
+            self._idle.clear()
+
     def _one(self, inst: Any, slots: Any, lost: list[str]) -> None:
         fig = self.figures
-        self._in_flight += 1
-        fig.max_in_flight = max(fig.max_in_flight, self._in_flight)
         try:
             try:
                 state: PowerState | None = self.driver.get_info(inst).state
@@ -318,6 +325,8 @@ class BootResume:
             LOG.error("instance %s: resume after host boot failed: %s", inst.uuid, exc)
         finally:
             self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
             if slots is not None:
                 slots.release()
 
