@@ -149,9 +149,7 @@ def test_guests_that_ran_before_a_host_boot(host: Host):
                 assert dom.isActive() and dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING, uuid
                 assert qemu.qemu_pid(dom.name()) > 0
                 assert row(host, uuid) == ("active", "running", None), uuid
-                audit = [
-                    (a.action, a.source, a.reason or "") for a in host.db.actions_get(uuid)
-                ]
+                audit = [(a.action, a.source, a.reason or "") for a in host.db.actions_get(uuid)]
                 mine = [a for a in audit if a[0] == "resume"]
                 assert mine and all(a[1] == "startup" for a in mine), audit
                 assert any("host boot" in a[2] for a in mine), audit
