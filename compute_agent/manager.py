@@ -172,7 +172,9 @@ class ComputeManager:
         """End a resume pass within the stop's grace: started guests finish, no new one starts."""
         self.resume.stop()
         thread = self._recovery
-        if thread is None or thread.dead:
+        # Recovery alone is left as before (the process ends without it);
+        # a pass sees the stop within a poll and ends.
+        if thread is None or thread.dead or not self.resume.running:
             return
         try:
             with green.Timeout(self.conf.graceful_shutdown_timeout):

@@ -336,5 +336,9 @@ class BootResume:
         """Start no more guests; the sync's wait and the pass's slot waits end."""
         self._stopping = True
 
+    @property
+    def running(self) -> bool:
+        return self.figures.state == "running"
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self.figures)
