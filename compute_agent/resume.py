@@ -34,9 +34,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from compute_agent import exception, green
-from compute_agent.db.api import Database
+from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.operations import InstanceOperations
 from compute_agent.states import ActionSource, PowerState, VmState
+from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver
 
 LOG = logging.getLogger(__name__)
@@ -294,6 +295,7 @@ class BootResume:
 
     def _one(self, inst: Any, slots: Any, lost: list[str]) -> None:
         fig = self.figures
+        claimed = False  # from here on, the operation audits its own failure
         try:
             try:
                 state: PowerState | None = self.driver.get_info(inst).state
@@ -302,6 +304,7 @@ class BootResume:
             if state not in OFF_STATES:
                 fig.skipped += 1  # it runs (or is paused or suspended): nothing to resume
                 return
+            claimed = True
             result = self.operations.resume(inst.uuid, ActionSource.STARTUP, WHY)
             if result.vm_state == VmState.ACTIVE:
                 fig.resumed += 1
@@ -323,12 +326,30 @@ class BootResume:
         except Exception as exc:  # noqa: BLE001 - one guest must not end the pass
             fig.failed += 1
             LOG.error("instance %s: resume after host boot failed: %s", inst.uuid, exc)
+            if not claimed:
+                self._audit_failure(inst.uuid, exc)
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:
                 self._idle.set()
             if slots is not None:
                 slots.release()
+
+    def _audit_failure(self, uuid: str, exc: Exception) -> None:
+        """An instance_actions row for a failure met before the operation took over."""
+        reason = f"resume after host boot failed: {type(exc).__name__}: {exc}"
+        rows = action_rows(
+            uuid,
+            [Change("domain", None, None)],
+            "resume",
+            str(ActionSource.STARTUP),
+            reason,
+            utcnow(),
+        )
+        try:
+            self.db.actions_add(rows)
+        except Exception as db_exc:  # noqa: BLE001 - the log line above says it all
+            LOG.error("instance %s: could not audit the failed resume: %s", uuid, db_exc)
 
     # -- stopping ---------------------------------------------------------
 

@@ -233,6 +233,22 @@ def test_a_failing_guest_is_counted_and_audited_and_the_pass_goes_on(conf, boot,
     assert agent.row(bad).task_state is None
 
 
+def test_a_guest_failing_before_its_start_is_audited_too(conf, boot, make_agent):
+    """A domain of the instance's name but another UUID: never touched, counted, audited."""
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    driver = FakeDriver()
+    agent = make_agent(driver)
+    good, foreign = guests_after_boot(agent.db, driver, 2)
+    driver.domains[f"instance-{foreign}"].uuid = str(uuidlib.uuid4())
+    agent.service.start()
+    assert wait_until(lambda: settled(agent), 20)
+    fig = agent.figures
+    assert (fig.state, fig.resumed, fig.failed) == ("done", 1, 1)
+    assert driver.domains[f"instance-{foreign}"].state is P.SHUTDOWN
+    audit = actions(agent.db, foreign)
+    assert any(a[0] == "resume" and "ForeignDomain" in (a[2] or "") for a in audit), audit
+
+
 class LosingDriver(FakeDriver):
     """libvirtd goes away at the first start and stays away until reconnected."""
 
