@@ -188,6 +188,7 @@ class Dispatcher:
             "hub_lag": asdict(service.lag_monitor.figures()),
             "events": events.figures.as_dict() if events is not None else None,
             "builds": asdict(manager.operations.builds),
+            "resume": manager.resume.as_dict(),
             "intake": asdict(self.intake.figures()),
             "power_sync_progress": list(manager.power_sync.progress),
             "running_deleted": manager.reaper.figures(),

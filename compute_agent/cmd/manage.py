@@ -110,6 +110,7 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hub_lag_worst_offender", ("hub_lag", "worst_offender")),
     ("events", ("events",)),
     ("builds", ("builds",)),
+    ("resume", ("resume",)),
     ("power_sync_progress", ("power_sync_progress",)),
     ("running_deleted", ("running_deleted",)),
     ("unresponsive_instances", ("unresponsive_instances",)),
@@ -280,7 +281,7 @@ def cmd_status(conf: cfg.ConfigOpts) -> int:
     fields: dict[str, Any] = {}
     for name, path in STATUS_FIELDS:
         value = _dig(status, path)
-        if name in ("events", "builds", "running_deleted") and isinstance(value, dict):
+        if name in ("events", "builds", "running_deleted", "resume") and isinstance(value, dict):
             fields.update(output.flatten(value, f"{name}."))  # one row per counter
         elif name == "power_sync_progress" and isinstance(value, list) and len(value) == 2:
             fields[name] = f"{value[0]}/{value[1]}"

@@ -64,6 +64,21 @@ opts = [
         help="How many instance builds may run at once; further builds wait in the "
         "'queued' task state. 0 means no limit.",
     ),
+    cfg.BoolOpt(
+        "resume_guests_state_on_host_boot",
+        default=False,
+        help="After the host boots, start again the guests that were running before "
+        "(vm_state active, domain now off), at most max_concurrent_builds at a time, "
+        "before the first power-state sync. When false they are recorded as stopped by "
+        "that sync. A host boot is told from an agent restart by the kernel's boot id.",
+    ),
+    cfg.StrOpt(
+        "host_boot_id_path",
+        default="/proc/sys/kernel/random/boot_id",
+        advanced=True,
+        help="File holding the kernel's boot id, which changes at every host boot. "
+        "Only tests change it, to simulate a host boot.",
+    ),
     cfg.IntOpt(
         "stats_interval",
         default=60,
