@@ -348,3 +348,28 @@ def test_the_sync_wait_sees_a_stop_within_a_poll(sqlite_db):
     assert green.monotonic() - started < 5
     resume.release()
     assert resume.wait_done(lambda: False) is True
+
+
+# -- an agent killed mid-pass -------------------------------------------------
+
+
+def test_a_resume_cut_by_an_agent_kill_is_resumed_by_the_next_start(
+    conf, boot, make_agent, sqlite_db
+):
+    """SIGKILL mid-pass leaves rows active/powering-on with their domains off (or gone,
+    a re-create cut short): the next start's recovery must keep them active so that the
+    pass, still due, starts them; recorded stopped (or error), they were lost for good."""
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    driver = FakeDriver()
+    off, gone = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+    for uid in (off, gone):
+        create_instance(sqlite_db, host="test-host", uuid=uid, task_state="powering-on")
+    driver.add_domain(f"instance-{off}", off, P.SHUTDOWN)
+    agent = make_agent(driver)
+    agent.service.start()
+    assert wait_until(lambda: settled(agent), 20)
+    for uid in (off, gone):
+        row = agent.row(uid)
+        assert (row.vm_state, row.power_state, row.task_state) == ("active", "running", None)
+        assert driver.domains[f"instance-{uid}"].state is P.RUNNING
+    assert agent.figures.state == "done" and agent.figures.resumed == 2
