@@ -45,6 +45,9 @@ POWER_SYNC = "power_sync"
 STATS = "stats"
 REAPER = "running_deleted"
 AUTO_PREFIX = "AUTO:"
+# How long start-up recovery and the resume pass wait before trying again
+# after the database failed them (the hypervisor's return retries them itself).
+RESUME_RETRY_S = 10.0
 
 
 def instance_dict(inst: Instance) -> dict[str, Any]:
@@ -246,20 +249,40 @@ class ComputeManager:
         self._recovery = green.spawn(self._recover, name="startup-recovery")
 
     def _recover(self) -> None:
+        """Recovery then the pass; tried again while the database fails them.
+
+        A hypervisor outage is retried by its reconnection; a database one
+        has no such signal, so it is retried here, the resume gate held shut
+        meanwhile: the sync would record the guests still to resume stopped.
+        """
         try:
-            if not self._recovered:
-                try:
-                    recover_interrupted(
-                        self.db, self.driver, self.host, self.locks, self.started_at
-                    )
-                except Exception as exc:  # noqa: BLE001 - retried when the hypervisor comes back
-                    LOG.error("start-up recovery interrupted, retried on reconnection: %s", exc)
+            while not self._stopping():
+                if self._recover_once():
                     return
-                self._recovered = True
-            if not self._stopping():
-                self.resume.run_pass()
+                LOG.warning(
+                    "database unavailable: recovery/resume tried again in %s s", RESUME_RETRY_S
+                )
+                end = green.monotonic() + RESUME_RETRY_S
+                while green.monotonic() < end and not self._stopping():
+                    green.sleep(min(0.2, RESUME_RETRY_S))
         finally:
             self.resume.release()
+
+    def _recover_once(self) -> bool:
+        """One attempt; False if the database failed it and it is worth another."""
+        if not self._recovered:
+            try:
+                recover_interrupted(self.db, self.driver, self.host, self.locks, self.started_at)
+            except exception.DatabaseUnavailable as exc:
+                LOG.error("start-up recovery interrupted: %s", exc)
+                return False
+            except Exception as exc:  # noqa: BLE001 - retried when the hypervisor comes back
+                LOG.error("start-up recovery interrupted, retried on reconnection: %s", exc)
+                return True
+            self._recovered = True
+        if self._stopping():
+            return True
+        return not self.resume.run_pass()
 
     # -- requests: instances ----------------------------------------------
 

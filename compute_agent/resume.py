@@ -12,7 +12,8 @@ state directory) is *not* taken for a boot: starting guests nobody asked
 for is worse than leaving them to the operator, so the id is just recorded.
 The id is recorded once nothing more is due: at once when the option is off
 or this is no boot, after a complete pass otherwise, so an agent stopped or
-a hypervisor lost mid-pass resumes the rest at its next chance.
+a hypervisor lost mid-pass resumes the rest at its next chance; a database
+lost mid-pass has the manager run the pass again soon, the sync held back.
 
 The pass starts each ``active`` instance whose domain is off (shut off,
 crashed, or gone: ``InstanceOperations.resume`` re-creates a missing domain
@@ -136,6 +137,8 @@ class BootResume:
         self._boot_id: str | None = None
         self._stopping = False
         self._in_flight = 0
+        # The last pass ended because the database went away: retried soon.
+        self.db_lost = False
         self._idle = green.Event()
         # Set while no pass is due or under way: the power sync may run.
         self._done = green.Event()
@@ -212,16 +215,20 @@ class BootResume:
 
     # -- the pass ---------------------------------------------------------
 
-    def run_pass(self) -> None:
+    def run_pass(self) -> bool:
         """Start every active instance whose domain is off; never raises.
 
         Runs in the start-up recovery greenthread. The hypervisor going away
         ends it (what is left is retried on reconnection); one instance's
-        failure is logged, counted and audited, and the pass goes on.
+        failure is logged, counted and audited, and the pass goes on. The
+        database going away ends it too, but nothing would ever retry it:
+        True then, the gate is kept closed and the caller runs it again soon
+        (a sync let through would record every guest still off as stopped).
         """
         if not self.due:
             self.release()
-            return
+            return False
+        self.db_lost = False
         fig = self.figures
         fig.state, fig.last_error = "running", None
         fig.candidates = fig.resumed = fig.failed = fig.skipped = fig.max_in_flight = 0
@@ -253,16 +260,19 @@ class BootResume:
                 green.yield_now()
             self._drain()
         except Exception as exc:  # noqa: BLE001 - the pass must end cleanly, whatever it met
+            self.db_lost = self.db_lost or isinstance(exc, exception.DatabaseUnavailable)
             lost.append(f"{type(exc).__name__}: {exc}")
         finally:
             fig.duration_s = round(green.monotonic() - started, 3)
             self._finish(lost)
+        return bool(lost) and self.db_lost and not (self._stopping or self.should_stop())
 
     def _finish(self, lost: list[str]) -> None:
         fig = self.figures
         if lost:
             fig.state, fig.last_error = "failed", lost[0]
-            LOG.error("resume after host boot failed (retried on reconnection): %s", lost[0])
+            when = "soon" if self.db_lost else "on reconnection"
+            LOG.error("resume after host boot failed (retried %s): %s", when, lost[0])
         elif self._stopping or self.should_stop():
             fig.state = "interrupted"
             LOG.warning("resume after host boot interrupted by the agent stopping")
@@ -278,7 +288,8 @@ class BootResume:
             fig.candidates,
             fig.duration_s or 0.0,
         )
-        self.release()
+        if not (lost and self.db_lost):
+            self.release()
 
     def _take(self, slots: Any) -> bool:
         """Wait for a slot, looking at "stopping" between short waits."""
@@ -314,9 +325,10 @@ class BootResume:
                 LOG.error(
                     "instance %s: resume after host boot left it %s", inst.uuid, result.vm_state
                 )
-        except exception.HypervisorUnavailable as exc:
+        except exception.HypervisorUnavailable as exc:  # DatabaseUnavailable is one too
             fig.failed += 1
-            lost.append(f"hypervisor unavailable: {exc}")
+            self.db_lost = self.db_lost or isinstance(exc, exception.DatabaseUnavailable)
+            lost.append(f"{type(exc).__name__}: {exc}")
         except exception.InstanceInvalidState as exc:
             fig.skipped += 1  # changed meanwhile (an operator's request): theirs to settle
             LOG.info("instance %s: not resumed: %s", inst.uuid, exc)

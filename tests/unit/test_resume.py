@@ -9,7 +9,8 @@ import uuid as uuidlib
 import pytest
 import sqlalchemy as sa
 
-from compute_agent import green
+from compute_agent import exception, green
+from compute_agent import manager as manager_mod
 from compute_agent.db.models import InstanceAction
 from compute_agent.manager import POWER_SYNC, ComputeManager
 from compute_agent.resume import BOOT_ID_FILE, BootResume, load_recorded, save_recorded
@@ -373,3 +374,52 @@ def test_a_resume_cut_by_an_agent_kill_is_resumed_by_the_next_start(
         assert (row.vm_state, row.power_state, row.task_state) == ("active", "running", None)
         assert driver.domains[f"instance-{uid}"].state is P.RUNNING
     assert agent.figures.state == "done" and agent.figures.resumed == 2
+
+
+# -- the database away mid-pass -----------------------------------------------
+
+
+class FlakyDb:
+    """The agent's database as the pass sees it, unavailable while ``down`` is set."""
+
+    def __init__(self, db) -> None:
+        self.db, self.down, self.refused = db, True, 0
+
+    def __getattr__(self, name):
+        real = getattr(self.db, name)
+        if name != "instance_get_all_by_host":
+            return real
+
+        def call(*args, **kwargs):
+            if self.down:
+                self.refused += 1
+                raise exception.DatabaseUnavailable("database unavailable: injected")
+            return real(*args, **kwargs)
+
+        return call
+
+
+def test_the_database_away_during_the_pass_holds_the_sync_and_the_pass_is_retried(
+    conf, boot, make_agent, monkeypatch
+):
+    """A database blip as the host comes up (the rack lost power with it) failed the pass;
+    only a hypervisor reconnection retried it, so the next sync recorded every guest that
+    ran before the boot as stopped, for good."""
+    monkeypatch.setattr(manager_mod, "RESUME_RETRY_S", 0.3, raising=False)
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    conf.set_override("sync_power_state_interval", 1, group="compute")
+    driver = FakeDriver()
+    agent = make_agent(driver)
+    uids = guests_after_boot(agent.db, driver, 3)
+    flaky = agent.manager.resume.db = FlakyDb(agent.db)
+    agent.service.start()
+    task = agent.service.runner.tasks[POWER_SYNC]
+    assert wait_until(lambda: flaky.refused >= 2, 20)  # failed, and tried again
+    assert task.runs == 0  # the sync waits meanwhile: it would record them stopped
+    assert "database unavailable" in (agent.figures.last_error or "")
+    flaky.down = False
+    assert wait_until(lambda: agent.figures.state == "done" and task.runs >= 1, 20)
+    for uid in uids:
+        row = agent.row(uid)
+        assert (row.vm_state, row.power_state) == ("active", "running"), uid
+    assert agent.figures.resumed == 3 and not agent.manager.resume.due
