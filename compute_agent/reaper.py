@@ -12,6 +12,9 @@ Each domain is handled under its instance's lock (skipped if busy) and read
 again just before acting, so a domain that went or changed hands meanwhile
 is left alone. A run handles at most ``max_per_run`` domains and yields
 after each; one domain's failure is counted, never the end of the run.
+Domains take turns across runs (those handled longest ago first): leftovers
+that stay (already off, a destroy that keeps failing) never keep the others
+out of the bound.
 Every action but ``noop`` writes an ``instance_actions`` row.
 """
 
@@ -112,6 +115,8 @@ class DeletedGuestReaper:
         self.totals: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.last: ReapSummary | None = None
         self.last_at: str | None = None
+        # uuid -> the run that last handled its domain, for leftovers still there.
+        self._turns: dict[str, int] = {}
 
     # -- the run ----------------------------------------------------------
 
@@ -141,12 +146,17 @@ class DeletedGuestReaper:
         ]
         summary.found = len(matched)
         summary.deferred = max(0, len(matched) - self.max_per_run)
+        # Never handled first, then the longest ago; the sort is stable (listing order).
+        turns = {i.uuid: self._turns[i.uuid] for i in matched if i.uuid in self._turns}
+        self._turns = turns  # forget domains that are gone
+        matched.sort(key=lambda i: turns.get(i.uuid, -1))
         todo = matched[: self.max_per_run]
         for done, inst in enumerate(todo):
             if self.should_stop():
                 summary.aborted = "agent stopping"
                 summary.deferred += len(todo) - done
                 return
+            turns[inst.uuid] = self.runs
             try:
                 self._handle(inst, summary)
             finally:

@@ -183,6 +183,29 @@ def test_a_run_handles_at_most_max_per_run_the_rest_waits(db, driver):
     assert task.runs == 4 and task.totals["reaped"] == 5
 
 
+def test_domains_the_bound_left_out_get_their_turn_whatever_became_of_the_first(db, driver):
+    """More leftovers than max_per_run, the first of them never going away (already off
+    under ``shutdown``, a destroy that keeps failing under ``reap``): each run took the same
+    first ones, and the rest, running guests among them, were never acted on."""
+    off = [deleted(db, driver, hv=P.SHUTDOWN) for _ in range(3)]
+    running = [deleted(db, driver) for _ in range(3)]
+    task = reaper(db, driver, "shutdown", max_per_run=3)
+    runs = [task.run() for _ in range(2)]
+    assert all(driver.domains[i.domain_name].state == P.SHUTDOWN for i in off + running)
+    assert sum(s.shut_down for s in runs) == 3 and sum(s.already_off for s in runs) == 3
+    # reap: two domains listed first whose destroy fails, bound 2: the third is reaped.
+    hv = FakeDriver()
+    hv.init_host("h1")
+    stuck = [deleted(db, hv) for _ in range(2)]
+    deleted(db, hv)
+    hv.inject_fault("destroy", names={i.domain_name for i in stuck})
+    task = reaper(db, hv, "reap", max_per_run=2)
+    for _ in range(3):
+        task.run()
+    assert {i.domain_name for i in stuck} == set(hv.domains)
+    assert task.totals["reaped"] == 1
+
+
 def test_an_instance_whose_lock_is_taken_is_skipped(db, driver):
     busy, free = deleted(db, driver), deleted(db, driver)
     locks = KeyedLocks()
