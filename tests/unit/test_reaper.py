@@ -372,3 +372,27 @@ def test_the_forced_run_is_for_the_admin_socket_only(agent, sqlite_db):
     assert gone.domain_name not in driver.domains
     status = dispatcher.call("status", {}, ActionSource.CLI, admin=True)
     assert status["running_deleted"]["totals"]["reaped"] == 1
+
+
+def test_a_hung_destroy_leaves_status_answering_and_the_stop_within_its_grace(
+    agent, sqlite_db, conf
+):
+    """libvirt stops answering mid-run: status still answers, SIGTERM still ends the agent."""
+    service, manager, driver = agent
+    conf.set_override("running_deleted_instance_poll_interval", 3600, group="compute")
+    for _ in range(3):
+        deleted(sqlite_db, driver)
+    fault = driver.inject_fault("destroy", kind="hang")
+    service.start()
+    assert wait_until(lambda: fault.hits == 1, timeout=10)
+    dispatcher = Dispatcher(manager, service)
+    started = green.monotonic()
+    status = dispatcher.call("status", {}, ActionSource.CLI, admin=True)
+    assert green.monotonic() - started < 5
+    assert status["running_deleted"]["action"] == "reap"
+    started = green.monotonic()
+    service.request_stop("test")
+    service.stop()
+    took = green.monotonic() - started
+    assert took < 2 * conf.graceful_shutdown_timeout + 2, took
+    driver.clear_faults()

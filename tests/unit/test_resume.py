@@ -15,6 +15,7 @@ from compute_agent.db.models import InstanceAction
 from compute_agent.manager import POWER_SYNC, ComputeManager
 from compute_agent.resume import BOOT_ID_FILE, BootResume, load_recorded, save_recorded
 from compute_agent.service import NodeService
+from compute_agent.states import ActionSource
 from compute_agent.states import PowerState as P
 from compute_agent.virt.fake import FakeDriver
 from tests.helpers import create_instance, wait_until
@@ -423,3 +424,29 @@ def test_the_database_away_during_the_pass_holds_the_sync_and_the_pass_is_retrie
         row = agent.row(uid)
         assert (row.vm_state, row.power_state) == ("active", "running"), uid
     assert agent.figures.resumed == 3 and not agent.manager.resume.due
+
+
+# -- users racing the pass ----------------------------------------------------
+
+
+def test_a_stop_and_a_delete_racing_the_pass_win_and_stay_won(conf, boot, make_agent):
+    """Requests for guests the pass has not reached yet: a stopped guest is not started
+    again, a deleted one's domain is not re-created; one in flight refuses them as busy."""
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    conf.set_override("max_concurrent_builds", 1, group="compute")
+    driver = FakeDriver(method_latency={"power_on": 0.2})
+    agent = make_agent(driver)
+    uids = guests_after_boot(agent.db, driver, 8)
+    ops = agent.manager.operations
+    agent.service.start()
+    assert wait_until(lambda: driver.calls["power_on"] >= 1, 10)
+    stopped = ops.stop(uids[-1], ActionSource.RPC)
+    assert stopped.vm_state == "stopped"
+    ops.delete(uids[-2], ActionSource.RPC)
+    assert wait_until(lambda: settled(agent), 30)
+    assert agent.row(uids[-1]).vm_state == "stopped"
+    assert driver.domains[f"instance-{uids[-1]}"].state is P.SHUTDOWN
+    assert f"instance-{uids[-2]}" not in driver.domains
+    for uid in uids[:-2]:
+        assert agent.row(uid).power_state == "running", uid
+    assert agent.figures.state == "done" and agent.figures.skipped == 2
