@@ -169,3 +169,41 @@ def test_guests_that_ran_before_a_host_boot(host: Host):
         host.root.joinpath("agent-after.log").write_text(agent.output)
     # The new boot id was recorded: the next start is an agent restart, not a boot.
     assert (host.root / "state" / "boot_id").read_text().strip() == BOOT_AFTER
+
+
+@pytest.mark.parametrize("host", [True], indirect=True, ids=["option-on"])
+def test_an_agent_killed_mid_pass_resumes_the_rest_at_its_next_start(host: Host):
+    """SIGKILL as the pass starts its first guest (one at a time): the boot id is not
+    recorded, the next start's recovery keeps the cut guest active, and every guest runs."""
+    host.files[0].write_text(
+        host.files[0].read_text().replace("max_concurrent_builds = 2", "max_concurrent_builds = 1")
+    )
+    uuids = build_then_host_boot(host, undefine_one=True)
+    agent = AgentProcess(host.files)
+    try:
+
+        def resuming() -> bool:
+            assert agent.proc.poll() is None, agent.output
+            return any(row(host, u)[2] == "powering-on" for u in uuids)
+
+        eventually(resuming, 60, "a guest is being resumed", every=0.01)
+        agent.proc.send_signal(signal.SIGKILL)
+        agent.wait_exit(10)
+    finally:
+        agent.kill()
+        host.root.joinpath("agent-killed.log").write_text(agent.output)
+    assert (host.root / "state" / "boot_id").read_text().strip() == BOOT_BEFORE
+    cut = [u for u in uuids if row(host, u)[2] == "powering-on"]
+    assert len(cut) == 1, [row(host, u) for u in uuids]
+    agent, admin = host.start_agent()
+    try:
+        eventually(lambda: admin.call("status")["resume"]["state"] == "done", 60, "pass done")
+        for uuid in uuids:
+            eventually(lambda u=uuid: row(host, u) == ("active", "running", None), 20, uuid)
+            assert host.dom(uuid).state()[0] == libvirt.VIR_DOMAIN_RUNNING, uuid
+        # Settled by the recovery (kept active whether its QEMU had started or not).
+        assert any(a.action == "recover" for a in host.db.actions_get(cut[0]))
+    finally:
+        stop_agent(agent)
+        host.root.joinpath("agent-after.log").write_text(agent.output)
+    assert (host.root / "state" / "boot_id").read_text().strip() == BOOT_AFTER
