@@ -213,8 +213,10 @@ class ComputeManager:
         if self._stopping():
             return
         if up:
-            self._set_auto_disabled(False, None)
+            # The resume gate first: the service write yields, and a sync
+            # let through meanwhile would record the guests to resume stopped.
             self._start_recovery()
+            self._set_auto_disabled(False, None)
             LOG.info("hypervisor back (%s): running a full power sync", reason)
             if self.service is not None and POWER_SYNC in self.service.runner.tasks:
                 self.service.runner.run_now(POWER_SYNC)

@@ -450,3 +450,34 @@ def test_a_stop_and_a_delete_racing_the_pass_win_and_stay_won(conf, boot, make_a
     for uid in uids[:-2]:
         assert agent.row(uid).power_state == "running", uid
     assert agent.figures.state == "done" and agent.figures.skipped == 2
+
+
+# -- the hypervisor back after a start without it -------------------------------
+
+
+class AbsentAtStart(FakeDriver):
+    def init_host(self, host: str) -> None:
+        raise exception.HypervisorUnavailable("libvirtd not up yet")
+
+
+def test_the_gate_closes_before_the_reconnection_yields(conf, boot, make_agent):
+    """libvirtd up after the agent (host boot order): the reconnection first wrote the
+    service row (a database call: the hub runs others), and only then held the sync back;
+    a sync due in that window saw the guests off and recorded them stopped."""
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    driver = AbsentAtStart()
+    agent = make_agent(driver)
+    uids = guests_after_boot(agent.db, driver, 2)
+    agent.service.start()
+    gate_open_at_db_write = []
+    real = agent.db.service_set_disabled
+
+    def write(*args, **kwargs):
+        gate_open_at_db_write.append(agent.manager.resume._done.is_set())
+        return real(*args, **kwargs)
+
+    agent.db.service_set_disabled = write  # shadows the method on this instance
+    driver.reconnect()
+    assert gate_open_at_db_write == [False]
+    assert wait_until(lambda: settled(agent) and agent.figures.state == "done", 20)
+    assert all(agent.row(u).power_state == "running" for u in uids)
