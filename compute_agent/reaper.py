@@ -126,8 +126,9 @@ class DeletedGuestReaper:
         summary = ReapSummary(self.action)
         try:
             self._run(summary)
-        except exception.HypervisorUnavailable as exc:
-            summary.aborted = f"hypervisor unavailable: {exc}"
+        except exception.HypervisorUnavailable as exc:  # DatabaseUnavailable says its own name
+            db = isinstance(exc, exception.DatabaseUnavailable)
+            summary.aborted = str(exc) if db else f"hypervisor unavailable: {exc}"
         finally:
             summary.duration_s = round(green.monotonic() - started, 4)
             self._record(summary)

@@ -235,6 +235,18 @@ def test_the_hypervisor_going_away_aborts_the_run(db, driver):
     assert summary.found == 0
 
 
+def test_the_database_going_away_aborts_the_run_under_its_own_name(db, driver, monkeypatch):
+    deleted(db, driver)
+
+    def down(*args):
+        raise exception.DatabaseUnavailable("database unavailable: connection refused")
+
+    monkeypatch.setattr(db, "instance_get_deleted_by_domain_names", down)
+    summary = reaper(db, driver).run()
+    assert summary.aborted == "database unavailable: connection refused"
+    assert driver.calls["destroy"] == 0
+
+
 def test_stopping_the_agent_ends_the_run_between_domains(db, driver):
     for _ in range(3):
         deleted(db, driver)
