@@ -76,6 +76,7 @@ class ComputeManager:
         self.started_at = utcnow()
         self._recovered = False
         self._recovery: green.GreenThread | None = None
+        self._again = False  # a reconnection came while the recovery thread ran
         compute = conf.compute
         # The one "really stopped" rule, shared by the sync, events and operations.
         delay = conf.libvirt.lifecycle_event_delay
@@ -241,9 +242,12 @@ class ComputeManager:
 
         Once each (until it completes), one run at a time. The resume gate
         is closed here, before the thread runs, so that a sync asked for
-        right after (on reconnection) waits for the pass.
+        right after (on reconnection) waits for the pass. A reconnection
+        while the thread still runs (a failed pass waiting for starts in
+        flight) has it go round once more instead: nothing else would.
         """
         if self._recovery is not None and not self._recovery.dead:
+            self._again = True
             return
         if self._recovered and not self.resume.due:
             return
@@ -259,7 +263,10 @@ class ComputeManager:
         """
         try:
             while not self._stopping():
+                self._again = False
                 if self._recover_once():
+                    if self._again and self.driver.connected:
+                        continue  # the hypervisor came back while this ran
                     return
                 LOG.warning(
                     "database unavailable: recovery/resume tried again in %s s", RESUME_RETRY_S

@@ -222,11 +222,11 @@ class BootResume:
         ends it (what is left is retried on reconnection); one instance's
         failure is logged, counted and audited, and the pass goes on. The
         database going away ends it too, but nothing would ever retry it:
-        True then, the gate is kept closed and the caller runs it again soon
-        (a sync let through would record every guest still off as stopped).
+        True then, and the caller runs it again soon. The caller opens the
+        gate (``release``) once no further pass follows at once: a sync let
+        through would record every guest still off as stopped.
         """
         if not self.due:
-            self.release()
             return False
         self.db_lost = False
         fig = self.figures
@@ -288,8 +288,6 @@ class BootResume:
             fig.candidates,
             fig.duration_s or 0.0,
         )
-        if not (lost and self.db_lost):
-            self.release()
 
     def _take(self, slots: Any) -> bool:
         """Wait for a slot, looking at "stopping" between short waits."""

@@ -481,3 +481,42 @@ def test_the_gate_closes_before_the_reconnection_yields(conf, boot, make_agent):
     assert gate_open_at_db_write == [False]
     assert wait_until(lambda: settled(agent) and agent.figures.state == "done", 20)
     assert all(agent.row(u).power_state == "running" for u in uids)
+
+
+class BouncingDriver(FakeDriver):
+    """libvirtd restarts under the pass: the first start loses it, a second start still
+    in flight (a slow QEMU) ends only after the connection is back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts = 0
+        self.back = green.Event()
+
+    def power_on(self, instance) -> None:
+        self.starts += 1
+        if self.starts == 1:
+            green.sleep(0.1)  # the second start is under way
+            self.disconnect("libvirtd restarted")
+            green.spawn_after(0.1, self.reconnect)
+            green.spawn_after(0.1, self.back.set)
+        elif self.starts == 2:
+            self.back.wait()
+            green.sleep(0.3)  # finishes after the reconnection
+        super().power_on(instance)
+
+
+def test_a_reconnection_while_the_failed_pass_drains_still_runs_it_again(conf, boot, make_agent):
+    """The reconnection came while the failed pass still waited for a start in flight: it
+    found the start-up thread alive and did nothing; the pass then ended failed with nobody
+    to run it again, and the reconnection's sync recorded the guests not reached stopped."""
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    conf.set_override("max_concurrent_builds", 2, group="compute")
+    driver = BouncingDriver()
+    agent = make_agent(driver)
+    uids = guests_after_boot(agent.db, driver, 5)
+    agent.service.start()
+    assert wait_until(lambda: driver.back.is_set(), 10)
+    assert wait_until(lambda: agent.figures.state == "done" and settled(agent), 20), agent.figures
+    for uid in uids:
+        row = agent.row(uid)
+        assert (row.vm_state, row.power_state) == ("active", "running"), (uid, row.vm_state)
