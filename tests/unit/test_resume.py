@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from compute_agent import exception, green
 from compute_agent import manager as manager_mod
 from compute_agent.db.models import InstanceAction
+from compute_agent.dispatch import Dispatcher
 from compute_agent.manager import POWER_SYNC, ComputeManager
 from compute_agent.resume import BOOT_ID_FILE, BootResume, load_recorded, save_recorded
 from compute_agent.service import NodeService
@@ -520,3 +521,20 @@ def test_a_reconnection_while_the_failed_pass_drains_still_runs_it_again(conf, b
     for uid in uids:
         row = agent.row(uid)
         assert (row.vm_state, row.power_state) == ("active", "running"), (uid, row.vm_state)
+
+
+def test_status_answers_while_every_start_of_the_pass_hangs(conf, boot, make_agent):
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    conf.set_override("max_concurrent_builds", 2, group="compute")
+    driver = FakeDriver()
+    agent = make_agent(driver)
+    guests_after_boot(agent.db, driver, 4)
+    fault = driver.inject_fault("power_on", kind="hang")
+    agent.service.start()
+    assert wait_until(lambda: fault.hits == 2, 10)
+    started = green.monotonic()
+    status = Dispatcher(agent.manager, agent.service).call(
+        "status", {}, ActionSource.CLI, admin=True
+    )
+    assert green.monotonic() - started < 5
+    assert status["resume"]["state"] == "running" and status["resume"]["max_in_flight"] == 2
