@@ -52,6 +52,8 @@ class Dispatcher:
         self.manager = manager
         self.service = service
         self.intake = intake if intake is not None else IntakeGate(_slots(service))
+        # The admin socket server sets itself here; status shows its figures.
+        self.admin_socket: Any = None
         self.methods: dict[str, Method] = {
             "ping": Method(self.ping),
             "get_host_state": Method(self.get_host_state),
@@ -67,6 +69,12 @@ class Dispatcher:
             "delete_instance": Method(self.delete_instance, ("instance_uuid",), gated=True),
             "sync_power_states": Method(self.sync_power_states, (), ("instance_uuid",), gated=True),
             "status": Method(self.status, admin_only=True),
+            "get_instance_actions": Method(
+                self.get_instance_actions, ("instance_uuid",), ("limit",), admin_only=True
+            ),
+            "set_service_disabled": Method(
+                self.set_service_disabled, ("disabled",), ("reason",), admin_only=True
+            ),
         }
 
     def public(self, admin: bool) -> list[str]:
@@ -139,6 +147,16 @@ class Dispatcher:
     def get_instance_info(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
         return self.manager.get_instance_info(instance_uuid)
 
+    def get_instance_actions(
+        self, source: ActionSource, instance_uuid: Any, limit: Any = 100
+    ) -> list[dict[str, Any]]:
+        return self.manager.get_instance_actions(instance_uuid, limit)
+
+    def set_service_disabled(
+        self, source: ActionSource, disabled: Any, reason: Any = None
+    ) -> dict[str, Any]:
+        return self.manager.set_service_disabled(disabled, reason)
+
     def get_instance_stats(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
         return self.manager.get_instance_stats(instance_uuid)
 
@@ -185,4 +203,14 @@ class Dispatcher:
             "intake": asdict(self.intake.figures()),
             "power_sync_progress": list(manager.power_sync.progress),
             "unresponsive_instances": manager.stats.store.unresponsive(),
+            "unknown_domains": _unknown_domains(manager.power_sync.unknown),
+            "admin_socket": (
+                self.admin_socket.figures() if self.admin_socket is not None else None
+            ),
         }
+
+
+def _unknown_domains(unknown: tuple[int, list[str], str | None]) -> dict[str, Any]:
+    """The last power sync's domains that belong to no instance of this host."""
+    count, names, checked_at = unknown
+    return {"count": count, "names": list(names), "checked_at": checked_at}

@@ -107,6 +107,8 @@ class PowerSync:
         self.shutdown_timeout = shutdown_timeout
         self.should_stop = should_stop
         self.progress = (0, 0)
+        # The last run's domains that belong to no instance: (count, names, when).
+        self.unknown: tuple[int, list[str], str | None] = (0, [], None)
         # The "really stopped" rule; without one, a re-read counts at once.
         self.watch = watch if watch is not None else steady.SteadyWatch(0)
         # (uuid, seconds): sync that instance again later. The manager points
@@ -189,6 +191,7 @@ class PowerSync:
         unknown = sorted(d.name for d in domains if (d.name, d.uuid) not in claimed)
         summary.unknown = len(unknown)
         summary.unknown_domains = unknown[:MAX_LISTED_UNKNOWN]
+        self.unknown = (len(unknown), summary.unknown_domains, utcnow().isoformat() + "Z")
         if unknown:
             LOG.info(
                 "%d domain(s) on the hypervisor belong to no instance of this host: %s%s",

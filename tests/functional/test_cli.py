@@ -211,7 +211,7 @@ def test_operations_that_fail_exit_1(env, instance, tmp_path):
 
 def test_usage_errors_exit_2(env, instance):
     cases = {
-        ("instances", "show", "not-a-uuid"): "invalid UUID 'not-a-uuid'",
+        ("instances", "start", "not-a-uuid"): "invalid UUID 'not-a-uuid'",
         ("instances", "reboot", "--hard"): "required: UUID",
         ("power-sync", "--instance", "12345"): "invalid UUID '12345'",
         ("explode",): "invalid choice: 'explode'",
