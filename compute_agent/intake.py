@@ -143,12 +143,14 @@ class RefusalLog:
         *,
         first: str = FIRST,
         summary: str = SUMMARY,
+        name: str = "rpc-refusal-log",
     ) -> None:
         """``first``, ``summary``: %-formats of kind, method, type, error / n, window, last."""
         self.logger = logger
         self.window = window
         self.first = first
         self.summary = summary
+        self.name = name
         self.total = 0
         self._counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._last: dict[tuple[str, str, str], str] = {}
@@ -171,7 +173,7 @@ class RefusalLog:
             self._counts[key] += 1
             self._last[key] = str(error)
         if self._flusher is None:
-            self._flusher = green.spawn_after(self.window, self.flush, name="rpc-refusal-log")
+            self._flusher = green.spawn_after(self.window, self.flush, name=self.name)
 
     def flush(self) -> None:
         """Log the counted refusals, one line per method and type, and start a new window."""

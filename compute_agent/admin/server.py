@@ -9,6 +9,13 @@ RPC, with ``admin=True`` and the CLI as the recorded source. Nothing a
 client sends can end the server: a bad line gets an ``InvalidInput`` reply,
 an unexpected error an error reply and a log line.
 
+Nor can clients lock the CLI out: a request must arrive in full within
+``request_timeout`` of the connection's start (a deadline for the line, not
+for each receive), and at the connection limit a new connection takes the
+place of the oldest one still sending its request; the CLI sends its
+request at once, so it is served. Refusals and drops are counted for
+``status`` and logged as one line per burst (:class:`RefusalLog`).
+
 The agent monkey-patches the standard library before anything else, so the
 ``socket`` module used here is eventlet's green one: a blocked accept or
 read only parks its greenthread.
@@ -97,6 +104,7 @@ class AdminSocketServer:
             first="admin socket: %(kind)s %(method)s: %(type)s: %(error)s",
             summary="admin socket: %(n)d more %(kind)ss %(method)s in the last %(window).0f s: "
             "%(type)s (last: %(last)s)",
+            name="admin-refusal-log",
         )
         self.refused = 0
         self.evicted = 0

@@ -67,6 +67,7 @@ def test_a_stopped_agent_is_exit_3_within_the_deadline(env):
         assert len(lines) == 1, proc.stderr  # one line, no traceback
         assert lines[0].startswith(f"{PREFIX}no answer from the agent on {sock} after ")
     assert "after 3." in status.stderr and "after 30." in default.stderr
+    print(f"\nstopped agent: 3 s and 30 s deadlines, batch of 4 CLIs took {took:.1f} s")
     assert took < 30 + SLACK
     # Awake again, it answers.
     again = manage("status", "-f", "value", config_files=files)
@@ -125,11 +126,13 @@ def test_the_cli_gets_through_a_flood_of_slow_clients(env):
         assert listing.returncode == 0, listing.stderr
         assert "TooManyConnections" not in status.stderr + listing.stderr
         assert took < 10 + SLACK
+        print(f"\n80 slow clients: status and instances list answered in {took:.1f} s")
     finally:
         flood.join()
     assert flood.dropped >= 80 - 64  # the ones past the limit made room for others
     # Counted, not logged one line each: a few summary lines for 80+ drops.
     warnings = [line for line in agent.lines[before:] if "admin socket:" in line]
     assert 1 <= len(warnings) <= 10, "\n".join(warnings)
+    print(f"{flood.dropped} connections dropped, {len(warnings)} log lines:", *warnings, sep="\n")
     final = manage("status", "-f", "json", config_files=files)
     assert final.returncode == 0, final.stderr
