@@ -71,6 +71,7 @@ MUTATING = frozenset(
         "reboot_instance",
         "delete_instance",
         "sync_power_states",
+        "set_service_disabled",
     }
 )
 

@@ -8,7 +8,8 @@ through the same checks and per-instance locks as RPC.
 Exit status: 0 success; 1 the operation failed (the agent's typed error,
 an aborted sync, a database error); 2 a usage error (bad arguments, or the
 agent's ``InvalidInput``, which says the same thing); 3 no agent answers
-on the socket. Every failure is one line on stderr.
+on the socket, or not within the command's deadline (``--timeout``): no
+command hangs. Every failure is one line on stderr.
 """
 
 import os
@@ -188,21 +189,22 @@ def _call(
     args: dict[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Any:
-    client = AdminClient(conf.admin_socket, timeout=_timeout(conf, method))
+    client = AdminClient(conf.admin_socket, timeout=_timeout(conf, method, args or {}))
     return client.call(method, args, on_progress=on_progress)
 
 
-def _timeout(conf: cfg.ConfigOpts, method: str) -> float:
+def _timeout(conf: cfg.ConfigOpts, method: str, args: dict[str, Any]) -> float:
     """``--timeout``, or a default that fits the call.
 
-    A stop may rightly wait ``[compute] shutdown_timeout`` for the guest; a
-    read has no reason to take more than DEFAULT_TIMEOUT. A power sync
+    A stop may rightly wait ``[compute] shutdown_timeout`` for the guest (and
+    a one-instance sync for a stop that holds the instance's lock); a read
+    has no reason to take more than DEFAULT_TIMEOUT. A whole-host power sync
     waits DEFAULT_TIMEOUT between progress lines, however long it runs.
     """
     given = getattr(_args(conf), "reply_timeout", None)
     if given is not None:
         return float(given)
-    if method in OPERATIONS:
+    if method in OPERATIONS or (method == "sync_power_states" and args.get("instance_uuid")):
         compute = getattr(conf, "compute", None)
         shutdown = float(getattr(compute, "shutdown_timeout", 60) or 0)
         return DEFAULT_TIMEOUT + shutdown + OPERATION_MARGIN
