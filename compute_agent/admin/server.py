@@ -369,7 +369,8 @@ class AdminSocketServer:
             method, args = protocol.parse_request(line)
         except exception.InvalidInput as exc:
             self.errors += 1
-            LOG.warning("bad admin request (%s): %s", peer, exc)
+            # A flood of junk lines is one log line per burst, not one each.
+            self.refusals.refused("request", "rejected", exception.InvalidInput(f"{exc} ({peer})"))
             self._send(conn, _error_reply(exc))
             return
         self.requests += 1
