@@ -104,6 +104,14 @@ class AdminClient:
             except TimeoutError:
                 raise self._timed_out(clock, method) from None
             except OSError as exc:
+                # A refused connection (TooManyConnections) is closed after
+                # its error reply: that reply says more than the broken pipe.
+                try:
+                    self._read_reply(sock, clock, method, None)
+                except RemoteError:
+                    raise
+                except (ClientError, AgentTimeout):
+                    pass
                 raise ClientError(f"cannot send to the agent on {self.path}: {_why(exc)}") from None
             return self._read_reply(sock, clock, method, on_progress)
         finally:

@@ -273,3 +273,16 @@ def test_status_shows_the_socket_figures_and_unknown_domains(small_server, sock_
     assert status["unknown_domains"]["checked_at"].endswith("Z")
     assert status["admin_socket"]["limit"] == 4
     assert status["admin_socket"]["requests"] >= 2
+
+
+def test_a_refusal_is_reported_even_when_the_send_breaks(sock_path):
+    def refuse(conn):
+        conn.sendall(protocol.encode(protocol.error("TooManyConnections", "64 already")))
+
+    fake = FakeAgent(sock_path, refuse)  # closes without reading the request
+    try:
+        with pytest.raises(RemoteError, match="TooManyConnections: 64 already"):
+            # Larger than the socket's buffers: the send fails on the closed peer.
+            AdminClient(sock_path, timeout=5).call("ping", {"pad": "x" * 4_000_000})
+    finally:
+        fake.close()
