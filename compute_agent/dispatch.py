@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from compute_agent import __version__, exception, servicegroup
+from compute_agent import __version__, exception, green, servicegroup
 from compute_agent.intake import IntakeGate
+from compute_agent.metrics import figures
 from compute_agent.service import BINARY
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import printable
@@ -73,7 +74,25 @@ class Dispatcher:
         return sorted(n for n, m in self.methods.items() if admin or not m.admin_only)
 
     def call(self, method: Any, args: Any, source: ActionSource, *, admin: bool = False) -> Any:
-        """Check the request's shape, then run it; raise typed errors only."""
+        """Check the request's shape, then run it; raise typed errors only.
+
+        Each request is counted by front door, method and outcome; a method
+        name not in the table counts as ``unknown`` (the caller chooses it).
+        """
+        front = "rpc" if source is ActionSource.RPC else "admin"
+        name = method if isinstance(method, str) and method in self.methods else "unknown"
+        started = green.monotonic()
+        outcome = "ok"
+        try:
+            return self._call(method, args, source, admin)
+        except BaseException as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            figures.REQUESTS.inc((front, name, outcome))
+            figures.REQUEST_DURATION.observe((front, name), green.monotonic() - started)
+
+    def _call(self, method: Any, args: Any, source: ActionSource, admin: bool) -> Any:
         spec = self.methods.get(method) if isinstance(method, str) else None
         if spec is None or (spec.admin_only and not admin):
             raise exception.InvalidInput(

@@ -26,6 +26,7 @@ from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
 from compute_agent.lifecycle import LifecycleHandler
 from compute_agent.locks import KeyedLocks
+from compute_agent.metrics.instances import InstanceIndex
 from compute_agent.operations import InstanceOperations
 from compute_agent.power_sync import PowerSync, SyncSummary
 from compute_agent.recovery import recover_interrupted
@@ -114,6 +115,10 @@ class ComputeManager:
             unresponsive_after=compute.stats_unresponsive_after,
             concurrency=compute.sync_power_state_concurrency,
         )
+        # The host's instances for the metrics: each statistics cycle's list,
+        # corrected at once by this agent's operations.
+        self.instance_index = InstanceIndex()
+        self.stats.on_instances = self.instance_index.replace
 
     # -- component life cycle ---------------------------------------------
 
@@ -177,6 +182,8 @@ class ComputeManager:
         except Exception as exc:  # noqa: BLE001 - the DB may be down too; the next event retries
             LOG.error("could not %s the service: %s", "disable" if disabled else "enable", exc)
             return
+        if changed:
+            self.service.disabled = disabled
         if changed and disabled:
             LOG.warning("service disabled: %s", reason)
 
@@ -199,28 +206,34 @@ class ComputeManager:
     def build_instance(
         self, instance: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.build(instance, source))
+        return self._indexed(self.operations.build(instance, source))
 
     def start_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.start(instance_uuid, source))
+        return self._indexed(self.operations.start(instance_uuid, source))
 
     def stop_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.stop(instance_uuid, source))
+        return self._indexed(self.operations.stop(instance_uuid, source))
 
     def reboot_instance(
         self, instance_uuid: Any, hard: Any = False, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.reboot(instance_uuid, hard, source))
+        return self._indexed(self.operations.reboot(instance_uuid, hard, source))
 
     def delete_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
         inst = self.operations.delete(instance_uuid, source)
         self.stats.store.forget(inst.uuid)
+        self.instance_index.remove(inst.uuid)
+        return instance_dict(inst)
+
+    def _indexed(self, inst: Instance) -> dict[str, Any]:
+        """An operation's result, noted in the metrics' index at once."""
+        self.instance_index.update(inst)
         return instance_dict(inst)
 
     def get_instance_info(self, instance_uuid: Any) -> dict[str, Any]:

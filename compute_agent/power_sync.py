@@ -21,6 +21,7 @@ from typing import Any
 from compute_agent import exception, green, steady, sync_policy
 from compute_agent.db.api import Change, Database, InstanceRecord, action_rows, diff
 from compute_agent.locks import KeyedLocks
+from compute_agent.metrics import figures
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver
@@ -132,6 +133,7 @@ class PowerSync:
         finally:
             self._flush_writes(call)
             summary.duration_s = round(green.monotonic() - started, 4)
+            figures.count_sync(summary)
         self._log(summary, len(instances))
         return summary
 
@@ -161,6 +163,7 @@ class PowerSync:
                     self._flush_writes(call)
         finally:
             summary.duration_s = round(green.monotonic() - started, 4)
+            figures.count_sync(summary)
         return summary
 
     def _recheck_later(self, uuid: str, after: float) -> None:
