@@ -77,7 +77,7 @@ def build_service(conf) -> NodeService:
         try:
             metrics.listen()  # a taken port is a configuration error, found before start
         except MetricsBindError as exc:
-            admin.stop()
+            admin.release()
             raise Fatal(str(exc), EXIT_USAGE) from None
         service.components.append(metrics)
     return service

@@ -13,12 +13,15 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import ProcessCollector
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 from compute_agent import green
 
 _socket = green.native_socket_module()
 
+# Every name is a classic one, so the text is the 0.0.4 format every
+# Prometheus reads (newer prometheus_client versions announce 1.0.0).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_BYTES = 8192
 READ_TIMEOUT_S = 5.0
 # Scrapes served at once; more get 503 at once instead of piling up threads.
@@ -158,7 +161,7 @@ class MetricsServer:
             _reply(conn, 500, f"cannot render metrics: {self.last_error}\n".encode())
             return
         self.scrapes += 1
-        _reply(conn, 200, body, content_type=CONTENT_TYPE_LATEST, head=head)
+        _reply(conn, 200, body, content_type=CONTENT_TYPE, head=head)
 
 
 _REASONS = {
