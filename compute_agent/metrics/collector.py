@@ -25,7 +25,6 @@ from compute_agent import green
 from compute_agent.metrics import figures
 
 PREFIX = "compute_agent_"
-INSTANCE = ["uuid", "name"]
 
 
 def _histogram(name: str, doc: str, labels: list[str], family: Any) -> HistogramMetricFamily:
@@ -142,70 +141,109 @@ class AgentCollector:
     # -- instances --------------------------------------------------------
 
     def _instances(self, now: float) -> Iterator[Metric]:
-        index = self.manager.instance_index.snapshot()
-        store = self.manager.stats.store
-        entries = dict(store.entries())
-        after = store.unresponsive_after
+        """The counts by state; the per-instance families are :meth:`instance_text`."""
         counts = GaugeMetricFamily(
             PREFIX + "instances",
             "Instances of this host by vm_state and power_state (as last read).",
             labels=["vm_state", "power_state"],
         )
+        index = self.manager.instance_index.snapshot()
         for (vm, power), n in sorted(
             Counter((f.vm_state, f.power_state) for f in index.values()).items()
         ):
             counts.add_metric([vm, power], n)
         yield counts
 
-        def gauge(name: str, doc: str, labels: list[str] = INSTANCE) -> GaugeMetricFamily:
-            return GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+    def instance_text(self) -> str:
+        """The per-instance families, written as text directly.
 
-        def counter(name: str, doc: str) -> CounterMetricFamily:
-            return CounterMetricFamily(PREFIX + name, doc, labels=INSTANCE)
-
-        info = gauge(
-            "instance_info",
-            "1 per instance, labelled with its states.",
-            INSTANCE + ["vm_state", "power_state"],
-        )
-        vcpus = gauge("instance_vcpus", "vCPUs of the instance (sampled, else as recorded).")
-        cpu = counter("instance_cpu_seconds", "CPU time the guest used (libvirt cpu.time).")
-        rss = gauge("instance_memory_rss_bytes", "Resident memory of the guest's process.")
-        mem = gauge("instance_memory_bytes", "Memory the guest has now (balloon current).")
-        rd = counter("instance_block_read_bytes", "Bytes read from the guest's disks.")
-        wr = counter("instance_block_write_bytes", "Bytes written to the guest's disks.")
-        rx = counter("instance_network_receive_bytes", "Bytes received by the guest's NICs.")
-        tx = counter("instance_network_transmit_bytes", "Bytes sent by the guest's NICs.")
-        unresponsive = gauge(
-            "instance_stats_unresponsive",
-            "1 when no complete sample came for [compute] stats_unresponsive_after seconds.",
-        )
-        age = gauge("instance_stats_age_seconds", "Age of the instance's last complete sample.")
-        for uuid, facts in index.items():
-            labels = [uuid, facts.name]
-            info.add_metric(labels + [facts.vm_state, facts.power_state], 1.0)
+        At thousands of instances, prometheus_client's objects (a sample
+        tuple and a label dict per line) made a scrape allocate enough
+        containers to start full garbage collections, which hold the GIL,
+        and so the hub, for 50 ms and more. Strings are not tracked by the
+        collector; this writes strings only, and gives up the GIL between
+        batches of instances.
+        """
+        now = green.monotonic()
+        index = self.manager.instance_index.snapshot()
+        store = self.manager.stats.store
+        entries = dict(store.entries())
+        after = store.unresponsive_after
+        lines: dict[str, list[str]] = {name: [] for name, _, _ in INSTANCE_FAMILIES}
+        for n, (uuid, facts) in enumerate(list(index.items()), 1):
+            ids = f'uuid="{_escape(uuid)}",name="{_escape(facts.name)}"'
+            lines["instance_info"].append(
+                f'{{{ids},vm_state="{_escape(facts.vm_state)}",'
+                f'power_state="{_escape(facts.power_state)}"}} 1'
+            )
             entry = entries.get(uuid)
             sample = entry.sample if entry is not None else None
             if entry is not None:
                 last = sample.taken_mono if sample is not None else entry.tracked_since
-                unresponsive.add_metric(labels, 1.0 if now - last > after else 0.0)
+                lines["instance_stats_unresponsive"].append(
+                    f"{{{ids}}} {1 if now - last > after else 0}"
+                )
             if sample is None:
-                vcpus.add_metric(labels, facts.vcpus)
-                continue
-            stats = sample.stats
-            vcpus.add_metric(labels, stats.vcpus if stats.vcpus is not None else facts.vcpus)
-            age.add_metric(labels, round(max(0.0, now - sample.taken_mono), 3))
-            if stats.cpu_time_ns is not None:
-                cpu.add_metric(labels, stats.cpu_time_ns / 1e9)
-            for metric, kib in ((rss, stats.memory_rss_kb), (mem, stats.memory_kb)):
-                if kib is not None:
-                    metric.add_metric(labels, kib * 1024)
-            for metric, n in (
-                (rd, stats.block_rd_bytes),
-                (wr, stats.block_wr_bytes),
-                (rx, stats.net_rx_bytes),
-                (tx, stats.net_tx_bytes),
-            ):
-                if n is not None:
-                    metric.add_metric(labels, n)
-        yield from (info, vcpus, cpu, rss, mem, rd, wr, rx, tx, unresponsive, age)
+                lines["instance_vcpus"].append(f"{{{ids}}} {facts.vcpus}")
+            else:
+                st = sample.stats
+                vcpus = st.vcpus if st.vcpus is not None else facts.vcpus
+                lines["instance_vcpus"].append(f"{{{ids}}} {vcpus}")
+                age = round(max(0.0, now - sample.taken_mono), 3)
+                lines["instance_stats_age_seconds"].append(f"{{{ids}}} {age}")
+                for name, value in (
+                    ("instance_cpu_seconds_total", _scaled(st.cpu_time_ns, 1e-9)),
+                    ("instance_memory_rss_bytes", _scaled(st.memory_rss_kb, 1024)),
+                    ("instance_memory_bytes", _scaled(st.memory_kb, 1024)),
+                    ("instance_block_read_bytes_total", st.block_rd_bytes),
+                    ("instance_block_write_bytes_total", st.block_wr_bytes),
+                    ("instance_network_receive_bytes_total", st.net_rx_bytes),
+                    ("instance_network_transmit_bytes_total", st.net_tx_bytes),
+                ):
+                    if value is not None:
+                        lines[name].append(f"{{{ids}}} {value}")
+            if n % YIELD_EVERY == 0:
+                green.native_sleep(0)  # let the hub's thread take the GIL
+        out: list[str] = []
+        for name, kind, doc in INSTANCE_FAMILIES:
+            full = PREFIX + name
+            out.append(f"# HELP {full} {doc}\n# TYPE {full} {kind}\n")
+            out.extend(f"{full}{line}\n" for line in lines[name])
+        return "".join(out)
+
+
+# Instances written between two gives of the GIL by the scrape thread.
+YIELD_EVERY = 100
+
+# (name as served, type, help) of the per-instance families, all labelled uuid and name.
+INSTANCE_FAMILIES = (
+    ("instance_info", "gauge", "1 per instance, labelled with its vm_state and power_state."),
+    ("instance_vcpus", "gauge", "vCPUs of the instance (sampled, else as recorded)."),
+    ("instance_cpu_seconds_total", "counter", "CPU time the guest used (libvirt cpu.time)."),
+    ("instance_memory_rss_bytes", "gauge", "Resident memory of the guest's QEMU process."),
+    ("instance_memory_bytes", "gauge", "Memory the guest has now (balloon current)."),
+    ("instance_block_read_bytes_total", "counter", "Bytes read from the guest's disks."),
+    ("instance_block_write_bytes_total", "counter", "Bytes written to the guest's disks."),
+    ("instance_network_receive_bytes_total", "counter", "Bytes received by the guest's NICs."),
+    ("instance_network_transmit_bytes_total", "counter", "Bytes sent by the guest's NICs."),
+    (
+        "instance_stats_unresponsive",
+        "gauge",
+        "1 when no complete sample came for [compute] stats_unresponsive_after seconds.",
+    ),
+    ("instance_stats_age_seconds", "gauge", "Age of the instance's last complete sample."),
+)
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format wants it: backslash, quote and newline escaped."""
+    if "\\" in value or '"' in value or "\n" in value:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return value
+
+
+def _scaled(value: int | None, factor: float) -> float | int | None:
+    if value is None:
+        return None
+    scaled = value * factor
+    return int(scaled) if isinstance(factor, int) else scaled

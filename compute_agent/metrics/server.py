@@ -51,6 +51,7 @@ class MetricsServer:
         self.address = address
         self.port = port
         self._registry = _Registry(collector)
+        self._instance_text = collector.instance_text
         self._render_lock = green.native_lock()
         self._clients = green.native_semaphore(MAX_CLIENTS)
         self._sock: Any = None
@@ -107,7 +108,8 @@ class MetricsServer:
     def render(self) -> bytes:
         """The Prometheus text of every family; one render at a time."""
         with self._render_lock:
-            return generate_latest(self._registry)  # type: ignore[arg-type]
+            head = generate_latest(self._registry)  # type: ignore[arg-type]
+            return head + self._instance_text().encode("utf-8")
 
     def _accept_loop(self) -> None:
         sock = self._sock
