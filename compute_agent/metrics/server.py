@@ -97,6 +97,11 @@ class MetricsServer:
     def stop(self) -> None:
         self._stopping = True
         thread, self._thread = self._thread, None
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(_socket.SHUT_RDWR)  # wakes a blocked accept (Linux)
+            except OSError:
+                pass
         if thread is not None:
             thread.join(ACCEPT_POLL_S * 4)
         if self._sock is not None:
