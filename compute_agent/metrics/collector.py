@@ -119,6 +119,18 @@ class AgentCollector:
             ["call"],
             figures.LIBVIRT_CALL_DURATION,
         )
+        events = CounterMetricFamily(
+            PREFIX + "lifecycle_events",
+            "libvirt lifecycle events, by what became of them (received, synced, delayed, "
+            "cancelled, coalesced, ignored, not_ours, stops, rechecks, errors).",
+            labels=["outcome"],
+        )
+        handler = manager.events
+        if handler is not None:
+            fig = handler.figures
+            for outcome in EVENT_OUTCOMES:
+                events.add_metric([outcome], getattr(fig, outcome))
+        yield events
         builds = manager.operations.builds
         yield _gauge("builds_in_progress", "Builds running now.", builds.running)
         yield _gauge("builds_queued", "Builds waiting for a build slot.", builds.queued)
@@ -211,6 +223,11 @@ class AgentCollector:
             out.extend(f"{full}{line}\n" for line in lines[name])
         return "".join(out)
 
+
+EVENT_OUTCOMES = (
+    "received", "synced", "delayed", "cancelled", "coalesced", "ignored", "not_ours", "stops",
+    "rechecks", "errors",
+)  # fmt: skip
 
 # Instances written between two gives of the GIL by the scrape thread.
 YIELD_EVERY = 100

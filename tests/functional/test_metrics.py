@@ -37,6 +37,7 @@ FAMILIES = {
     "compute_agent_instances": "gauge",
     "compute_agent_builds_in_progress": "gauge",
     "compute_agent_builds_queued": "gauge",
+    "compute_agent_lifecycle_events_total": "counter",
     "compute_agent_instance_info": "gauge",
     "compute_agent_instance_cpu_seconds_total": "counter",
     "compute_agent_instance_memory_rss_bytes": "gauge",

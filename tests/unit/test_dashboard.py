@@ -21,6 +21,7 @@ FAMILIES = [
     "instances",
     "builds_in_progress",
     "builds_queued",
+    "lifecycle_events_total",
     "instance_info",
     "instance_cpu_seconds_total",
     "instance_memory_rss_bytes",
