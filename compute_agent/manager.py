@@ -119,6 +119,7 @@ class ComputeManager:
         # corrected at once by this agent's operations.
         self.instance_index = InstanceIndex()
         self.stats.on_instances = self.instance_index.replace
+        self.power_sync.on_changes = self.instance_index.update_many
 
     # -- component life cycle ---------------------------------------------
 

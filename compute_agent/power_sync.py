@@ -113,6 +113,8 @@ class PowerSync:
         # (uuid, seconds): sync that instance again later. The manager points
         # it at the lifecycle handler, so that events cancel and coalesce it.
         self.recheck_later: Callable[[str, float], None] = self._recheck_later
+        # Told of the row writes that won, once per batch: (the row as read, the values written).
+        self.on_changes: Callable[[list[tuple[InstanceRecord, dict[str, Any]]]], None] | None = None
         self._rechecks: set[str] = set()
 
     # -- entry points -----------------------------------------------------
@@ -313,6 +315,7 @@ class PowerSync:
             summary.errors += len(writes)
             summary.checked -= len(writes)
             return
+        won_writes: list[tuple[InstanceRecord, dict[str, Any]]] = []
         for logged, (write, won) in enumerate(zip(writes, outcomes, strict=True), 1):
             if logged % LOG_BURST == 0:
                 green.yield_now()
@@ -325,12 +328,15 @@ class PowerSync:
                 summary.skipped += 1
                 continue
             summary.changed += 1
+            won_writes.append((write.inst, write.values))
             LOG.info(
                 "instance %s: %s (%s)",
                 write.inst.uuid,
                 ", ".join(f"{c.field} {c.old} -> {c.new}" for c in write.changes),
                 write.reason,
             )
+        if won_writes and self.on_changes is not None:
+            self.on_changes(won_writes)
 
     def _sync_locked(
         self,

@@ -2,7 +2,8 @@
 
 A scrape must not query the database, so this keeps what the statistics
 cycle last loaded (one query it makes anyway), corrected at once by the
-operations this agent runs (a build, a stop, a delete). The table is never
+operations this agent runs (a build, a stop, a delete) and by the rows its
+power syncs write (periodic, forced, or after a lifecycle event). The table is never
 changed in place: each change builds a new dict and swaps it in, so the
 scrape's native thread always reads a whole one.
 """
@@ -25,13 +26,17 @@ class InstanceFacts:
     vcpus: int
 
     @classmethod
-    def of(cls, inst: Any) -> InstanceFacts:
-        """From an ORM row or an InstanceRecord (read on the hub, never later)."""
+    def of(cls, inst: Any, values: dict[str, Any] | None = None) -> InstanceFacts:
+        """From an ORM row or an InstanceRecord (read on the hub, never later).
+
+        ``values``: columns written since the row was read, which win.
+        """
+        values = values or {}
         return cls(
             uuid=inst.uuid,
             name=inst.display_name or "",
-            vm_state=str(inst.vm_state),
-            power_state=str(inst.power_state),
+            vm_state=str(values.get("vm_state", inst.vm_state)),
+            power_state=str(values.get("power_state", inst.power_state)),
             vcpus=int(inst.vcpus or 0),
         )
 
@@ -56,10 +61,20 @@ class InstanceIndex:
                 facts.pop(uuid, None)
         self._facts = facts
 
-    def update(self, inst: Any) -> None:
+    def update(self, inst: Any, values: dict[str, Any] | None = None) -> None:
+        """An instance as an operation or a sync left it (``values``: what it wrote)."""
         facts = dict(self._facts)
-        facts[inst.uuid] = InstanceFacts.of(inst)
+        facts[inst.uuid] = InstanceFacts.of(inst, values)
         self._touched[inst.uuid] = green.monotonic()
+        self._facts = facts
+
+    def update_many(self, changes: list[tuple[Any, dict[str, Any]]]) -> None:
+        """Several rows at once (a batch of sync writes): one copy of the table."""
+        facts = dict(self._facts)
+        now = green.monotonic()
+        for inst, values in changes:
+            facts[inst.uuid] = InstanceFacts.of(inst, values)
+            self._touched[inst.uuid] = now
         self._facts = facts
 
     def remove(self, uuid: str) -> None:

@@ -19,7 +19,7 @@ from compute_agent.metrics.collector import AgentCollector
 from compute_agent.metrics.instances import InstanceIndex
 from compute_agent.metrics.server import MetricsBindError, MetricsServer
 from compute_agent.service import NodeService
-from compute_agent.states import ActionSource
+from compute_agent.states import ActionSource, PowerState
 from compute_agent.virt.fake import FakeDriver
 
 # Quotes and a backslash, which a build accepts, and a line break, which only a
@@ -83,6 +83,7 @@ def figures_clock() -> float:
 @pytest.fixture
 def agent(conf, sqlite_db):
     conf.set_override("stats_interval", 0, group="compute")
+    conf.set_override("lifecycle_event_delay", 0, group="libvirt")
     figures.reset()
     manager = ComputeManager(conf, sqlite_db, FakeDriver())
     service = NodeService(conf, sqlite_db, components=[manager])
@@ -177,3 +178,25 @@ def test_a_taken_port_is_one_line(agent):
             second.listen()
     finally:
         first.stop()
+
+
+def test_a_sync_write_shows_at_once(agent, conf):
+    """A state the power sync records reaches the series without a statistics cycle."""
+    uuid = str(uuidlib.uuid4())
+    built = agent.dispatcher.call(
+        "build_instance",
+        {"instance": {"uuid": uuid, "name": "vm", "vcpus": 1, "memory_mb": 64}},
+        ActionSource.RPC,
+    )
+    domain = agent.manager.db.instance_get(uuid).domain_name
+    assert built["power_state"] == "running"
+    agent.manager.driver.set_state(domain, PowerState.PAUSED, emit=False)
+    agent.dispatcher.call("sync_power_states", {"instance_uuid": uuid}, ActionSource.CLI)
+    assert agent.manager.db.instance_get(uuid).power_state == "paused"
+    (info,) = samples(render(agent), "compute_agent_instance_info")
+    assert info.labels["power_state"] == "paused"
+    counts = {
+        (s.labels["vm_state"], s.labels["power_state"]): s.value
+        for s in samples(render(agent), "compute_agent_instances")
+    }
+    assert counts == {("active", "paused"): 1}
