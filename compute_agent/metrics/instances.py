@@ -16,6 +16,9 @@ from typing import Any
 
 from compute_agent import green
 
+# Records turned into facts between two yields of a full replace.
+YIELD_EVERY = 500
+
 
 @dataclass(frozen=True)
 class InstanceFacts:
@@ -50,7 +53,11 @@ class InstanceIndex:
 
     def replace(self, instances: Iterable[Any], loaded_at: float) -> None:
         """Take a full list read at ``loaded_at`` (monotonic, taken before the query)."""
-        facts = {i.uuid: InstanceFacts.of(i) for i in instances}
+        facts: dict[str, InstanceFacts] = {}
+        for n, inst in enumerate(instances, 1):
+            facts[inst.uuid] = InstanceFacts.of(inst)
+            if n % YIELD_EVERY == 0:
+                green.yield_now()  # 10,000 instances took 15-25 ms in one stretch
         current = self._facts
         for uuid, when in list(self._touched.items()):
             if when < loaded_at:
