@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 import urllib.error
 import urllib.request
 import uuid as uuidlib
@@ -15,12 +16,14 @@ from compute_agent import exception
 from compute_agent.dispatch import Dispatcher
 from compute_agent.manager import ComputeManager
 from compute_agent.metrics import figures
+from compute_agent.metrics import server as server_mod
 from compute_agent.metrics.collector import AgentCollector
 from compute_agent.metrics.instances import InstanceIndex
 from compute_agent.metrics.server import MetricsBindError, MetricsServer
 from compute_agent.service import NodeService
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.virt.fake import FakeDriver
+from tests.helpers import eventually
 
 # Quotes and a backslash, which a build accepts, and a line break, which only a
 # row written by something else could hold: the characters the text format escapes.
@@ -200,3 +203,33 @@ def test_a_sync_write_shows_at_once(agent, conf):
         for s in samples(render(agent), "compute_agent_instances")
     }
     assert counts == {("active", "paused"): 1}
+
+
+def test_silent_and_garbage_clients_never_stop_the_scrapes(agent):
+    """Clients that send nothing hold at most MAX_CLIENTS slots; the next gets 503 at once."""
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    port = server.bound_port
+    silent = []
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as garbage:
+            garbage.sendall(b"\x00\x01 hello\r\n\r\n")
+            assert garbage.recv(100).startswith(b"HTTP/1.0 400")
+        for _ in range(server_mod.MAX_CLIENTS):
+            silent.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+        def refused() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                return extra.recv(100)
+
+        # The silent ones are taken in turn by the accept thread: wait until all are.
+        assert eventually(lambda: refused().startswith(b"HTTP/1.0 503"), 10, "a 503")
+    finally:
+        for sock in silent:
+            sock.close()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        server.stop()
