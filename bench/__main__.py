@@ -22,6 +22,7 @@ BENCHMARKS = [
     "instance_load",
     "stress",
     "race_soak",
+    "resume_boot",
     "metrics_scrape",
 ]
 

@@ -67,6 +67,9 @@ class Dispatcher:
             ),
             "delete_instance": Method(self.delete_instance, ("instance_uuid",), gated=True),
             "sync_power_states": Method(self.sync_power_states, (), ("instance_uuid",), gated=True),
+            "reap_deleted_instances": Method(
+                self.reap_deleted_instances, admin_only=True, gated=True
+            ),
             "status": Method(self.status, admin_only=True),
         }
 
@@ -184,6 +187,9 @@ class Dispatcher:
             return {k: summary[k] for k in SYNC_FIELDS}
         return summary
 
+    def reap_deleted_instances(self, source: ActionSource) -> dict[str, Any]:
+        return self.manager.reap_deleted()
+
     def status(self, source: ActionSource) -> dict[str, Any]:
         """Everything an operator asks first: service, libvirt, tasks, hub lag."""
         manager, service = self.manager, self.service
@@ -201,7 +207,9 @@ class Dispatcher:
             "hub_lag": asdict(service.lag_monitor.figures()),
             "events": events.figures.as_dict() if events is not None else None,
             "builds": asdict(manager.operations.builds),
+            "resume": manager.resume.as_dict(),
             "intake": asdict(self.intake.figures()),
             "power_sync_progress": list(manager.power_sync.progress),
+            "running_deleted": manager.reaper.figures(),
             "unresponsive_instances": manager.stats.store.unresponsive(),
         }

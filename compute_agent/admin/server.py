@@ -53,6 +53,7 @@ MUTATING = frozenset(
         "reboot_instance",
         "delete_instance",
         "sync_power_states",
+        "reap_deleted_instances",
     }
 )
 
