@@ -22,6 +22,8 @@ BENCHMARKS = [
     "instance_load",
     "stress",
     "race_soak",
+    "resume_boot",
+    "metrics_scrape",
 ]
 
 

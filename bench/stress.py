@@ -106,6 +106,7 @@ class Agent:
             "hub_lag_warning": LAG_WARNING_S,
         }
         sections = {**sections, "DEFAULT": {**defaults, **sections.get("DEFAULT", {})}}
+        sections.setdefault("metrics", {"listen_port": 0})
         lines = []
         for group, values in sections.items():
             lines.append(f"[{group}]")

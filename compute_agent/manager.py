@@ -3,12 +3,13 @@
 It owns the driver and the per-instance locks, and hands the work to the
 modules that hold it: ``power_sync`` (the periodic sync and the sync of one
 instance), ``lifecycle`` (events), ``operations`` (build, stop, start,
-reboot, delete), ``stats`` (sampling) and ``recovery`` (operations an
-earlier process left half-done). It registers the periodic tasks with the
-service, and reacts to the hypervisor connection going and coming: the
-service is disabled with an ``AUTO:`` reason while libvirt is away (an
-operator's own disable is never touched), and a full sync follows its
-return, since events may have been lost meanwhile.
+reboot, delete), ``stats`` (sampling), ``reaper`` (guests of deleted
+instances), ``recovery`` (operations an earlier process left half-done) and
+``resume`` (guests that ran before a host boot). It registers the periodic
+tasks with the service, and reacts to the hypervisor connection going and
+coming: the service is disabled with an ``AUTO:`` reason while libvirt is
+away (an operator's own disable is never touched), and a full sync follows
+its return, since events may have been lost meanwhile.
 
 Every request method takes plain values (as RPC and the admin socket
 deliver them), validates them, and returns plain dicts.
@@ -26,9 +27,12 @@ from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
 from compute_agent.lifecycle import LifecycleHandler
 from compute_agent.locks import KeyedLocks
+from compute_agent.metrics.instances import InstanceIndex
 from compute_agent.operations import InstanceOperations
 from compute_agent.power_sync import PowerSync, SyncSummary
+from compute_agent.reaper import DeletedGuestReaper
 from compute_agent.recovery import recover_interrupted
+from compute_agent.resume import BootResume
 from compute_agent.service import BINARY, NodeService
 from compute_agent.states import ActionSource
 from compute_agent.stats import StatsSampler
@@ -42,6 +46,7 @@ POWER_SYNC = "power_sync"
 # The most audit rows one request returns.
 MAX_ACTIONS = 1000
 STATS = "stats"
+REAPER = "running_deleted"
 AUTO_PREFIX = "AUTO:"
 
 
@@ -112,6 +117,17 @@ class ComputeManager:
             steady_delay=delay,
             watch=self.steady,
         )
+        self.resume = BootResume(
+            db,
+            driver,
+            self.operations,
+            self.host,
+            enabled=compute.resume_guests_state_on_host_boot,
+            state_path=conf.state_path,
+            boot_id_path=compute.host_boot_id_path,
+            concurrency=compute.max_concurrent_builds,
+            should_stop=self._stopping,
+        )
         self.events: LifecycleHandler | None = None
         if compute.handle_lifecycle_events:
             self.events = LifecycleHandler(
@@ -122,6 +138,15 @@ class ComputeManager:
                 watch=self.steady,
             )
             self.power_sync.recheck_later = self.events.recheck
+        self.reaper = DeletedGuestReaper(
+            db,
+            driver,
+            self.host,
+            self.locks,
+            action=compute.running_deleted_instance_action,
+            max_per_run=compute.running_deleted_instance_max_per_run,
+            should_stop=self._stopping,
+        )
         self.stats = StatsSampler(
             db,
             driver,
@@ -130,6 +155,11 @@ class ComputeManager:
             unresponsive_after=compute.stats_unresponsive_after,
             concurrency=compute.sync_power_state_concurrency,
         )
+        # The host's instances for the metrics: each statistics cycle's list,
+        # corrected at once by this agent's operations.
+        self.instance_index = InstanceIndex()
+        self.stats.on_instances = self.instance_index.replace
+        self.power_sync.on_changes = self.instance_index.update_many
 
     # -- component life cycle ---------------------------------------------
 
@@ -140,6 +170,7 @@ class ComputeManager:
             self.driver.set_event_listener(self.events.on_event)
         else:
             LOG.info("lifecycle events are off: changes are seen by the periodic sync only")
+        self.resume.check_boot()
         try:
             self.driver.init_host(self.host)
         except exception.HypervisorUnavailable as exc:
@@ -156,11 +187,16 @@ class ComputeManager:
                 compute.max_concurrent_builds or "unlimited",
                 threads,
             )
-        service.add_periodic(POWER_SYNC, self.power_sync.run, compute.sync_power_state_interval)
+        service.add_periodic(POWER_SYNC, self._power_sync, compute.sync_power_state_interval)
         if compute.stats_interval > 0:
             service.add_periodic(STATS, self.stats.run, compute.stats_interval)
+        # Registered even when its interval disables the schedule: it can be run on demand.
+        service.add_periodic(
+            REAPER, self.reaper.run, compute.running_deleted_instance_poll_interval
+        )
 
     def stop(self) -> None:
+        self._stop_resume()
         if self.events is not None:
             self.events.stop()
         self.driver.set_event_listener(None)
@@ -168,6 +204,27 @@ class ComputeManager:
 
     def _stopping(self) -> bool:
         return self.service is not None and self.service.stopping
+
+    def _stop_resume(self) -> None:
+        """End a resume pass within the stop's grace: started guests finish, no new one starts."""
+        self.resume.stop()
+        thread = self._recovery
+        # Recovery alone is left as before (the process ends without it);
+        # a pass sees the stop within a poll and ends.
+        if thread is None or thread.dead or not self.resume.running:
+            return
+        try:
+            with green.Timeout(self.conf.graceful_shutdown_timeout):
+                thread.wait()
+        except green.Timeout:
+            LOG.warning("start-up recovery/resume still running at stop; cancelling it")
+            green.kill(thread)
+
+    def _power_sync(self) -> SyncSummary:
+        """The periodic sync, after the resume pass: it would record resumable guests stopped."""
+        if not self.resume.wait_done(self._stopping):
+            return SyncSummary(aborted="the agent is stopping")
+        return self.power_sync.run()
 
     # -- hypervisor connection --------------------------------------------
 
@@ -193,50 +250,74 @@ class ComputeManager:
         except Exception as exc:  # noqa: BLE001 - the DB may be down too; the next event retries
             LOG.error("could not %s the service: %s", "disable" if disabled else "enable", exc)
             return
+        if changed:
+            self.service.disabled = disabled
         if changed and disabled:
             LOG.warning("service disabled: %s", reason)
 
     def _start_recovery(self) -> None:
-        """Settle what an earlier process left half-done: once, one run at a time."""
-        if self._recovered or (self._recovery is not None and not self._recovery.dead):
+        """Settle what an earlier process left half-done, then resume after a host boot.
+
+        Once each (until it completes), one run at a time. The resume gate
+        is closed here, before the thread runs, so that a sync asked for
+        right after (on reconnection) waits for the pass.
+        """
+        if self._recovery is not None and not self._recovery.dead:
             return
+        if self._recovered and not self.resume.due:
+            return
+        self.resume.prepare()
         self._recovery = green.spawn(self._recover, name="startup-recovery")
 
     def _recover(self) -> None:
         try:
-            recover_interrupted(self.db, self.driver, self.host, self.locks, self.started_at)
-        except Exception as exc:  # noqa: BLE001 - retried when the hypervisor comes back
-            LOG.error("start-up recovery interrupted, retried on reconnection: %s", exc)
-            return
-        self._recovered = True
+            if not self._recovered:
+                try:
+                    recover_interrupted(
+                        self.db, self.driver, self.host, self.locks, self.started_at
+                    )
+                except Exception as exc:  # noqa: BLE001 - retried when the hypervisor comes back
+                    LOG.error("start-up recovery interrupted, retried on reconnection: %s", exc)
+                    return
+                self._recovered = True
+            if not self._stopping():
+                self.resume.run_pass()
+        finally:
+            self.resume.release()
 
     # -- requests: instances ----------------------------------------------
 
     def build_instance(
         self, instance: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.build(instance, source))
+        return self._indexed(self.operations.build(instance, source))
 
     def start_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.start(instance_uuid, source))
+        return self._indexed(self.operations.start(instance_uuid, source))
 
     def stop_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.stop(instance_uuid, source))
+        return self._indexed(self.operations.stop(instance_uuid, source))
 
     def reboot_instance(
         self, instance_uuid: Any, hard: Any = False, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.reboot(instance_uuid, hard, source))
+        return self._indexed(self.operations.reboot(instance_uuid, hard, source))
 
     def delete_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
         inst = self.operations.delete(instance_uuid, source)
         self.stats.store.forget(inst.uuid)
+        self.instance_index.remove(inst.uuid)
+        return instance_dict(inst)
+
+    def _indexed(self, inst: Instance) -> dict[str, Any]:
+        """An operation's result, noted in the metrics' index at once."""
+        self.instance_index.update(inst)
         return instance_dict(inst)
 
     def get_instance_info(self, instance_uuid: Any) -> dict[str, Any]:
@@ -340,3 +421,11 @@ class ComputeManager:
             assert self.service is not None
             summary = self.service.runner.run_now(POWER_SYNC).result(timeout)
         return summary.as_dict()
+
+    def reap_deleted(self, timeout: float | None = None) -> dict[str, Any]:
+        """Run the look for guests of deleted instances now; return its summary.
+
+        It joins the periodic task's queue, as a forced power sync does.
+        """
+        assert self.service is not None
+        return self.service.runner.run_now(REAPER).result(timeout).as_dict()

@@ -72,6 +72,7 @@ MUTATING = frozenset(
         "delete_instance",
         "sync_power_states",
         "set_service_disabled",
+        "reap_deleted_instances",
     }
 )
 
@@ -137,6 +138,13 @@ class AdminSocketServer:
         self.listen()
         self._accepter = green.spawn(self._accept_loop, name="admin-socket")
         LOG.info("admin socket listening on %s", self.path)
+
+    def release(self) -> None:
+        """Give up a socket that :meth:`listen` bound, when start-up fails after it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._unlink_if_ours()
 
     def stop(self) -> None:
         """Stop accepting, let requests in flight finish for ``grace`` s, close the rest."""

@@ -128,7 +128,9 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hub_lag_worst_offender", ("hub_lag", "worst_offender")),
     ("events", ("events",)),
     ("builds", ("builds",)),
+    ("resume", ("resume",)),
     ("power_sync_progress", ("power_sync_progress",)),
+    ("running_deleted", ("running_deleted",)),
     ("unresponsive_instances", ("unresponsive_instances",)),
     # Domains on the hypervisor that belong to no instance (the last power sync's).
     ("unknown_domains", ("unknown_domains", "count")),
@@ -306,6 +308,23 @@ def cmd_power_sync(conf: cfg.ConfigOpts) -> int:
     return EXIT_OK
 
 
+def cmd_reap_deleted(conf: cfg.ConfigOpts) -> int:
+    """Look for guests of deleted instances now, act as configured, and wait;
+    0 when the run went through (per-domain errors are counted and logged by
+    the agent), 1 when it was aborted."""
+    summary = _call(conf, "reap_deleted_instances")
+    _show(conf, summary)
+    if summary.get("aborted"):
+        raise Fatal(f"reap-deleted aborted: {summary['aborted']}", EXIT_FAILED)
+    if summary.get("errors"):
+        print(
+            f"{PROG}: warning: {summary['errors']} domain(s) could not be handled; "
+            "the agent's log says why",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
 def cmd_status(conf: cfg.ConfigOpts) -> int:
     fmt = _args(conf).out_format
     status = _call(conf, "status")
@@ -315,7 +334,9 @@ def cmd_status(conf: cfg.ConfigOpts) -> int:
     fields: dict[str, Any] = {}
     for name, path in STATUS_FIELDS:
         value = _dig(status, path)
-        if name in ("events", "builds", "admin_socket") and isinstance(value, dict):
+        if name in ("events", "builds", "running_deleted", "resume", "admin_socket") and isinstance(
+            value, dict
+        ):
             fields.update(output.flatten(value, f"{name}."))  # one row per counter
         elif name == "power_sync_progress" and isinstance(value, list) and len(value) == 2:
             fields[name] = f"{value[0]}/{value[1]}"
@@ -495,6 +516,13 @@ def _add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="sync this instance only (default: every instance of the host)",
     )
     sync.set_defaults(func=cmd_power_sync)
+
+    subparsers.add_parser(
+        "reap-deleted",
+        parents=_common_parents(),
+        help="act now on guests of deleted instances ([compute] "
+        "running_deleted_instance_action), wait, and print the summary",
+    ).set_defaults(func=cmd_reap_deleted)
 
     subparsers.add_parser(
         "status",

@@ -1,4 +1,4 @@
-"""The CLI's pieces in-process: output formats, and power-sync's exit statuses."""
+"""The CLI in-process: output formats, and power-sync's and reap-deleted's exit statuses."""
 
 import io
 import json
@@ -136,6 +136,46 @@ def test_power_sync_aborted_exits_1_after_showing_the_summary(agent, capsys):
     assert failed.value.status == EXIT_FAILED
     assert str(failed.value) == "power sync aborted: hypervisor unavailable: libvirt gone"
     assert capsys.readouterr().out == "hypervisor unavailable: libvirt gone\n"
+
+
+# -- reap-deleted against an in-process agent -------------------------------
+
+
+def test_reap_deleted_reaps_shows_the_summary_and_status_counts_it(agent, sqlite_db, capsys):
+    server, driver = agent
+    inst = create_instance(sqlite_db, host="test-host")
+    sqlite_db.instance_soft_delete(inst, source="rpc", reason="test")
+    driver.add_domain(inst.domain_name, inst.uuid, PowerState.RUNNING)
+    driver.add_domain("not-ours", str(uuid.uuid4()), PowerState.RUNNING)
+    assert manage.cmd_reap_deleted(cli_conf(server)) == EXIT_OK
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (summary["action"], summary["found"], summary["reaped"]) == ("reap", 1, 1)
+    assert summary["domains"] == [inst.domain_name] and err == ""
+    assert set(driver.domains) == {"not-ours"}
+    assert manage.cmd_status(cli_conf(server, out_format="table")) == EXIT_OK
+    table = capsys.readouterr().out
+    assert "running_deleted.totals.reaped" in table and "running_deleted.action" in table
+
+
+def test_reap_deleted_aborted_exits_1_and_errors_warn(agent, sqlite_db, capsys):
+    server, driver = agent
+    inst = create_instance(sqlite_db, host="test-host")
+    sqlite_db.instance_soft_delete(inst, source="rpc", reason="test")
+    driver.add_domain(inst.domain_name, inst.uuid, PowerState.RUNNING)
+    driver.inject_fault("destroy")
+    assert manage.cmd_reap_deleted(cli_conf(server)) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert json.loads(out)["errors"] == 1
+    assert err == (
+        "compute-agent-manage: warning: 1 domain(s) could not be handled; "
+        "the agent's log says why\n"
+    )
+    driver.inject_fault("list_domains", error=exception.HypervisorUnavailable("libvirt gone"))
+    with pytest.raises(Fatal) as failed:
+        manage.cmd_reap_deleted(cli_conf(server))
+    assert failed.value.status == EXIT_FAILED
+    assert str(failed.value) == "reap-deleted aborted: hypervisor unavailable: libvirt gone"
 
 
 # -- deadlines ---------------------------------------------------------------
