@@ -69,7 +69,14 @@ PROG = "compute-agent-manage"
 EXIT_NO_AGENT = 3
 # Calls that may wait for a guest (a graceful stop) or a build: a longer default.
 OPERATIONS = frozenset(
-    {"build_instance", "start_instance", "stop_instance", "reboot_instance", "delete_instance"}
+    {
+        "build_instance",
+        "start_instance",
+        "stop_instance",
+        "reboot_instance",
+        "delete_instance",
+        "reap_deleted_instances",
+    }
 )
 OPERATION_MARGIN = 30.0
 
