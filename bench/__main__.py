@@ -23,6 +23,7 @@ BENCHMARKS = [
     "stress",
     "race_soak",
     "resume_boot",
+    "metrics_scrape",
     "reaper_flood",
 ]
 

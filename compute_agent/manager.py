@@ -22,32 +22,49 @@ from typing import Any
 
 from oslo_config import cfg
 
-from compute_agent import exception, green, steady
+from compute_agent import exception, green, servicegroup, steady
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
 from compute_agent.lifecycle import LifecycleHandler
 from compute_agent.locks import KeyedLocks
+from compute_agent.metrics.instances import InstanceIndex
 from compute_agent.operations import InstanceOperations
 from compute_agent.power_sync import PowerSync, SyncSummary
 from compute_agent.reaper import DeletedGuestReaper
 from compute_agent.recovery import recover_interrupted
 from compute_agent.resume import BootResume
-from compute_agent.service import NodeService
+from compute_agent.service import BINARY, NodeService
 from compute_agent.states import ActionSource
 from compute_agent.stats import StatsSampler
-from compute_agent.utils import utcnow
+from compute_agent.utils import printable, utcnow
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.spec import validate_uuid
 
 LOG = logging.getLogger(__name__)
 
 POWER_SYNC = "power_sync"
+# The most audit rows one request returns.
+MAX_ACTIONS = 1000
 STATS = "stats"
 REAPER = "running_deleted"
 AUTO_PREFIX = "AUTO:"
 # How long start-up recovery and the resume pass wait before trying again
 # after the database failed them (the hypervisor's return retries them itself).
 RESUME_RETRY_S = 10.0
+
+
+def action_dict(row: Any) -> dict[str, Any]:
+    """One audit row as the CLI shows it."""
+    return {
+        "id": row.id,
+        "created_at": row.created_at.isoformat() + "Z" if row.created_at else None,
+        "action": row.action,
+        "field": row.field,
+        "old_value": row.old_value,
+        "new_value": row.new_value,
+        "source": row.source,
+        "reason": row.reason,
+    }
 
 
 def instance_dict(inst: Instance) -> dict[str, Any]:
@@ -142,6 +159,11 @@ class ComputeManager:
             unresponsive_after=compute.stats_unresponsive_after,
             concurrency=compute.sync_power_state_concurrency,
         )
+        # The host's instances for the metrics: each statistics cycle's list,
+        # corrected at once by this agent's operations.
+        self.instance_index = InstanceIndex()
+        self.stats.on_instances = self.instance_index.replace
+        self.power_sync.on_changes = self.instance_index.update_many
 
     # -- component life cycle ---------------------------------------------
 
@@ -234,6 +256,8 @@ class ComputeManager:
         except Exception as exc:  # noqa: BLE001 - the DB may be down too; the next event retries
             LOG.error("could not %s the service: %s", "disable" if disabled else "enable", exc)
             return
+        if changed:
+            self.service.disabled = disabled
         if changed and disabled:
             LOG.warning("service disabled: %s", reason)
 
@@ -298,33 +322,99 @@ class ComputeManager:
     def build_instance(
         self, instance: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.build(instance, source))
+        return self._indexed(self.operations.build(instance, source))
 
     def start_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.start(instance_uuid, source))
+        return self._indexed(self.operations.start(instance_uuid, source))
 
     def stop_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.stop(instance_uuid, source))
+        return self._indexed(self.operations.stop(instance_uuid, source))
 
     def reboot_instance(
         self, instance_uuid: Any, hard: Any = False, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
-        return instance_dict(self.operations.reboot(instance_uuid, hard, source))
+        return self._indexed(self.operations.reboot(instance_uuid, hard, source))
 
     def delete_instance(
         self, instance_uuid: Any, source: ActionSource = ActionSource.RPC
     ) -> dict[str, Any]:
         inst = self.operations.delete(instance_uuid, source)
         self.stats.store.forget(inst.uuid)
+        self.instance_index.remove(inst.uuid)
+        return instance_dict(inst)
+
+    def _indexed(self, inst: Instance) -> dict[str, Any]:
+        """An operation's result, noted in the metrics' index at once."""
+        self.instance_index.update(inst)
         return instance_dict(inst)
 
     def get_instance_info(self, instance_uuid: Any) -> dict[str, Any]:
         uuid = validate_uuid(instance_uuid, "instance_uuid")
         return instance_dict(self.db.instance_get(uuid, host=self.host))
+
+    def get_instance_actions(self, instance_uuid: Any, limit: Any = 100) -> list[dict[str, Any]]:
+        """The audit trail of an instance, the latest ``limit`` rows, oldest first.
+
+        A deleted instance keeps its trail, so only an instance with no rows
+        at all must still be one of this host's.
+        """
+        uuid = validate_uuid(instance_uuid, "instance_uuid")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_ACTIONS:
+            raise exception.InvalidInput(
+                f"limit must be an integer from 1 to {MAX_ACTIONS}, not {printable(limit)}"
+            )
+        rows = self.db.actions_get(uuid, limit)
+        if not rows:
+            self.db.instance_get(uuid, host=self.host)  # InstanceNotFound if not ours
+        return [action_dict(r) for r in reversed(rows)]
+
+    def set_service_disabled(self, disabled: Any, reason: Any = None) -> dict[str, Any]:
+        """The operator's enable or disable of this host's service.
+
+        An operator's disable always wins: it replaces an automatic one, and
+        the automatic enable (libvirt back) never undoes it, because its
+        reason does not start with AUTO_PREFIX. An enable while the
+        hypervisor is away leaves the automatic disable in place, which
+        clears itself when the hypervisor comes back.
+        """
+        if not isinstance(disabled, bool):
+            raise exception.InvalidInput(
+                f"disabled must be true or false, not {printable(disabled)}"
+            )
+        if reason is not None:
+            if not isinstance(reason, str) or not reason.strip() or len(reason) > 255:
+                raise exception.InvalidInput("reason must be a text of 1 to 255 characters")
+            if not reason.isprintable():
+                raise exception.InvalidInput(
+                    "reason must be printable text (no control characters)"
+                )
+            if reason.startswith(AUTO_PREFIX):
+                raise exception.InvalidInput(
+                    f"reason may not start with {AUTO_PREFIX!r}: the agent uses it for the "
+                    "disables it lifts by itself"
+                )
+            if not disabled:
+                raise exception.InvalidInput("a reason is given only to disable the service")
+        if self.service is None or self.service.row is None:
+            raise exception.ComputeAgentError("the service is not registered yet")
+        row_id = self.service.row.id
+        if disabled:
+            self.db.service_set_disabled(row_id, True, reason)
+            LOG.warning("service disabled by the operator: %s", reason or "(no reason given)")
+        elif not self.driver.connected:
+            self.db.service_set_disabled(
+                row_id, True, f"{AUTO_PREFIX} hypervisor connection lost (enable asked while away)"
+            )
+            LOG.warning("service enable asked while the hypervisor is away: enabled on its return")
+        else:
+            self.db.service_set_disabled(row_id, False, None)
+            LOG.info("service enabled by the operator")
+        row = self.db.service_get(self.host, BINARY)
+        return servicegroup.describe(row, self.conf.service_down_time)
 
     def list_instances(self) -> list[dict[str, Any]]:
         return [instance_dict(i) for i in self.db.instance_get_all_by_host(self.host)]

@@ -59,11 +59,17 @@ class NodeService:
         self._stopped = False
         self._heartbeat_write: green.Future | None = None
         self._heartbeat_started = 0.0
+        # For the metrics: read from the scrape's native thread, written on the hub.
+        self.started_at_mono = green.monotonic()
+        self.heartbeat_at: float | None = None  # monotonic, last heartbeat written
+        self.disabled = False  # mirrors the row's ``disabled``, as this agent set it
 
     # -- life cycle -------------------------------------------------------
 
     def start(self) -> None:
         self.row = self.db.service_start(self.host, BINARY)
+        self.started_at_mono = green.monotonic()
+        self.disabled = bool(self.row.disabled)
         LOG.info(
             "compute-agent starting on host %s (service id %d, database %s)",
             self.host,
@@ -160,6 +166,7 @@ class NodeService:
                 f"database unavailable: no answer to the heartbeat within {wait:.1f} s"
             ) from None
         self.row.report_count += 1
+        self.heartbeat_at = green.monotonic()
         LOG.info("heartbeat %d", self.row.report_count)
         return self.row.report_count
 

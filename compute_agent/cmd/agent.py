@@ -28,6 +28,8 @@ from compute_agent.db.api import Database  # noqa: E402
 from compute_agent.db.engine import Deadlines  # noqa: E402
 from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
+from compute_agent.metrics.collector import AgentCollector  # noqa: E402
+from compute_agent.metrics.server import MetricsBindError, MetricsServer  # noqa: E402
 from compute_agent.rpc.server import RPCServer  # noqa: E402
 from compute_agent.rpc.transport import check_transport_url  # noqa: E402
 from compute_agent.service import NodeService  # noqa: E402
@@ -68,6 +70,16 @@ def build_service(conf) -> NodeService:
     admin = AdminSocketServer(conf.admin_socket, dispatcher, grace=conf.graceful_shutdown_timeout)
     admin.listen()  # now: a second agent on this host must stop before it touches anything
     service.components.append(admin)
+    if conf.metrics.listen_port:
+        metrics = MetricsServer(
+            conf.metrics.listen_address, conf.metrics.listen_port, AgentCollector(service, manager)
+        )
+        try:
+            metrics.listen()  # a taken port is a configuration error, found before start
+        except MetricsBindError as exc:
+            admin.release()
+            raise Fatal(str(exc), EXIT_USAGE) from None
+        service.components.append(metrics)
     return service
 
 

@@ -253,7 +253,7 @@ class RaceRun:
         self.engine = sa.create_engine(self.db_url)
         self.agent = AgentProcess(files)
         self.agent.wait_for("admin socket listening", 60)
-        self.admin = AdminClient(str(self.dir / "state" / "admin.sock"), reply_timeout=120)
+        self.admin = AdminClient(str(self.dir / "state" / "admin.sock"), timeout=120)
         self._wait_admin()
         self.slots = [None] * self.config.guests
         builders = [

@@ -121,7 +121,7 @@ def env(db_url_factory, tmp_path_factory) -> Iterator[Env]:
         agent = AgentProcess(files)
         agent.wait_for("RPC serving")
         api = ComputeAPI(run.conf(), timeout=60)
-        admin = AdminClient(str(root / "state" / "admin.sock"), reply_timeout=30)
+        admin = AdminClient(str(root / "state" / "admin.sock"), timeout=30)
         yield Env(prefix, host, api, db, conn, agent, files, admin)
         agent.proc.send_signal(signal.SIGTERM)
         assert agent.wait_exit(15) == 0, agent.output

@@ -4,13 +4,16 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import types
 import uuid
 
 import pytest
 
 from compute_agent import exception, green
+from compute_agent.admin.client import AgentUnreachable
 from compute_agent.admin.server import AdminSocketServer
 from compute_agent.cmd import manage, output
 from compute_agent.cmd.common import EXIT_FAILED, EXIT_OK, Fatal
@@ -173,3 +176,44 @@ def test_reap_deleted_aborted_exits_1_and_errors_warn(agent, sqlite_db, capsys):
         manage.cmd_reap_deleted(cli_conf(server))
     assert failed.value.status == EXIT_FAILED
     assert str(failed.value) == "reap-deleted aborted: hypervisor unavailable: libvirt gone"
+
+
+# -- deadlines ---------------------------------------------------------------
+
+
+def timeout_conf(given=None, shutdown=60):
+    return types.SimpleNamespace(
+        category=types.SimpleNamespace(reply_timeout=given),
+        compute=types.SimpleNamespace(shutdown_timeout=shutdown),
+    )
+
+
+def test_every_call_has_a_deadline_and_operations_a_longer_one():
+    conf = timeout_conf()
+    assert manage._timeout(conf, "status", {}) == 30.0
+    assert manage._timeout(conf, "sync_power_states", {}) == 30.0  # between progress lines
+    assert manage._timeout(conf, "stop_instance", {"instance_uuid": "u"}) == 30 + 60 + 30
+    assert manage._timeout(conf, "sync_power_states", {"instance_uuid": "u"}) == 120
+    assert manage._timeout(timeout_conf(shutdown=0), "build_instance", {}) == 60
+    assert manage._timeout(timeout_conf(given=2.5), "stop_instance", {}) == 2.5
+
+
+def test_a_silent_agent_times_out_as_unreachable():
+    """AgentTimeout is an AgentUnreachable: run() makes it exit 3 (test_cli_deadlines)."""
+    directory = tempfile.mkdtemp(prefix="ca-cli-")
+    path = os.path.join(directory, "admin.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)  # accepts into the backlog, never answers: a stopped agent
+    conf = types.SimpleNamespace(
+        admin_socket=path,
+        category=types.SimpleNamespace(reply_timeout=0.5, out_format="json"),
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(AgentUnreachable, match=f"no answer from the agent on {path} after 0."):
+            manage.cmd_status(conf)
+        assert time.monotonic() - started < 0.5 + 5
+    finally:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
