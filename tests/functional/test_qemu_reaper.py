@@ -115,7 +115,7 @@ def env(db_url_factory, tmp_path_factory) -> Iterator[Env]:
         assert synced.returncode == 0, synced.stderr
         agent = AgentProcess(files)
         agent.wait_for("admin socket listening")
-        admin = AdminClient(str(root / "state" / "admin.sock"), reply_timeout=90)
+        admin = AdminClient(str(root / "state" / "admin.sock"), timeout=90)
         yield Env(prefix, db, conn, agent, files, admin)
         agent.proc.send_signal(signal.SIGTERM)
         assert agent.wait_exit(15) == 0, agent.output

@@ -44,7 +44,7 @@ class Host:
 
     def start_agent(self) -> tuple[AgentProcess, AdminClient]:
         agent = AgentProcess(self.files)
-        admin = AdminClient(str(self.root / "state" / "admin.sock"), reply_timeout=60)
+        admin = AdminClient(str(self.root / "state" / "admin.sock"), timeout=60)
 
         def answers() -> bool:
             with contextlib.suppress(AgentUnreachable):
