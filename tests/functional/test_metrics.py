@@ -94,7 +94,7 @@ def _start(root: pathlib.Path, extra: str = "") -> Agent:
     port = free_port()
     proc = AgentProcess(files, metrics_port=port)
     proc.wait_for("heartbeat 1")
-    return Agent(proc, port, AdminClient(str(root / "state" / "admin.sock"), reply_timeout=120))
+    return Agent(proc, port, AdminClient(str(root / "state" / "admin.sock"), timeout=120))
 
 
 def _stop(agent: Agent) -> None:
