@@ -18,13 +18,19 @@ from prometheus_client.exposition import generate_latest
 from compute_agent import green
 
 _socket = green.native_socket_module()
+_select = green.native_select_module()
 
 # Every name is a classic one, so the text is the 0.0.4 format every
 # Prometheus reads (newer prometheus_client versions announce 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_BYTES = 8192
+# All the time a client has to send its request, however it trickles.
 READ_TIMEOUT_S = 5.0
-# Scrapes served at once; more get 503 at once instead of piling up threads.
+# All the time a scrape has to take its reply (a scraper that stops reading).
+WRITE_TIMEOUT_S = 10.0
+# Connections whose request is still coming; a new one drops the oldest.
+MAX_PENDING = 64
+# Scrapes rendered and sent at once; more get 503 at once instead of piling up threads.
 MAX_CLIENTS = 4
 ACCEPT_POLL_S = 0.5
 
@@ -117,44 +123,106 @@ class MetricsServer:
             return head + self._instance_text().encode("utf-8")
 
     def _accept_loop(self) -> None:
-        sock = self._sock
-        while not self._stopping:
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping:
-                    return
-                green.native_sleep(ACCEPT_POLL_S)
-                continue
-            if not self._clients.acquire(blocking=False):
-                _reply(conn, 503, b"too many scrapes at once\n")
-                conn.close()
-                continue
-            try:
-                green.native_thread(self._serve, conn, name="metrics-scrape")
-            except RuntimeError:
-                self._clients.release()
-                conn.close()
+        """Accept and read requests here, so only whole requests take a scrape slot.
 
-    def _serve(self, conn: Any) -> None:
+        A client that connects and sends nothing, or one byte a second,
+        would otherwise hold a slot (a thread) while it dawdles: four of
+        them and every scrape got 503. Here each connection has
+        READ_TIMEOUT_S in all to send its request, and at most MAX_PENDING
+        wait at once (the oldest is dropped for a new one).
+        """
+        listener = self._sock
+        listener.setblocking(False)
+        poller = _select.poll()
+        poller.register(listener.fileno(), _select.POLLIN)
+        pending: dict[int, _Pending] = {}  # by fd, oldest first
         try:
-            conn.settimeout(READ_TIMEOUT_S)
-            request = _read_request(conn)
-            if request is None:
-                return
+            while not self._stopping:
+                now = green.monotonic()
+                wait = ACCEPT_POLL_S
+                if pending:
+                    wait = min(wait, max(0.0, next(iter(pending.values())).deadline - now))
+                try:
+                    ready = poller.poll(wait * 1000)
+                except InterruptedError:
+                    continue
+                for fd, _ in ready:
+                    if fd == listener.fileno():
+                        self._accept(listener, poller, pending)
+                    elif fd in pending:
+                        self._read(pending[fd], poller, pending)
+                now = green.monotonic()
+                for fd in [fd for fd, p in pending.items() if p.deadline <= now]:
+                    self._drop(pending.pop(fd), poller)
+        finally:
+            for waiting in pending.values():
+                waiting.conn.close()
+
+    def _accept(self, listener: Any, poller: Any, pending: dict[int, _Pending]) -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            if not self._stopping:
+                green.native_sleep(0.05)  # out of fds, say: do not spin
+            return
+        conn.setblocking(False)
+        if len(pending) >= MAX_PENDING:
+            self._drop(pending.pop(next(iter(pending))), poller)
+        pending[conn.fileno()] = _Pending(conn, green.monotonic() + READ_TIMEOUT_S)
+        poller.register(conn.fileno(), _select.POLLIN)
+
+    def _drop(self, waiting: _Pending, poller: Any) -> None:
+        poller.unregister(waiting.conn.fileno())
+        waiting.conn.close()
+
+    def _read(self, waiting: _Pending, poller: Any, pending: dict[int, _Pending]) -> None:
+        conn = waiting.conn
+        try:
+            chunk = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        waiting.data += chunk
+        if chunk and not _complete(waiting.data) and len(waiting.data) <= MAX_REQUEST_BYTES:
+            return
+        del pending[conn.fileno()]
+        poller.unregister(conn.fileno())
+        if not waiting.data:
+            conn.close()
+            return
+        self._dispatch(conn, bytes(waiting.data))
+
+    def _dispatch(self, conn: Any, data: bytes) -> None:
+        """Answer a whole request: small replies here, a scrape in a thread of its own."""
+        request = _parse_request(conn, data)
+        if request is not None:
             method, path = request
             if method not in ("GET", "HEAD"):
                 _reply(conn, 405, b"only GET and HEAD\n", extra=[("Allow", "GET, HEAD")])
             elif path == "/metrics":
-                self._scrape(conn, head=method == "HEAD")
+                if not self._clients.acquire(blocking=False):
+                    _reply(conn, 503, b"too many scrapes at once\n")
+                else:
+                    try:
+                        green.native_thread(
+                            self._serve, conn, method == "HEAD", name="metrics-scrape"
+                        )
+                        return
+                    except RuntimeError:
+                        self._clients.release()
             elif path == "/":
                 _reply(conn, 200, b"compute-agent: metrics at /metrics\n", head=method == "HEAD")
             else:
                 _reply(conn, 404, b"not found; metrics are at /metrics\n")
-        except OSError:
-            pass  # the scraper went away or never spoke
+        conn.close()
+
+    def _serve(self, conn: Any, head: bool) -> None:
+        try:
+            # sendall's timeout bounds the whole reply: a scraper that stops
+            # reading frees its slot after WRITE_TIMEOUT_S.
+            conn.settimeout(WRITE_TIMEOUT_S)
+            self._scrape(conn, head)
         finally:
             conn.close()
             self._clients.release()
@@ -171,6 +239,17 @@ class MetricsServer:
         _reply(conn, 200, body, content_type=CONTENT_TYPE, head=head)
 
 
+class _Pending:
+    """A connection whose request is still coming, and when it must have come."""
+
+    __slots__ = ("conn", "deadline", "data")
+
+    def __init__(self, conn: Any, deadline: float) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.data = bytearray()
+
+
 _REASONS = {
     200: "OK",
     400: "Bad Request",
@@ -182,19 +261,15 @@ _REASONS = {
 }
 
 
-def _read_request(conn: Any) -> tuple[str, str] | None:
+def _complete(data: bytes | bytearray) -> bool:
+    return b"\n\r\n" in data or b"\n\n" in data
+
+
+def _parse_request(conn: Any, data: bytes) -> tuple[str, str] | None:
     """(method, path) of the request, or None after answering a bad one."""
-    data = b""
-    while b"\n\r\n" not in data and b"\n\n" not in data:
-        chunk = conn.recv(4096)
-        if not chunk:
-            if not data:
-                return None
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST_BYTES:
-            _reply(conn, 431, b"request too large\n")
-            return None
+    if len(data) > MAX_REQUEST_BYTES:
+        _reply(conn, 431, b"request too large\n")
+        return None
     parts = data.split(b"\n", 1)[0].strip().split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         _reply(conn, 400, b"not an HTTP request\n")

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from compute_agent import exception
+from compute_agent import exception, green
 from compute_agent.dispatch import Dispatcher
 from compute_agent.manager import ComputeManager
 from compute_agent.metrics import figures
@@ -205,31 +205,96 @@ def test_a_sync_write_shows_at_once(agent, conf):
     assert counts == {("active", "paused"): 1}
 
 
-def test_silent_and_garbage_clients_never_stop_the_scrapes(agent):
-    """Clients that send nothing hold at most MAX_CLIENTS slots; the next gets 503 at once."""
+def scrape(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        reply.read()
+        return reply.status
+
+
+def test_slow_and_silent_clients_never_take_the_scrape_slots(agent):
+    """Slowloris: clients that send nothing or trickle hold no scrape slot."""
     server = MetricsServer("127.0.0.1", 0, agent.collector)
     server.start()
     port = server.bound_port
-    silent = []
+    slow = []
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as garbage:
             garbage.sendall(b"\x00\x01 hello\r\n\r\n")
             assert garbage.recv(100).startswith(b"HTTP/1.0 400")
+        for n in range(3 * server_mod.MAX_CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if n % 2:
+                sock.sendall(b"GE")  # a request that is still coming
+            slow.append(sock)
+        # Before: each took a slot for READ_TIMEOUT_S (for ever while it trickled): 503.
+        assert scrape(port) == 200
+        for sock in slow:
+            sock.sendall(b"T")
+        assert scrape(port) == 200
+    finally:
+        for sock in slow:
+            sock.close()
+        server.stop()
+
+
+def test_a_trickling_request_is_cut_at_its_deadline(agent, monkeypatch):
+    """READ_TIMEOUT_S bounds the whole request, not each read of it."""
+    monkeypatch.setattr(server_mod, "READ_TIMEOUT_S", 1.0)
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    started = figures_clock()
+    try:
+        with socket.create_connection(("127.0.0.1", server.bound_port), timeout=10) as sock:
+            sock.settimeout(0.2)
+            closed = False
+            for byte in (b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 200):
+                try:
+                    sock.sendall(bytes([byte]))
+                    closed = sock.recv(100) == b""
+                except TimeoutError:
+                    continue
+                except OSError:  # reset by the server
+                    closed = True
+                if closed or figures_clock() - started > 30:
+                    break
+            assert closed, "the server kept a trickling client past its deadline"
+            assert figures_clock() - started < 20
+    finally:
+        server.stop()
+
+
+def test_a_fifth_scrape_at_once_gets_503(agent):
+    """Scrapes being rendered hold the slots; one more is refused at once."""
+    release = green.native_event()
+    text = agent.collector.instance_text
+
+    def slow_text() -> str:
+        release.wait(20)
+        return text()
+
+    agent.collector.instance_text = slow_text
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    port = server.bound_port
+    busy = []
+    try:
         for _ in range(server_mod.MAX_CLIENTS):
-            silent.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            busy.append(sock)
 
         def refused() -> bytes:
             with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
                 extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
                 return extra.recv(100)
 
-        # The silent ones are taken in turn by the accept thread: wait until all are.
         assert eventually(lambda: refused().startswith(b"HTTP/1.0 503"), 10, "a 503")
+        release.set()
+        for sock in busy:
+            assert sock.recv(100).startswith(b"HTTP/1.0 200")
+        assert scrape(port) == 200
     finally:
-        for sock in silent:
+        release.set()
+        for sock in busy:
             sock.close()
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            assert reply.status == 200
-    finally:
         server.stop()
