@@ -247,7 +247,7 @@ def test_a_trickling_request_is_cut_at_its_deadline(agent, monkeypatch):
         with socket.create_connection(("127.0.0.1", server.bound_port), timeout=10) as sock:
             sock.settimeout(0.2)
             closed = False
-            for byte in (b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 200):
+            for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 200:
                 try:
                     sock.sendall(bytes([byte]))
                     closed = sock.recv(100) == b""
