@@ -2,10 +2,12 @@
 
 A scrape at thousands of instances builds tens of thousands of lines;
 built on the hub, that would stall every greenthread for its whole
-length. Here the listening socket is a native one, accepted in a native
-thread, and each scrape is rendered in a native thread of its own: the
-hub only loses the GIL for a switch interval at a time. Nothing here
-touches eventlet, logs, or calls libvirt or the database.
+length. Here the listening socket is a native one: one native thread
+accepts connections and reads their requests (non-blocking, each under a
+deadline), and a fixed pool of native threads renders and sends the
+scrapes queued to it, so the hub only loses the GIL for a switch
+interval at a time. Nothing here touches eventlet, logs, or calls
+libvirt or the database.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ READ_TIMEOUT_S = 5.0
 WRITE_TIMEOUT_S = 10.0
 # Connections whose request is still coming; a new one drops the oldest.
 MAX_PENDING = 64
-# Scrapes rendered and sent at once; more get 503 at once instead of piling up threads.
+# Threads that render and send scrapes (a fixed pool: a flood never adds threads).
 MAX_CLIENTS = 4
+# Whole requests waiting for one of them, served in turn; one more gets 503.
+MAX_QUEUED = 64
 ACCEPT_POLL_S = 0.5
 
 
@@ -59,7 +63,11 @@ class MetricsServer:
         self._registry = _Registry(collector)
         self._instance_text = collector.instance_text
         self._render_lock = green.native_lock()
-        self._clients = green.native_semaphore(MAX_CLIENTS)
+        self._queue = green.native_queue()
+        self._workers: list[Any] = []
+        # The last body and when its render began: scrapes that arrived
+        # before that share it instead of rendering again (see _body).
+        self._last: tuple[float, bytes] | None = None
         self._sock: Any = None
         self._stopping = False
         self._thread: Any = None
@@ -98,6 +106,9 @@ class MetricsServer:
     def start(self, service: Any = None) -> None:
         if self._sock is None:
             self.listen()
+        self._workers = [
+            green.native_thread(self._work, name=f"metrics-scrape-{n}") for n in range(MAX_CLIENTS)
+        ]
         self._thread = green.native_thread(self._accept_loop, name="metrics-accept")
 
     def stop(self) -> None:
@@ -110,6 +121,11 @@ class MetricsServer:
                 pass
         if thread is not None:
             thread.join(ACCEPT_POLL_S * 4)
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(ACCEPT_POLL_S)
+        self._workers = []
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -119,8 +135,27 @@ class MetricsServer:
     def render(self) -> bytes:
         """The Prometheus text of every family; one render at a time."""
         with self._render_lock:
-            head = generate_latest(self._registry)  # type: ignore[arg-type]
-            return head + self._instance_text().encode("utf-8")
+            return self._render()
+
+    def _render(self) -> bytes:
+        head = generate_latest(self._registry)  # type: ignore[arg-type]
+        return head + self._instance_text().encode("utf-8")
+
+    def _body(self, arrived: float) -> bytes:
+        """A body rendered after ``arrived``: the last one if it began after, else a new one.
+
+        Renders run one at a time; under a flood, the scrapes that queued
+        during one render share the next instead of each rendering in
+        turn. None sees a state older than its own arrival.
+        """
+        with self._render_lock:
+            last = self._last
+            if last is not None and last[0] >= arrived:
+                return last[1]
+            began = green.monotonic()
+            body = self._render()
+            self._last = (began, body)
+            return body
 
     def _accept_loop(self) -> None:
         """Accept and read requests here, so only whole requests take a scrape slot.
@@ -191,9 +226,9 @@ class MetricsServer:
         if not waiting.data:
             conn.close()
             return
-        self._dispatch(conn, bytes(waiting.data))
+        self._dispatch(conn, bytes(waiting.data), green.monotonic())
 
-    def _dispatch(self, conn: Any, data: bytes) -> None:
+    def _dispatch(self, conn: Any, data: bytes, arrived: float) -> None:
         """Answer a whole request: small replies here, a scrape in a thread of its own."""
         request = _parse_request(conn, data)
         if request is not None:
@@ -201,35 +236,44 @@ class MetricsServer:
             if method not in ("GET", "HEAD"):
                 _reply(conn, 405, b"only GET and HEAD\n", extra=[("Allow", "GET, HEAD")])
             elif path == "/metrics":
-                if not self._clients.acquire(blocking=False):
-                    _reply(conn, 503, b"too many scrapes at once\n")
-                else:
-                    try:
-                        green.native_thread(
-                            self._serve, conn, method == "HEAD", name="metrics-scrape"
-                        )
-                        return
-                    except RuntimeError:
-                        self._clients.release()
+                if self._queue.qsize() < MAX_QUEUED:
+                    self._queue.put((conn, method == "HEAD", arrived))
+                    return
+                _reply(conn, 503, b"too many scrapes at once\n")
             elif path == "/":
                 _reply(conn, 200, b"compute-agent: metrics at /metrics\n", head=method == "HEAD")
             else:
                 _reply(conn, 404, b"not found; metrics are at /metrics\n")
         conn.close()
 
-    def _serve(self, conn: Any, head: bool) -> None:
-        try:
-            # sendall's timeout bounds the whole reply: a scraper that stops
-            # reading frees its slot after WRITE_TIMEOUT_S.
-            conn.settimeout(WRITE_TIMEOUT_S)
-            self._scrape(conn, head)
-        finally:
-            conn.close()
-            self._clients.release()
+    def _work(self) -> None:
+        """A scrape thread: serve queued scrapes, in the order they came, until stopped.
 
-    def _scrape(self, conn: Any, head: bool) -> None:
+        A flood fills the queue, not the process with threads; a
+        legitimate scrape waits its turn there instead of losing every
+        race for a free thread to the flood's retries (it got 503 at
+        each of 59 tries at 16 flooding clients).
+        """
+        while True:
+            item = self._queue.get()
+            if item is None or self._stopping:
+                if item is not None:
+                    item[0].close()
+                return
+            conn, head, arrived = item
+            try:
+                # sendall's timeout bounds the whole reply: a scraper that
+                # stops reading frees the thread after WRITE_TIMEOUT_S.
+                conn.settimeout(WRITE_TIMEOUT_S)
+                self._scrape(conn, head, arrived)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def _scrape(self, conn: Any, head: bool, arrived: float) -> None:
         try:
-            body = self.render()
+            body = self._body(arrived)
         except Exception as exc:  # noqa: BLE001 - reported to the scraper, never ends the server
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"

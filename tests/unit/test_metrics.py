@@ -263,8 +263,9 @@ def test_a_trickling_request_is_cut_at_its_deadline(agent, monkeypatch):
         server.stop()
 
 
-def test_a_fifth_scrape_at_once_gets_503(agent):
-    """Scrapes being rendered hold the slots; one more is refused at once."""
+def test_scrapes_beyond_the_queue_get_503(agent, monkeypatch):
+    """Scrapes being rendered hold the threads, then the queue fills; one more is refused."""
+    monkeypatch.setattr(server_mod, "MAX_QUEUED", 2)
     release = green.native_event()
     text = agent.collector.instance_text
 
@@ -278,7 +279,7 @@ def test_a_fifth_scrape_at_once_gets_503(agent):
     port = server.bound_port
     busy = []
     try:
-        for _ in range(server_mod.MAX_CLIENTS):
+        for _ in range(server_mod.MAX_CLIENTS + server_mod.MAX_QUEUED):
             sock = socket.create_connection(("127.0.0.1", port), timeout=20)
             sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             busy.append(sock)
@@ -297,4 +298,46 @@ def test_a_fifth_scrape_at_once_gets_503(agent):
         release.set()
         for sock in busy:
             sock.close()
+        server.stop()
+
+
+def test_a_scrape_gets_through_a_flood(agent):
+    """Flooding clients that retry at once never starve a scrape; scrapes share renders."""
+    text = agent.collector.instance_text
+    renders = []
+
+    def slow_text() -> str:
+        renders.append(1)
+        green.native_sleep(0.05)  # a host with many instances
+        return text()
+
+    agent.collector.instance_text = slow_text
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    port = server.bound_port
+    stop = green.native_event()
+    served = []
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    served.append(sock.recv(12))
+                    while sock.recv(65536):
+                        pass
+            except OSError:
+                pass
+
+    clients = [green.spawn(flood) for _ in range(3 * server_mod.MAX_CLIENTS)]
+    try:
+        eventually(lambda: len(served) > 20, 20, "the flood under way")
+        # Before: 4 threads, a 503 for each request past them; the flood's
+        # retries took every free thread first.
+        assert [scrape(port) for _ in range(3)] == [200, 200, 200]
+        assert len(renders) < len(served)  # shared
+    finally:
+        stop.set()
+        for client in clients:
+            client.wait()
         server.stop()
