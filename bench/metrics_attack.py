@@ -26,6 +26,12 @@ driver behind it; never the host's daemon), which is then frozen
 ``compute_agent_libvirt_connected`` must follow.
 
     .venv/bin/python -m bench.metrics_attack libvirt
+
+``nonreader`` mode: an in-process server whose body is ``MB`` megabytes,
+8 clients with a 4 kB receive buffer that never read, and one scrape
+beside them, timed.
+
+    .venv/bin/python -m bench.metrics_attack nonreader 5
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import time
 import uuid as uuidlib
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from compute_agent.admin.client import AdminClient
 from tests.functional.agent_process import REPO, AgentProcess, free_port, manage
@@ -283,9 +290,45 @@ def libvirt_drill() -> None:
         daemon.wait(10)
 
 
+def nonreader_drill(megabytes: float) -> None:
+    from compute_agent.metrics.server import MetricsServer
+
+    body = "x" * int(megabytes * 1_000_000)
+
+    class Collector:
+        def collect(self) -> Any:
+            return iter(())
+
+        def instance_text(self) -> str:
+            return body
+
+    server = MetricsServer("127.0.0.1", 0, Collector())
+    server.start()
+    port = server.bound_port
+    hold = []
+    try:
+        for _ in range(8):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            hold.append(sock)
+        time.sleep(0.5)
+        status, data, took = get(port, timeout=120)
+        print(f"body {megabytes} MB, 8 clients that never read: a scrape got {status}, "
+              f"{len(data)} bytes in {took:.1f} s")  # fmt: skip
+    finally:
+        for sock in hold:
+            sock.close()
+        server.stop()
+
+
 def main(argv: list[str]) -> None:
     if argv[:1] == ["libvirt"]:
         libvirt_drill()
+        return
+    if argv[:1] == ["nonreader"]:
+        nonreader_drill(float(argv[1]) if len(argv) > 1 else 5)
         return
     instances = int(argv[0]) if argv else 1000
     seconds = float(argv[1]) if len(argv) > 1 else 60
