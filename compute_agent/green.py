@@ -46,6 +46,7 @@ _native_time = eventlet.patcher.original("time")
 _native_threading = eventlet.patcher.original("threading")
 _native_queue = eventlet.patcher.original("queue")
 _native_socket = eventlet.patcher.original("socket")
+_native_select = eventlet.patcher.original("select")
 _MAIN_THREAD = _native_threading.main_thread()
 
 
@@ -308,6 +309,11 @@ def native_socket_module() -> Any:
     For servers that run in a native thread and must not touch the hub.
     """
     return _native_socket
+
+
+def native_select_module() -> Any:
+    """The ``select`` module as it was before patching (``poll`` blocks the calling thread)."""
+    return _native_select
 
 
 def native_semaphore(count: int) -> Any:

@@ -2,10 +2,12 @@
 
 A scrape at thousands of instances builds tens of thousands of lines;
 built on the hub, that would stall every greenthread for its whole
-length. Here the listening socket is a native one, accepted in a native
-thread, and each scrape is rendered in a native thread of its own: the
-hub only loses the GIL for a switch interval at a time. Nothing here
-touches eventlet, logs, or calls libvirt or the database.
+length. Here the listening socket is a native one: one native thread
+accepts connections and reads their requests (non-blocking, each under a
+deadline), and a fixed pool of native threads renders and sends the
+scrapes queued to it, so the hub only loses the GIL for a switch
+interval at a time. Nothing here touches eventlet, logs, or calls
+libvirt or the database.
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ from prometheus_client.exposition import generate_latest
 from compute_agent import green
 
 _socket = green.native_socket_module()
+_select = green.native_select_module()
 
 # Every name is a classic one, so the text is the 0.0.4 format every
 # Prometheus reads (newer prometheus_client versions announce 1.0.0).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_BYTES = 8192
+# All the time a client has to send its request, however it trickles.
 READ_TIMEOUT_S = 5.0
-# Scrapes served at once; more get 503 at once instead of piling up threads.
+# All the time a scrape has to take its reply (a scraper that stops reading).
+WRITE_TIMEOUT_S = 10.0
+# Connections whose request is still coming; a new one drops the oldest.
+MAX_PENDING = 64
+# Threads that render and send scrapes (a fixed pool: a flood never adds threads).
 MAX_CLIENTS = 4
+# Whole requests waiting for one of them, served in turn; one more gets 503.
+MAX_QUEUED = 64
 ACCEPT_POLL_S = 0.5
 
 
@@ -53,7 +63,11 @@ class MetricsServer:
         self._registry = _Registry(collector)
         self._instance_text = collector.instance_text
         self._render_lock = green.native_lock()
-        self._clients = green.native_semaphore(MAX_CLIENTS)
+        self._queue = green.native_queue()
+        self._workers: list[Any] = []
+        # The last body and when its render began: scrapes that arrived
+        # before that share it instead of rendering again (see _body).
+        self._last: tuple[float, bytes] | None = None
         self._sock: Any = None
         self._stopping = False
         self._thread: Any = None
@@ -92,6 +106,9 @@ class MetricsServer:
     def start(self, service: Any = None) -> None:
         if self._sock is None:
             self.listen()
+        self._workers = [
+            green.native_thread(self._work, name=f"metrics-scrape-{n}") for n in range(MAX_CLIENTS)
+        ]
         self._thread = green.native_thread(self._accept_loop, name="metrics-accept")
 
     def stop(self) -> None:
@@ -104,6 +121,11 @@ class MetricsServer:
                 pass
         if thread is not None:
             thread.join(ACCEPT_POLL_S * 4)
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join(ACCEPT_POLL_S)
+        self._workers = []
         if self._sock is not None:
             self._sock.close()
             self._sock = None
@@ -113,55 +135,145 @@ class MetricsServer:
     def render(self) -> bytes:
         """The Prometheus text of every family; one render at a time."""
         with self._render_lock:
-            head = generate_latest(self._registry)  # type: ignore[arg-type]
-            return head + self._instance_text().encode("utf-8")
+            return self._render()
+
+    def _render(self) -> bytes:
+        head = generate_latest(self._registry)  # type: ignore[arg-type]
+        return head + self._instance_text().encode("utf-8")
+
+    def _body(self, arrived: float) -> bytes:
+        """A body rendered after ``arrived``: the last one if it began after, else a new one.
+
+        Renders run one at a time; under a flood, the scrapes that queued
+        during one render share the next instead of each rendering in
+        turn. None sees a state older than its own arrival.
+        """
+        with self._render_lock:
+            last = self._last
+            if last is not None and last[0] >= arrived:
+                return last[1]
+            began = green.monotonic()
+            body = self._render()
+            self._last = (began, body)
+            return body
 
     def _accept_loop(self) -> None:
-        sock = self._sock
-        while not self._stopping:
-            try:
-                conn, _ = sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                if self._stopping:
-                    return
-                green.native_sleep(ACCEPT_POLL_S)
-                continue
-            if not self._clients.acquire(blocking=False):
-                _reply(conn, 503, b"too many scrapes at once\n")
-                conn.close()
-                continue
-            try:
-                green.native_thread(self._serve, conn, name="metrics-scrape")
-            except RuntimeError:
-                self._clients.release()
-                conn.close()
+        """Accept and read requests here, so only whole requests take a scrape slot.
 
-    def _serve(self, conn: Any) -> None:
+        A client that connects and sends nothing, or one byte a second,
+        would otherwise hold a slot (a thread) while it dawdles: four of
+        them and every scrape got 503. Here each connection has
+        READ_TIMEOUT_S in all to send its request, and at most MAX_PENDING
+        wait at once (the oldest is dropped for a new one).
+        """
+        listener = self._sock
+        listener.setblocking(False)
+        poller = _select.poll()
+        poller.register(listener.fileno(), _select.POLLIN)
+        pending: dict[int, _Pending] = {}  # by fd, oldest first
         try:
-            conn.settimeout(READ_TIMEOUT_S)
-            request = _read_request(conn)
-            if request is None:
-                return
+            while not self._stopping:
+                now = green.monotonic()
+                wait = ACCEPT_POLL_S
+                if pending:
+                    wait = min(wait, max(0.0, next(iter(pending.values())).deadline - now))
+                try:
+                    ready = poller.poll(wait * 1000)
+                except InterruptedError:
+                    continue
+                for fd, _ in ready:
+                    if fd == listener.fileno():
+                        self._accept(listener, poller, pending)
+                    elif fd in pending:
+                        self._read(pending[fd], poller, pending)
+                now = green.monotonic()
+                for fd in [fd for fd, p in pending.items() if p.deadline <= now]:
+                    self._drop(pending.pop(fd), poller)
+        finally:
+            for waiting in pending.values():
+                waiting.conn.close()
+
+    def _accept(self, listener: Any, poller: Any, pending: dict[int, _Pending]) -> None:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            if not self._stopping:
+                green.native_sleep(0.05)  # out of fds, say: do not spin
+            return
+        conn.setblocking(False)
+        if len(pending) >= MAX_PENDING:
+            self._drop(pending.pop(next(iter(pending))), poller)
+        pending[conn.fileno()] = _Pending(conn, green.monotonic() + READ_TIMEOUT_S)
+        poller.register(conn.fileno(), _select.POLLIN)
+
+    def _drop(self, waiting: _Pending, poller: Any) -> None:
+        poller.unregister(waiting.conn.fileno())
+        waiting.conn.close()
+
+    def _read(self, waiting: _Pending, poller: Any, pending: dict[int, _Pending]) -> None:
+        conn = waiting.conn
+        try:
+            chunk = conn.recv(4096)
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        waiting.data += chunk
+        if chunk and not _complete(waiting.data) and len(waiting.data) <= MAX_REQUEST_BYTES:
+            return
+        del pending[conn.fileno()]
+        poller.unregister(conn.fileno())
+        if not waiting.data:
+            conn.close()
+            return
+        self._dispatch(conn, bytes(waiting.data), green.monotonic())
+
+    def _dispatch(self, conn: Any, data: bytes, arrived: float) -> None:
+        """Answer a whole request: small replies here, a scrape in a thread of its own."""
+        request = _parse_request(conn, data)
+        if request is not None:
             method, path = request
             if method not in ("GET", "HEAD"):
                 _reply(conn, 405, b"only GET and HEAD\n", extra=[("Allow", "GET, HEAD")])
             elif path == "/metrics":
-                self._scrape(conn, head=method == "HEAD")
+                if self._queue.qsize() < MAX_QUEUED:
+                    self._queue.put((conn, method == "HEAD", arrived))
+                    return
+                _reply(conn, 503, b"too many scrapes at once\n")
             elif path == "/":
                 _reply(conn, 200, b"compute-agent: metrics at /metrics\n", head=method == "HEAD")
             else:
                 _reply(conn, 404, b"not found; metrics are at /metrics\n")
-        except OSError:
-            pass  # the scraper went away or never spoke
-        finally:
-            conn.close()
-            self._clients.release()
+        conn.close()
 
-    def _scrape(self, conn: Any, head: bool) -> None:
+    def _work(self) -> None:
+        """A scrape thread: serve queued scrapes, in the order they came, until stopped.
+
+        A flood fills the queue, not the process with threads; a
+        legitimate scrape waits its turn there instead of losing every
+        race for a free thread to the flood's retries (it got 503 at
+        each of 59 tries at 16 flooding clients).
+        """
+        while True:
+            item = self._queue.get()
+            if item is None or self._stopping:
+                if item is not None:
+                    item[0].close()
+                return
+            conn, head, arrived = item
+            try:
+                # sendall's timeout bounds the whole reply: a scraper that
+                # stops reading frees the thread after WRITE_TIMEOUT_S.
+                conn.settimeout(WRITE_TIMEOUT_S)
+                self._scrape(conn, head, arrived)
+            except OSError:
+                pass
+            finally:
+                conn.close()
+
+    def _scrape(self, conn: Any, head: bool, arrived: float) -> None:
         try:
-            body = self.render()
+            body = self._body(arrived)
         except Exception as exc:  # noqa: BLE001 - reported to the scraper, never ends the server
             self.errors += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
@@ -169,6 +281,17 @@ class MetricsServer:
             return
         self.scrapes += 1
         _reply(conn, 200, body, content_type=CONTENT_TYPE, head=head)
+
+
+class _Pending:
+    """A connection whose request is still coming, and when it must have come."""
+
+    __slots__ = ("conn", "deadline", "data")
+
+    def __init__(self, conn: Any, deadline: float) -> None:
+        self.conn = conn
+        self.deadline = deadline
+        self.data = bytearray()
 
 
 _REASONS = {
@@ -182,19 +305,15 @@ _REASONS = {
 }
 
 
-def _read_request(conn: Any) -> tuple[str, str] | None:
+def _complete(data: bytes | bytearray) -> bool:
+    return b"\n\r\n" in data or b"\n\n" in data
+
+
+def _parse_request(conn: Any, data: bytes) -> tuple[str, str] | None:
     """(method, path) of the request, or None after answering a bad one."""
-    data = b""
-    while b"\n\r\n" not in data and b"\n\n" not in data:
-        chunk = conn.recv(4096)
-        if not chunk:
-            if not data:
-                return None
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST_BYTES:
-            _reply(conn, 431, b"request too large\n")
-            return None
+    if len(data) > MAX_REQUEST_BYTES:
+        _reply(conn, 431, b"request too large\n")
+        return None
     parts = data.split(b"\n", 1)[0].strip().split()
     if len(parts) != 3 or not parts[2].startswith(b"HTTP/"):
         _reply(conn, 400, b"not an HTTP request\n")

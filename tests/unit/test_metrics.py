@@ -7,12 +7,13 @@ import socket
 import urllib.error
 import urllib.request
 import uuid as uuidlib
+from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from compute_agent import exception
+from compute_agent import exception, green
 from compute_agent.dispatch import Dispatcher
 from compute_agent.manager import ComputeManager
 from compute_agent.metrics import figures
@@ -205,31 +206,153 @@ def test_a_sync_write_shows_at_once(agent, conf):
     assert counts == {("active", "paused"): 1}
 
 
-def test_silent_and_garbage_clients_never_stop_the_scrapes(agent):
-    """Clients that send nothing hold at most MAX_CLIENTS slots; the next gets 503 at once."""
+def scrape(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        reply.read()
+        return reply.status
+
+
+def test_slow_and_silent_clients_never_take_the_scrape_slots(agent):
+    """Slowloris: clients that send nothing or trickle hold no scrape slot."""
     server = MetricsServer("127.0.0.1", 0, agent.collector)
     server.start()
     port = server.bound_port
-    silent = []
+    slow = []
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as garbage:
             garbage.sendall(b"\x00\x01 hello\r\n\r\n")
             assert garbage.recv(100).startswith(b"HTTP/1.0 400")
-        for _ in range(server_mod.MAX_CLIENTS):
-            silent.append(socket.create_connection(("127.0.0.1", port), timeout=10))
-
-        def refused() -> bytes:
-            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
-                extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-                return extra.recv(100)
-
-        # The silent ones are taken in turn by the accept thread: wait until all are.
-        assert eventually(lambda: refused().startswith(b"HTTP/1.0 503"), 10, "a 503")
+        for n in range(3 * server_mod.MAX_CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            if n % 2:
+                sock.sendall(b"GE")  # a request that is still coming
+            slow.append(sock)
+        # Before: each took a slot for READ_TIMEOUT_S (for ever while it trickled): 503.
+        assert scrape(port) == 200
+        for sock in slow:
+            sock.sendall(b"T")
+        assert scrape(port) == 200
     finally:
-        for sock in silent:
+        for sock in slow:
             sock.close()
+        server.stop()
+
+
+def test_a_trickling_request_is_cut_at_its_deadline(agent, monkeypatch):
+    """READ_TIMEOUT_S bounds the whole request, not each read of it."""
+    monkeypatch.setattr(server_mod, "READ_TIMEOUT_S", 1.0)
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    started = figures_clock()
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-            assert reply.status == 200
+        with socket.create_connection(("127.0.0.1", server.bound_port), timeout=10) as sock:
+            sock.settimeout(0.2)
+            closed = False
+            for byte in b"GET /metrics HTTP/1.0\r\nX-Slow: " + b"a" * 200:
+                try:
+                    sock.sendall(bytes([byte]))
+                    closed = sock.recv(100) == b""
+                except TimeoutError:
+                    continue
+                except OSError:  # reset by the server
+                    closed = True
+                if closed or figures_clock() - started > 30:
+                    break
+            assert closed, "the server kept a trickling client past its deadline"
+            assert figures_clock() - started < 20
     finally:
+        server.stop()
+
+
+def test_scrapes_beyond_the_queue_get_503(agent, monkeypatch):
+    """Scrapes being rendered hold the threads, then the queue fills; one more is refused."""
+    monkeypatch.setattr(server_mod, "MAX_QUEUED", 2)
+    release = green.native_event()
+    text = agent.collector.instance_text
+
+    def slow_text() -> str:
+        release.wait(20)
+        return text()
+
+    agent.collector.instance_text = slow_text
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    port = server.bound_port
+    extra = 3
+    busy = []
+    replies: dict[int, bytes] = {}
+
+    def refused() -> int:
+        for n, sock in enumerate(busy):
+            if n not in replies:
+                try:
+                    replies[n] = sock.recv(100)
+                except TimeoutError:
+                    pass
+        return sum(r.startswith(b"HTTP/1.0 503") for r in replies.values())
+
+    try:
+        # While the renders are held, at most MAX_CLIENTS + MAX_QUEUED are kept.
+        for _ in range(server_mod.MAX_CLIENTS + server_mod.MAX_QUEUED + extra):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            sock.settimeout(0.05)
+            busy.append(sock)
+        assert eventually(lambda: refused() >= extra, 10, "503s")
+        release.set()
+        for sock in busy:
+            sock.settimeout(20)
+        for n, sock in enumerate(busy):
+            if n not in replies:
+                replies[n] = sock.recv(100)
+        heads = Counter(r[:12] for r in replies.values())
+        assert heads[b"HTTP/1.0 503"] >= extra, heads
+        assert heads[b"HTTP/1.0 200"] + heads[b"HTTP/1.0 503"] == len(busy), heads
+        assert scrape(port) == 200
+    finally:
+        release.set()
+        for sock in busy:
+            sock.close()
+        server.stop()
+
+
+def test_a_scrape_gets_through_a_flood(agent):
+    """Flooding clients that retry at once never starve a scrape; scrapes share renders."""
+    text = agent.collector.instance_text
+    renders = []
+
+    def slow_text() -> str:
+        renders.append(1)
+        green.native_sleep(0.05)  # a host with many instances
+        return text()
+
+    agent.collector.instance_text = slow_text
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    port = server.bound_port
+    stop = green.native_event()
+    served = []
+
+    def flood() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                    sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                    served.append(sock.recv(12))
+                    while sock.recv(65536):
+                        pass
+            except OSError:
+                pass
+
+    clients = [green.spawn(flood) for _ in range(3 * server_mod.MAX_CLIENTS)]
+    try:
+        eventually(lambda: len(served) > 20, 20, "the flood under way")
+        # Before: 4 threads, a 503 for each request past them; the flood's
+        # retries took every free thread first.
+        assert [scrape(port) for _ in range(3)] == [200, 200, 200]
+        assert len(renders) < len(served)  # shared
+    finally:
+        stop.set()
+        for client in clients:
+            client.wait()
         server.stop()
