@@ -257,3 +257,27 @@ def test_lost_connection_is_closed_only_after_its_calls_drain(driver, monkeypatc
     slow.wait()
     green.sleep(0.05)
     assert len(closed) == 1
+
+
+def test_a_killed_waiter_does_not_let_its_running_call_be_closed_under(driver, monkeypatch):
+    """A call's deadline or a cancelled sync kills the greenthread waiting on it;
+    the native call goes on, so the lost connection must still wait for it
+    (closing it under the call crashed the agent with SIGSEGV)."""
+    from compute_agent.virt.libvirt.host import Host
+
+    closed = []
+    monkeypatch.setattr(Host, "_close_raw", staticmethod(lambda raw, _lid=None: closed.append(raw)))
+    release = green.native_event()
+    waiter = green.spawn(driver.host.run, lambda raw: release.wait(5))
+    green.sleep(0.05)
+    green.kill(waiter)  # the waiter gives up; its call still runs in the pool
+    assert driver.host.inflight == 1
+    driver.host._lost("test: connection dropped", driver.host._generation)
+    green.sleep(0.2)
+    assert closed == []
+    release.set()
+    for _ in range(100):
+        if closed:
+            break
+        green.sleep(0.02)
+    assert len(closed) == 1

@@ -90,17 +90,34 @@ class _Connection:
         self.proxy = green.proxy(raw, autowrap=(libvirt.virConnect, libvirt.virDomain))
         self.generation = generation
         self.inflight = 0
-        self.idle = green.Event()
-        self.idle.set()
+        # Counted down by the native thread that made the call, not by the
+        # greenthread waiting for it: a waiter killed (a call deadline, a
+        # cancelled sync) leaves while its call still runs in the pool.
+        self._lock = green.native_lock()
 
     def enter(self) -> None:
-        self.inflight += 1
-        self.idle.clear()
+        with self._lock:
+            self.inflight += 1
 
     def leave(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self.idle.set()
+        with self._lock:
+            self.inflight -= 1
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run in a pool thread: ``fn(raw, *args)``, counted until it returns."""
+        try:
+            return fn(self.raw, *args)
+        finally:
+            self.leave()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait, green, until no call runs on this connection; False on timeout."""
+        end = green.monotonic() + timeout
+        while self.inflight > 0:
+            if green.monotonic() >= end:
+                return False
+            green.sleep(0.05)
+        return True
 
 
 class Host:
@@ -188,10 +205,10 @@ class Host:
         reconnection) and is raised as HypervisorUnavailable.
         """
         current = self._require()
-        current.enter()
+        current.enter()  # left by the pool thread once the call returns
         started = green.monotonic()
         try:
-            return green.execute(fn, current.raw, *args)
+            return green.execute(current.call, fn, *args)
         except libvirt.libvirtError as exc:
             if is_connection_error(exc):
                 self._lost(f"{exc.get_error_message()}", current.generation)
@@ -200,7 +217,6 @@ class Host:
                 ) from exc
             raise
         finally:
-            current.leave()
             figures.LIBVIRT_CALL_DURATION.observe(
                 (figures.libvirt_call_name(fn),), green.monotonic() - started
             )
@@ -282,7 +298,7 @@ class Host:
             self._reconnector = green.spawn(self._reconnect_loop, name="libvirt-reconnect")
 
     def _close_when_idle(self, connection: _Connection, timeout: float) -> None:
-        if not connection.idle.wait(timeout):
+        if not connection.wait_idle(timeout):
             LOG.error(
                 "%d libvirt call(s) still running on the old connection after %.0f s; "
                 "leaving it open rather than risk closing it under them",
