@@ -106,7 +106,7 @@ def start(root: pathlib.Path, extra: str = "") -> tuple[AgentProcess, int, Admin
     port = free_port()
     proc = AgentProcess(files, metrics_port=port)
     proc.wait_for("heartbeat 1", 60)
-    return proc, port, AdminClient(str(root / "state" / "admin.sock"), reply_timeout=120)
+    return proc, port, AdminClient(str(root / "state" / "admin.sock"), timeout=120)
 
 
 def build(admin: AdminClient, name: str) -> str:
