@@ -329,19 +329,21 @@ class RPCServer:
         This agent takes nothing from its queue yet, so an answer comes from
         another agent that uses the same host name on this broker; the two
         would take turns answering requests meant for one host. No answer
-        (or no broker yet) is the normal case.
+        within the timeout is the normal case.
         """
         timeout = self.conf.rpc_duplicate_check_timeout
         if not timeout or self.transport is None:
             return None
         target = oslo_messaging.Target(topic=TOPIC, server=self.host, version=VERSION)
-        client = oslo_messaging.get_rpc_client(self.transport, target, timeout=timeout, retry=0)
+        # retry=None: like the server's own start, wait for the broker, so
+        # the check is made whenever the agent comes to serve.
+        client = oslo_messaging.get_rpc_client(self.transport, target, timeout=timeout, retry=None)
         try:
             answer = client.call({}, "ping")
         except oslo_messaging.MessagingTimeout:
             return None
-        except Exception as exc:  # noqa: BLE001 - the broker may not be there yet
-            LOG.debug("duplicate-host check skipped: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - a check that cannot be made does not stop RPC
+            LOG.warning("duplicate-host check on the broker not made: %s", exc)
             return None
         version = answer.get("version", "?") if isinstance(answer, dict) else "?"
         return (
