@@ -332,12 +332,16 @@ class RPCServer:
         within the timeout is the normal case.
         """
         timeout = self.conf.rpc_duplicate_check_timeout
-        if not timeout or self.transport is None:
+        if not timeout:
             return None
         target = oslo_messaging.Target(topic=TOPIC, server=self.host, version=VERSION)
-        # retry=None: like the server's own start, wait for the broker, so
-        # the check is made whenever the agent comes to serve.
-        client = oslo_messaging.get_rpc_client(self.transport, target, timeout=timeout, retry=None)
+        # A transport of its own, closed here: the reply listener a call
+        # leaves behind made the server's transport slow (1-2 s) to close
+        # at stop. retry=None: like the server's own start, wait for the
+        # broker, so the check is made whenever the agent comes to serve.
+        transport = get_transport(self.conf)
+        client = oslo_messaging.get_rpc_client(transport, target, timeout=timeout, retry=None)
+        started = green.monotonic()
         try:
             answer = client.call({}, "ping")
         except oslo_messaging.MessagingTimeout:
@@ -345,6 +349,9 @@ class RPCServer:
         except Exception as exc:  # noqa: BLE001 - a check that cannot be made does not stop RPC
             LOG.warning("duplicate-host check on the broker not made: %s", exc)
             return None
+        finally:
+            transport.cleanup()
+            LOG.debug("duplicate-host check took %.1f s", green.monotonic() - started)
         version = answer.get("version", "?") if isinstance(answer, dict) else "?"
         return (
             f"another compute-agent (version {version}) already answers RPC as server "

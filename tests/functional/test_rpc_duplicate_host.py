@@ -6,7 +6,9 @@ the service row can see the other; only the broker can. Real RabbitMQ.
 
 from __future__ import annotations
 
+import datetime as dt
 import signal
+import subprocess
 
 from compute_agent.rpcapi import ComputeAPI
 from tests.functional.agent_process import AgentProcess, manage
@@ -24,6 +26,10 @@ def _agent(tmp_path, name: str, host: str, rabbit_conf) -> list:
     return config
 
 
+def _logged_at(line: str) -> float:
+    return dt.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
 def test_a_second_agent_with_the_same_host_name_on_the_broker_stops(tmp_path):
     run = RabbitRun()
     host = run.host("dup-host")
@@ -34,8 +40,18 @@ def test_a_second_agent_with_the_same_host_name_on_the_broker_stops(tmp_path):
     try:
         first = AgentProcess(_agent(tmp_path, "a", host, rabbit_conf))
         first.wait_for("RPC serving", timeout=60)  # no answer to its own ping: it serves
+        connecting, serving = (
+            _logged_at(next(line for line in first.lines if needle in line))
+            for needle in ("RPC connecting", "RPC serving")
+        )
+        print(f"\nfirst agent: RPC serving {serving - connecting:.1f} s after connecting")
+        assert serving - connecting >= 3  # it did wait for an answer
         second = AgentProcess(_agent(tmp_path, "b", host, rabbit_conf))
-        assert second.wait_exit(60) == 1, second.output
+        try:
+            rc = second.wait_exit(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the second agent still runs:\n{second.output}") from None
+        assert rc == 1, second.output
         errors = [line for line in second.lines if " ERROR " in line]
         assert len(errors) == 1, second.output
         assert f"already answers RPC as server {host}" in errors[0]
@@ -45,7 +61,11 @@ def test_a_second_agent_with_the_same_host_name_on_the_broker_stops(tmp_path):
         for _ in range(5):
             assert api.ping(host)["host"] == host
         first.proc.send_signal(signal.SIGTERM)
-        assert first.wait_exit() == 0, first.output
+        try:
+            rc = first.wait_exit(30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the first agent did not stop:\n{first.output}") from None
+        assert rc == 0, first.output
     finally:
         for agent in (first, second):
             if agent is not None:
