@@ -116,14 +116,21 @@ class BackgroundHandler(logging.Handler):
             self.target.handle(record)
 
     def flush(self) -> None:
-        self.target.flush()
+        """Nothing to do here: the writer flushes each record as it writes it.
+
+        Flushing the target from here took the target's lock, which the
+        writer thread holds while it writes; taken from a greenthread (the
+        lock is green once eventlet patches threading), the wait was never
+        woken, and an agent hung at exit in logging's shutdown.
+        """
 
     def close(self) -> None:
         """Write what is queued (for at most a few seconds), then close the target."""
         if self._writer.is_alive():
             self._pending.put(None)
             self._writer.join(5)
-        self.target.close()
+        if not self._writer.is_alive():  # else it still holds the target: leave it
+            self.target.close()
         super().close()
 
 
@@ -150,6 +157,12 @@ def reopen_handler(handler: logging.Handler) -> None:
         print(f"compute-agent: cannot reopen {handler.baseFilename}: {exc}", file=sys.stderr)
     finally:
         handler.release()
+
+
+def close() -> None:
+    """Write out and close the root logger's handlers, before the process leaves."""
+    for handler in list(logging.getLogger().handlers):
+        handler.close()
 
 
 def reopen() -> None:

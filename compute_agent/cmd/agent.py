@@ -5,6 +5,7 @@ from compute_agent import green
 green.monkey_patch()
 
 import logging  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -186,6 +187,20 @@ def serve(notifier: sdnotify.Notifier) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the agent, write out the log, then leave the process with its exit status.
+
+    Once the agent has stopped in order, nothing is left to wait for; the
+    interpreter's exit (thread joins, logging's shutdown waiting on handler
+    locks without bound) only gives a stopped agent more ways to hang.
+    """
+    status = _main(argv)
+    log.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except Fatal as exc:
