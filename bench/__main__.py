@@ -22,6 +22,9 @@ BENCHMARKS = [
     "instance_load",
     "stress",
     "race_soak",
+    "resume_boot",
+    "metrics_scrape",
+    "reaper_flood",
 ]
 
 

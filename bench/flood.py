@@ -109,8 +109,8 @@ class AgentUnderTest:
     def count(self, needle: str) -> int:
         return sum(1 for line in list(self.lines) if needle in line)
 
-    def client(self, reply_timeout: float | None = 30.0) -> AdminClient:
-        return AdminClient(self.socket, reply_timeout=reply_timeout)
+    def client(self, timeout: float = 30.0) -> AdminClient:
+        return AdminClient(self.socket, timeout=timeout)
 
     def stop(self, timeout: float = 30) -> int | None:
         """SIGTERM, wait; kill if it does not stop. Its exit status."""
@@ -179,7 +179,7 @@ class Pinger:
     """
 
     def __init__(self, socket_path: str, interval: float = PING_INTERVAL) -> None:
-        self.client = AdminClient(socket_path, reply_timeout=30.0)
+        self.client = AdminClient(socket_path, timeout=30.0)
         self.interval = interval
         self.latencies = Latencies()
         self._stopping = threading.Event()
@@ -212,7 +212,7 @@ def admin_boots(socket_path: str, count: int, concurrency: int = 8) -> dict[str,
 
     Returns how many succeeded, the error types seen, and the wall time.
     """
-    client = AdminClient(socket_path, reply_timeout=300.0)
+    client = AdminClient(socket_path, timeout=300.0)
     todo = iter(range(count))
     lock = threading.Lock()
     done = {"ok": 0, "errors": {}}
@@ -248,7 +248,7 @@ def admin_boots(socket_path: str, count: int, concurrency: int = 8) -> dict[str,
 
 def agent_figures(socket_path: str, timeout: float = 30.0) -> dict[str, Any]:
     """The agent's own figures: hub lag, heartbeat lateness, builds, intake."""
-    status = AdminClient(socket_path, reply_timeout=timeout).call("status")
+    status = AdminClient(socket_path, timeout=timeout).call("status")
     heartbeat = next((t for t in status["periodic_tasks"] if t["name"] == "heartbeat"), {})
     return {
         "hub_lag_max_s": status["hub_lag"]["max_s"],

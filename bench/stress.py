@@ -106,6 +106,7 @@ class Agent:
             "hub_lag_warning": LAG_WARNING_S,
         }
         sections = {**sections, "DEFAULT": {**defaults, **sections.get("DEFAULT", {})}}
+        sections.setdefault("metrics", {"listen_port": 0})
         lines = []
         for group, values in sections.items():
             lines.append(f"[{group}]")
@@ -122,7 +123,7 @@ class Agent:
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
             start_new_session=True,
         )
-        self.admin = AdminClient(self.socket, reply_timeout=300)
+        self.admin = AdminClient(self.socket, timeout=300)
 
     def log_size(self) -> int:
         return self.log_path.stat().st_size
@@ -133,7 +134,7 @@ class Agent:
             return f.read()
 
     def status(self, timeout: float = 300) -> dict[str, Any]:
-        return AdminClient(self.socket, reply_timeout=timeout).call("status")
+        return AdminClient(self.socket, timeout=timeout).call("status")
 
     def wait_ready(self, rpc: bool, timeout: float = 180) -> None:
         """Until the start-up sync ran, a heartbeat was written (and RPC serves)."""

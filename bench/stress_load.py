@@ -117,7 +117,7 @@ def admin_calls(
     """Make each ``(method, args)`` call on the admin socket from ``clients`` at once."""
     from compute_agent.admin.client import AdminClient
 
-    client = AdminClient(path, reply_timeout=PING_TIMEOUT)
+    client = AdminClient(path, timeout=PING_TIMEOUT)
     return _spread(list(calls), clients, lambda c: client.call(c[0], c[1]))
 
 

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from compute_agent import __version__, exception, servicegroup
+from compute_agent import __version__, exception, green, servicegroup
 from compute_agent.intake import IntakeGate
+from compute_agent.metrics import figures
 from compute_agent.service import BINARY
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import printable
@@ -52,6 +53,8 @@ class Dispatcher:
         self.manager = manager
         self.service = service
         self.intake = intake if intake is not None else IntakeGate(_slots(service))
+        # The admin socket server sets itself here; status shows its figures.
+        self.admin_socket: Any = None
         self.methods: dict[str, Method] = {
             "ping": Method(self.ping),
             "get_host_state": Method(self.get_host_state),
@@ -66,14 +69,41 @@ class Dispatcher:
             ),
             "delete_instance": Method(self.delete_instance, ("instance_uuid",), gated=True),
             "sync_power_states": Method(self.sync_power_states, (), ("instance_uuid",), gated=True),
+            "reap_deleted_instances": Method(
+                self.reap_deleted_instances, admin_only=True, gated=True
+            ),
             "status": Method(self.status, admin_only=True),
+            "get_instance_actions": Method(
+                self.get_instance_actions, ("instance_uuid",), ("limit",), admin_only=True
+            ),
+            "set_service_disabled": Method(
+                self.set_service_disabled, ("disabled",), ("reason",), admin_only=True
+            ),
         }
 
     def public(self, admin: bool) -> list[str]:
         return sorted(n for n, m in self.methods.items() if admin or not m.admin_only)
 
     def call(self, method: Any, args: Any, source: ActionSource, *, admin: bool = False) -> Any:
-        """Check the request's shape, then run it; raise typed errors only."""
+        """Check the request's shape, then run it; raise typed errors only.
+
+        Each request is counted by front door, method and outcome; a method
+        name not in the table counts as ``unknown`` (the caller chooses it).
+        """
+        front = "rpc" if source is ActionSource.RPC else "admin"
+        name = method if isinstance(method, str) and method in self.methods else "unknown"
+        started = green.monotonic()
+        outcome = "ok"
+        try:
+            return self._call(method, args, source, admin)
+        except BaseException as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            figures.REQUESTS.inc((front, name, outcome))
+            figures.REQUEST_DURATION.observe((front, name), green.monotonic() - started)
+
+    def _call(self, method: Any, args: Any, source: ActionSource, admin: bool) -> Any:
         spec = self.methods.get(method) if isinstance(method, str) else None
         if spec is None or (spec.admin_only and not admin):
             raise exception.InvalidInput(
@@ -139,6 +169,16 @@ class Dispatcher:
     def get_instance_info(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
         return self.manager.get_instance_info(instance_uuid)
 
+    def get_instance_actions(
+        self, source: ActionSource, instance_uuid: Any, limit: Any = 100
+    ) -> list[dict[str, Any]]:
+        return self.manager.get_instance_actions(instance_uuid, limit)
+
+    def set_service_disabled(
+        self, source: ActionSource, disabled: Any, reason: Any = None
+    ) -> dict[str, Any]:
+        return self.manager.set_service_disabled(disabled, reason)
+
     def get_instance_stats(self, source: ActionSource, instance_uuid: Any) -> dict[str, Any]:
         return self.manager.get_instance_stats(instance_uuid)
 
@@ -165,6 +205,9 @@ class Dispatcher:
             return {k: summary[k] for k in SYNC_FIELDS}
         return summary
 
+    def reap_deleted_instances(self, source: ActionSource) -> dict[str, Any]:
+        return self.manager.reap_deleted()
+
     def status(self, source: ActionSource) -> dict[str, Any]:
         """Everything an operator asks first: service, libvirt, tasks, hub lag."""
         manager, service = self.manager, self.service
@@ -182,7 +225,19 @@ class Dispatcher:
             "hub_lag": asdict(service.lag_monitor.figures()),
             "events": events.figures.as_dict() if events is not None else None,
             "builds": asdict(manager.operations.builds),
+            "resume": manager.resume.as_dict(),
             "intake": asdict(self.intake.figures()),
             "power_sync_progress": list(manager.power_sync.progress),
+            "running_deleted": manager.reaper.figures(),
             "unresponsive_instances": manager.stats.store.unresponsive(),
+            "unknown_domains": _unknown_domains(manager.power_sync.unknown),
+            "admin_socket": (
+                self.admin_socket.figures() if self.admin_socket is not None else None
+            ),
         }
+
+
+def _unknown_domains(unknown: tuple[int, list[str], str | None]) -> dict[str, Any]:
+    """The last power sync's domains that belong to no instance of this host."""
+    count, names, checked_at = unknown
+    return {"count": count, "names": list(names), "checked_at": checked_at}

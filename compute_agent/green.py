@@ -45,6 +45,7 @@ _native_os = eventlet.patcher.original("os")
 _native_time = eventlet.patcher.original("time")
 _native_threading = eventlet.patcher.original("threading")
 _native_queue = eventlet.patcher.original("queue")
+_native_socket = eventlet.patcher.original("socket")
 _MAIN_THREAD = _native_threading.main_thread()
 
 
@@ -299,6 +300,19 @@ def set_switch_tracer(tracer: Callable[[str, Any], None] | None) -> Any:
 def monotonic() -> float:
     """Monotonic clock that is never patched."""
     return _native_time.monotonic()
+
+
+def native_socket_module() -> Any:
+    """The ``socket`` module as it was before patching: blocking calls block the calling thread.
+
+    For servers that run in a native thread and must not touch the hub.
+    """
+    return _native_socket
+
+
+def native_semaphore(count: int) -> Any:
+    """A bounded semaphore between native threads (never switches greenthreads)."""
+    return _native_threading.BoundedSemaphore(count)
 
 
 def native_local() -> Any:

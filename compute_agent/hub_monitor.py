@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from compute_agent import green
+from compute_agent.metrics import figures
 
 LOG = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ class HubLagMonitor:
         """
         self.samples += 1
         self.last = lag
+        figures.HUB_LAG.observe(lag)
         self.max = max(self.max, lag)
         self._recent.append(lag)
         if longest > self._worst_slice:

@@ -130,9 +130,27 @@ class RefusalLog:
     InstanceNotFound (last: ...)``.
     """
 
-    def __init__(self, logger: logging.Logger, window: float = 10.0) -> None:
+    FIRST = "RPC %(kind)s %(method)s refused: %(type)s: %(error)s"
+    SUMMARY = (
+        "refused %(n)d more %(kind)ss of %(method)s in the last %(window).0f s: "
+        "%(type)s (last: %(last)s)"
+    )
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        window: float = 10.0,
+        *,
+        first: str = FIRST,
+        summary: str = SUMMARY,
+        name: str = "rpc-refusal-log",
+    ) -> None:
+        """``first``, ``summary``: %-formats of kind, method, type, error / n, window, last."""
         self.logger = logger
         self.window = window
+        self.first = first
+        self.summary = summary
+        self.name = name
         self.total = 0
         self._counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._last: dict[tuple[str, str, str], str] = {}
@@ -149,12 +167,13 @@ class RefusalLog:
             # The first of its kind in this window: in full, at once.
             self._last[key] = ""
             self._levels[key] = level
-            self.logger.log(level, "RPC %s %s refused: %s: %s", kind, method, key[2], error)
+            fields = {"kind": kind, "method": method, "type": key[2], "error": error}
+            self.logger.log(level, self.first, fields)
         else:
             self._counts[key] += 1
             self._last[key] = str(error)
         if self._flusher is None:
-            self._flusher = green.spawn_after(self.window, self.flush, name="rpc-refusal-log")
+            self._flusher = green.spawn_after(self.window, self.flush, name=self.name)
 
     def flush(self) -> None:
         """Log the counted refusals, one line per method and type, and start a new window."""
@@ -163,16 +182,15 @@ class RefusalLog:
         self._counts, self._last, self._levels = collections.Counter(), {}, {}
         for key, n in sorted(counts.items()):
             kind, method, error_type = key
-            self.logger.log(
-                levels[key],
-                "refused %d more %ss of %s in the last %.0f s: %s (last: %s)",
-                n,
-                kind,
-                method,
-                self.window,
-                error_type,
-                last[key][:200],
-            )
+            fields = {
+                "n": n,
+                "kind": kind,
+                "method": method,
+                "window": self.window,
+                "type": error_type,
+                "last": last[key][:200],
+            }
+            self.logger.log(levels[key], self.summary, fields)
 
     def stop(self) -> None:
         """Say what is still counted, now (the agent is stopping)."""

@@ -39,6 +39,8 @@ BUILD_FIELDS = ("uuid", "name", "vcpus", "memory_mb")
 # The vm_states each operation applies to.
 STOPPABLE = frozenset({VmState.ACTIVE, VmState.PAUSED, VmState.SUSPENDED, VmState.ERROR})
 STARTABLE = frozenset({VmState.STOPPED})
+# A resume after a host boot starts what the cloud still believes runs.
+RESUMABLE = frozenset({VmState.ACTIVE})
 REBOOTABLE = frozenset({VmState.ACTIVE, VmState.PAUSED, VmState.SUSPENDED, VmState.ERROR})
 DELETABLE = frozenset(VmState) - {VmState.DELETED}
 # A delete removes the domain, checks it is gone, and tries again this often
@@ -276,6 +278,22 @@ class InstanceOperations:
                 self._recreate(inst, "start", source)
             return self._settle(inst, "start", source, VmState.ACTIVE)
 
+    def resume(self, uuid: str, source: ActionSource, why: str) -> Instance:
+        """Start the guest of an active instance whose domain is off (after a host boot).
+
+        The same flow as ``start`` (claim, power on or re-create, settle), from
+        vm_state active; a domain found running meanwhile has nothing to do.
+        """
+        with self._claim(
+            uuid, "resume", RESUMABLE, TaskState.POWERING_ON, source, note=why
+        ) as inst:
+            if self._observe(inst) != PowerState.RUNNING:
+                try:
+                    self.driver.power_on(inst)
+                except exception.InstanceNotFound:
+                    self._recreate(inst, "resume", source)
+            return self._settle(inst, "resume", source, VmState.ACTIVE)
+
     def reboot(self, uuid: str, hard: bool, source: ActionSource) -> Instance:
         """Reboot; a hard reboot of an instance whose domain is gone re-creates it."""
         if not isinstance(hard, bool):
@@ -343,6 +361,7 @@ class InstanceOperations:
         *,
         from_tasks: tuple[TaskState | None, ...] = (None,),
         failed_vm_state: VmState | None = None,
+        note: str | None = None,
     ) -> Iterator[Instance]:
         """Hold the lock, check and set the task_state; on failure, record it.
 
@@ -359,7 +378,7 @@ class InstanceOperations:
                 {"task_state": task},
                 action,
                 source,
-                f"{action} requested",
+                f"{action} requested: {note}" if note else f"{action} requested",
                 expected={"task_state": inst.task_state, "updated_at": inst.updated_at},
             )
             try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from compute_agent import exception, green
+from compute_agent.metrics import figures
 from compute_agent.utils import utcnow
 
 LOG = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ class PeriodicTask:
             self.running = False
             self.runs += 1
             self.last_duration = self._clock() - start
+            figures.TASK_DURATION.observe((self.name,), self.last_duration)
         if error is None:
             if self._streak:
                 LOG.info("periodic task %s recovered after %d failures", self.name, self._streak)

@@ -21,6 +21,7 @@ from typing import Any
 from compute_agent import exception, green, steady, sync_policy
 from compute_agent.db.api import Change, Database, InstanceRecord, action_rows, diff
 from compute_agent.locks import KeyedLocks
+from compute_agent.metrics import figures
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver
@@ -107,11 +108,15 @@ class PowerSync:
         self.shutdown_timeout = shutdown_timeout
         self.should_stop = should_stop
         self.progress = (0, 0)
+        # The last run's domains that belong to no instance: (count, names, when).
+        self.unknown: tuple[int, list[str], str | None] = (0, [], None)
         # The "really stopped" rule; without one, a re-read counts at once.
         self.watch = watch if watch is not None else steady.SteadyWatch(0)
         # (uuid, seconds): sync that instance again later. The manager points
         # it at the lifecycle handler, so that events cancel and coalesce it.
         self.recheck_later: Callable[[str, float], None] = self._recheck_later
+        # Told of the row writes that won, once per batch: (the row as read, the values written).
+        self.on_changes: Callable[[list[tuple[InstanceRecord, dict[str, Any]]]], None] | None = None
         self._rechecks: set[str] = set()
 
     # -- entry points -----------------------------------------------------
@@ -132,6 +137,7 @@ class PowerSync:
         finally:
             self._flush_writes(call)
             summary.duration_s = round(green.monotonic() - started, 4)
+            figures.count_sync(summary)
         self._log(summary, len(instances))
         return summary
 
@@ -161,6 +167,7 @@ class PowerSync:
                     self._flush_writes(call)
         finally:
             summary.duration_s = round(green.monotonic() - started, 4)
+            figures.count_sync(summary)
         return summary
 
     def _recheck_later(self, uuid: str, after: float) -> None:
@@ -189,6 +196,7 @@ class PowerSync:
         unknown = sorted(d.name for d in domains if (d.name, d.uuid) not in claimed)
         summary.unknown = len(unknown)
         summary.unknown_domains = unknown[:MAX_LISTED_UNKNOWN]
+        self.unknown = (len(unknown), summary.unknown_domains, utcnow().isoformat() + "Z")
         if unknown:
             LOG.info(
                 "%d domain(s) on the hypervisor belong to no instance of this host: %s%s",
@@ -310,6 +318,7 @@ class PowerSync:
             summary.errors += len(writes)
             summary.checked -= len(writes)
             return
+        won_writes: list[tuple[InstanceRecord, dict[str, Any]]] = []
         for logged, (write, won) in enumerate(zip(writes, outcomes, strict=True), 1):
             if logged % LOG_BURST == 0:
                 green.yield_now()
@@ -322,12 +331,15 @@ class PowerSync:
                 summary.skipped += 1
                 continue
             summary.changed += 1
+            won_writes.append((write.inst, write.values))
             LOG.info(
                 "instance %s: %s (%s)",
                 write.inst.uuid,
                 ", ".join(f"{c.field} {c.old} -> {c.new}" for c in write.changes),
                 write.reason,
             )
+        if won_writes and self.on_changes is not None:
+            self.on_changes(won_writes)
 
     def _sync_locked(
         self,

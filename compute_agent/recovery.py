@@ -5,6 +5,8 @@ nothing will ever clear, and the sync skips such instances: they would stay
 stuck for good. At start-up every instance of this host whose task_state was
 last written before this process started is settled from what the
 hypervisor now says, and the change is recorded with source ``startup``.
+A resume after a host boot cut short keeps its instance active: the pass,
+still due, starts it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from compute_agent.virt.driver import ComputeDriver
 LOG = logging.getLogger(__name__)
 
 BUILD_TASKS = {TaskState.QUEUED.value, TaskState.SPAWNING.value}
+# What an interrupted resume may leave: the domain off, or gone (a re-create cut short).
+RESUME_OFF = frozenset({PowerState.SHUTDOWN, PowerState.CRASHED, PowerState.NOSTATE, None})
 
 
 @dataclass
@@ -97,6 +101,17 @@ def _recover_one(
                 driver.destroy(inst)
                 observed = None
             vm_state = VmState.ERROR
+    elif (
+        task == TaskState.POWERING_ON.value
+        and inst.vm_state == VmState.ACTIVE.value
+        and (observed in RESUME_OFF)
+    ):
+        # Only a resume after a host boot powers on from active: the guest
+        # ran before the boot and still should. Kept active, the pass (due
+        # until it completes) starts it; recorded stopped or error, it was
+        # lost for good.
+        vm_state = VmState.ACTIVE
+        reason += "; its guest is still to be resumed"
     elif observed is None and task == TaskState.POWERING_OFF.value:
         vm_state = VmState.STOPPED  # as a stop of a missing domain settles
         reason += "; its domain is missing"

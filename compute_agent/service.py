@@ -72,7 +72,11 @@ class NodeService:
         self.predecessor = predecessor
         self.displaced = False
         self.exit_status = 0
-        self.last_heartbeat: float | None = None
+        self.last_heartbeat: float | None = None  # monotonic: claimed or last written
+        # For the metrics: read from the scrape's native thread, written on the hub.
+        self.started_at_mono = green.monotonic()
+        self.heartbeat_at: float | None = None  # monotonic, last heartbeat written
+        self.disabled = False  # mirrors the row's ``disabled``, as this agent set it
 
     # -- life cycle -------------------------------------------------------
 
@@ -85,7 +89,8 @@ class NodeService:
             down_time=self.conf.service_down_time,
             predecessor=self.predecessor,
         )
-        self.last_heartbeat = green.monotonic()
+        self.last_heartbeat = self.started_at_mono = green.monotonic()
+        self.disabled = bool(self.row.disabled)
         LOG.info(
             "compute-agent starting on host %s (service id %d, owner %s, database %s)",
             self.host,
@@ -196,8 +201,8 @@ class NodeService:
         except exception.OwnershipLost as exc:
             self._displaced(str(exc))
             return self.row.report_count
-        self.last_heartbeat = green.monotonic()
         self.row.report_count += 1
+        self.last_heartbeat = self.heartbeat_at = green.monotonic()
         LOG.info("heartbeat %d", self.row.report_count)
         return self.row.report_count
 

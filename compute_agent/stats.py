@@ -128,6 +128,10 @@ class StatsStore:
             "unresponsive": self.is_unresponsive(uuid, now),
         }
 
+    def entries(self) -> list[tuple[str, _Entry]]:
+        """A copy of the table, safe to read from another native thread (one C call)."""
+        return list(self._entries.items())
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -167,6 +171,8 @@ class StatsSampler:
         self.store = StatsStore(unresponsive_after)
         self._stuck: set[str] = set()  # keys of calls past their deadline
         self._cycles = 0
+        # Told of each cycle's instance list and when it was read (the metrics' index).
+        self.on_instances: Callable[[list[Instance], float], None] | None = None
 
     def run(self) -> StatsSummary:
         """One cycle: sample every instance of this host."""
@@ -174,6 +180,8 @@ class StatsSampler:
         self._cycles += 1
         summary = StatsSummary(mode="bulk" if self.driver.has_bulk_stats else "per-instance")
         instances = self.db.instance_get_all_by_host(self.host)
+        if self.on_instances is not None:
+            self.on_instances(instances, started)
         summary.instances = len(instances)
         self.store.track({i.uuid for i in instances}, started)
         if self.driver.has_bulk_stats:

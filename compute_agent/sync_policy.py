@@ -105,7 +105,12 @@ _ROWS: dict[tuple[VmState, PowerState | None], tuple[Rule, Rule]] = {}
 for _obs in OBSERVATIONS:
     _ROWS[VmState.BUILDING, _obs] = _both(_nothing("the build (or start-up recovery) settles it"))
     _ROWS[VmState.ERROR, _obs] = _both(_nothing("an operator settles it (stop, reboot --hard)"))
-    _ROWS[VmState.DELETED, _obs] = _both(_nothing("a deleted row is no longer synced"))
+    _ROWS[VmState.DELETED, _obs] = _both(
+        _nothing(
+            "the sync skips deleted rows; a domain still there is the running-deleted "
+            "task's (`running_deleted_instance_action`)"
+        )
+    )
 _ROWS.update(
     {
         (VmState.ACTIVE, _S.RUNNING): _both(_nothing(_CONSISTENT)),

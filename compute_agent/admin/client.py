@@ -2,7 +2,7 @@
 
 Three kinds of failure, because the CLI gives each its own exit status:
 :class:`AgentUnreachable` (no agent answers: no socket file, nobody
-listening, no answer to the connect in time), :class:`RemoteError` (the
+listening, no answer in time: :class:`AgentTimeout`), :class:`RemoteError` (the
 agent answered with a typed error) and :class:`ClientError` (anything
 else: no permission on the socket, the agent hung up mid-call, a reply
 that is not of this protocol).
@@ -11,18 +11,44 @@ that is not of this protocol).
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
 from compute_agent.admin import protocol
 
 CONNECT_TIMEOUT = 5.0
+# How long a call waits for the agent's answer unless told otherwise.
+DEFAULT_TIMEOUT = 30.0
+# A call that reports progress may go on this long in all.
+MAX_TOTAL = 6 * 3600.0
+READ_SIZE = 65536
+# Calls that change nothing: a timed-out one has no effect to warn about.
+READ_ONLY = frozenset(
+    {
+        "ping",
+        "status",
+        "get_host_state",
+        "list_instances",
+        "get_instance_info",
+        "get_instance_stats",
+        "get_instance_actions",
+    }
+)
 
 ProgressCallback = Callable[[int, int], None]
 
 
 class AgentUnreachable(Exception):
     """No agent answers on the socket."""
+
+
+class AgentTimeout(AgentUnreachable):
+    """The agent took the connection but did not answer before the deadline.
+
+    A stopped (SIGSTOPped, hung) agent: the kernel still accepts connections
+    into the listen backlog, so only a deadline tells it from a slow one.
+    """
 
 
 class ClientError(Exception):
@@ -39,18 +65,27 @@ class RemoteError(Exception):
 
 
 class AdminClient:
+    """One call per connection, within one deadline.
+
+    ``timeout`` bounds the whole call (connect, send, every read), measured
+    on one monotonic clock, so a server that trickles bytes cannot stretch
+    it. A progress line proves the agent is working: it moves the deadline
+    to ``timeout`` s after that line, but never past ``max_total`` s after
+    the start.
+    """
+
     def __init__(
         self,
         path: str,
         *,
+        timeout: float = DEFAULT_TIMEOUT,
         connect_timeout: float = CONNECT_TIMEOUT,
-        reply_timeout: float | None = None,
+        max_total: float = MAX_TOTAL,
     ) -> None:
         self.path = path
+        self.timeout = timeout
         self.connect_timeout = connect_timeout
-        # None waits as long as the call takes: a sync of thousands of
-        # instances or a queued build may rightly take minutes.
-        self.reply_timeout = reply_timeout
+        self.max_total = max(max_total, timeout)
 
     def call(
         self,
@@ -60,20 +95,32 @@ class AdminClient:
         on_progress: ProgressCallback | None = None,
     ) -> Any:
         """Make one call and return its result; progress lines go to ``on_progress``."""
-        sock = self._connect()
+        clock = _Deadline(self.timeout, self.max_total)
+        sock = self._connect(clock)
         try:
             try:
-                sock.settimeout(self.reply_timeout)
+                sock.settimeout(clock.left())
                 sock.sendall(protocol.request(method, args))
+            except TimeoutError:
+                raise self._timed_out(clock, method) from None
             except OSError as exc:
+                # A refused connection (TooManyConnections) is closed after
+                # its error reply: that reply says more than the broken pipe.
+                try:
+                    self._read_reply(sock, clock, method, None)
+                except RemoteError:
+                    raise
+                except (ClientError, AgentTimeout):
+                    pass
                 raise ClientError(f"cannot send to the agent on {self.path}: {_why(exc)}") from None
-            return self._read_reply(sock, on_progress)
+            return self._read_reply(sock, clock, method, on_progress)
         finally:
             sock.close()
 
-    def _connect(self) -> socket.socket:
+    def _connect(self, clock: _Deadline) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.connect_timeout)
+        wait = min(self.connect_timeout, clock.left())
+        sock.settimeout(wait)
         try:
             sock.connect(self.path)
         except (FileNotFoundError, NotADirectoryError):
@@ -88,10 +135,12 @@ class AdminClient:
                 f"no agent answers on {self.path}: nothing listens on it "
                 "(a stale socket; is compute-agent running?)"
             ) from None
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
+            # A full listen backlog: the agent accepts nothing (stopped or hung).
             sock.close()
-            raise AgentUnreachable(
-                f"no agent answers on {self.path} within {self.connect_timeout:g} s"
+            raise AgentTimeout(
+                f"no agent answers on {self.path}: no connection within {wait:g} s "
+                "(is compute-agent stopped or hung?)"
             ) from None
         except PermissionError:
             sock.close()
@@ -103,36 +152,73 @@ class AdminClient:
             raise AgentUnreachable(f"no agent answers on {self.path}: {_why(exc)}") from None
         return sock
 
-    def _read_reply(self, sock: socket.socket, on_progress: ProgressCallback | None) -> Any:
-        reader = sock.makefile("rb")
-        try:
-            while True:
+    def _timed_out(self, clock: _Deadline, method: str) -> AgentTimeout:
+        hint = "" if method in READ_ONLY else "; the operation may still complete"
+        return AgentTimeout(
+            f"no answer from the agent on {self.path} after {clock.waited():.1f} s "
+            f"(is compute-agent stopped or hung? see --timeout){hint}"
+        )
+
+    def _read_reply(
+        self,
+        sock: socket.socket,
+        clock: _Deadline,
+        method: str,
+        on_progress: ProgressCallback | None,
+    ) -> Any:
+        buffer = bytearray()
+        while True:
+            end = buffer.find(b"\n")
+            if end < 0:
+                left = clock.left()
+                if left <= 0:
+                    raise self._timed_out(clock, method)
+                sock.settimeout(left)
                 try:
-                    line = reader.readline()
+                    chunk = sock.recv(READ_SIZE)
                 except TimeoutError:
-                    raise ClientError(
-                        f"no reply from the agent within {self.reply_timeout:g} s; "
-                        "the operation may still complete"
-                    ) from None
+                    raise self._timed_out(clock, method) from None
                 except OSError as exc:
                     raise ClientError(f"connection to the agent lost: {_why(exc)}") from None
-                if not line:
+                if not chunk:
                     raise ClientError(
                         "the agent closed the connection before replying (is it stopping?)"
                     )
-                try:
-                    message = protocol.parse_reply(line)
-                except protocol.ProtocolError as exc:
-                    raise ClientError(str(exc)) from None
-                if "progress" in message:
-                    if on_progress is not None:
-                        on_progress(message["progress"]["done"], message["progress"]["total"])
-                    continue
-                if message["ok"]:
-                    return message["result"]
-                raise RemoteError(message["error"]["type"], message["error"]["message"])
-        finally:
-            reader.close()
+                buffer += chunk
+                continue
+            line = bytes(buffer[: end + 1])
+            del buffer[: end + 1]
+            try:
+                message = protocol.parse_reply(line)
+            except protocol.ProtocolError as exc:
+                raise ClientError(str(exc)) from None
+            if "progress" in message:
+                clock.extend()
+                if on_progress is not None:
+                    on_progress(message["progress"]["done"], message["progress"]["total"])
+                continue
+            if message["ok"]:
+                return message["result"]
+            raise RemoteError(message["error"]["type"], message["error"]["message"])
+
+
+class _Deadline:
+    """One monotonic deadline; ``extend`` pushes it on, up to a hard limit."""
+
+    def __init__(self, timeout: float, max_total: float) -> None:
+        self.timeout = timeout
+        self.started = time.monotonic()
+        self.limit = self.started + max_total
+        self.at = self.started + timeout
+
+    def left(self) -> float:
+        return self.at - time.monotonic()
+
+    def extend(self) -> None:
+        self.at = min(self.limit, max(self.at, time.monotonic() + self.timeout))
+
+    def waited(self) -> float:
+        return time.monotonic() - self.started
 
 
 def _why(exc: OSError) -> str:

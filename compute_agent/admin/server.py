@@ -9,6 +9,13 @@ RPC, with ``admin=True`` and the CLI as the recorded source. Nothing a
 client sends can end the server: a bad line gets an ``InvalidInput`` reply,
 an unexpected error an error reply and a log line.
 
+Nor can clients lock the CLI out: a request must arrive in full within
+``request_timeout`` of the connection's start (a deadline for the line, not
+for each receive), and at the connection limit a new connection takes the
+place of the oldest one still sending its request; the CLI sends its
+request at once, so it is served. Refusals and drops are counted for
+``status`` and logged as one line per burst (:class:`RefusalLog`).
+
 The agent monkey-patches the standard library before anything else, so the
 ``socket`` module used here is eventlet's green one: a blocked accept or
 read only parks its greenthread.
@@ -29,6 +36,7 @@ from typing import Any
 from compute_agent import exception, green
 from compute_agent.admin import protocol
 from compute_agent.cmd.common import Fatal
+from compute_agent.intake import RefusalLog
 from compute_agent.periodic import TaskStopped
 from compute_agent.states import ActionSource
 from compute_agent.utils import printable
@@ -38,10 +46,20 @@ LOG = logging.getLogger(__name__)
 SOCKET_MODE = 0o600
 # How often a long call reports its progress to the client.
 PROGRESS_INTERVAL = 0.5
-# A connection that sends nothing for this long is closed.
-IDLE_TIMEOUT = 300.0
-# Connections served at once; more are refused with an error reply.
+# A long call repeats its progress at least this often, changed or not: the
+# client's deadline runs between two lines.
+KEEPALIVE = 5.0
+# A request line must have arrived in full this long after the connection
+# was accepted (or its previous reply sent); a slow or idle client is dropped.
+REQUEST_TIMEOUT = 10.0
+# Connections served at once. Past it, a new connection takes the place of
+# the oldest one still sending its request; only when every connection runs
+# a request are RESERVE more let in, then the rest refused.
 MAX_CONNECTIONS = 64
+RESERVE = 4
+READ_SIZE = 65536
+# Refused and dropped connections are summed up in one log line this often.
+REFUSAL_LOG_WINDOW = 10.0
 # How long start-up waits for an answer on an existing socket file.
 PROBE_TIMEOUT = 1.0
 # Requests logged at INFO (they change something); the others at DEBUG.
@@ -53,6 +71,8 @@ MUTATING = frozenset(
         "reboot_instance",
         "delete_instance",
         "sync_power_states",
+        "set_service_disabled",
+        "reap_deleted_instances",
     }
 )
 
@@ -67,15 +87,33 @@ class AdminSocketServer:
         *,
         grace: float = 3.0,
         progress_interval: float = PROGRESS_INTERVAL,
-        idle_timeout: float = IDLE_TIMEOUT,
+        request_timeout: float = REQUEST_TIMEOUT,
         max_connections: int = MAX_CONNECTIONS,
+        reserve: int = RESERVE,
+        keepalive: float = KEEPALIVE,
     ) -> None:
         self.path = path
         self.dispatcher = dispatcher
         self.grace = grace
         self.progress_interval = progress_interval
-        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
         self.max_connections = max_connections
+        self.reserve = reserve
+        self.keepalive = keepalive
+        self.refusals = RefusalLog(
+            LOG,
+            REFUSAL_LOG_WINDOW,
+            first="admin socket: %(kind)s %(method)s: %(type)s: %(error)s",
+            summary="admin socket: %(n)d more %(kind)ss %(method)s in the last %(window).0f s: "
+            "%(type)s (last: %(last)s)",
+            name="admin-refusal-log",
+        )
+        self.refused = 0
+        self.evicted = 0
+        self.timed_out = 0
+        self.max_open = 0
+        # status shows the socket's figures through the dispatcher.
+        dispatcher.admin_socket = self
         self._sock: socket.socket | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our file
         self._accepter: green.GreenThread | None = None
@@ -101,6 +139,13 @@ class AdminSocketServer:
         self._accepter = green.spawn(self._accept_loop, name="admin-socket")
         LOG.info("admin socket listening on %s", self.path)
 
+    def release(self) -> None:
+        """Give up a socket that :meth:`listen` bound, when start-up fails after it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        self._unlink_if_ours()
+
     def stop(self) -> None:
         """Stop accepting, let requests in flight finish for ``grace`` s, close the rest."""
         if self._closing:
@@ -111,6 +156,7 @@ class AdminSocketServer:
         if self._sock is not None:
             self._sock.close()
         self._unlink_if_ours()
+        self.refusals.stop()
         deadline = green.monotonic() + self.grace
         while any(c.busy for c in self._conns) and green.monotonic() < deadline:
             green.sleep(0.05)
@@ -220,36 +266,78 @@ class AdminSocketServer:
                     continue
                 LOG.error("admin socket stopped accepting: %s", exc)
                 return
-            if len(self._conns) >= self.max_connections:
-                self._refuse(conn)
+            if not self._make_room(conn):
                 continue
-            record = _Connection(conn)
+            record = _Connection(conn, green.monotonic())
             self._conns.add(record)
+            self.max_open = max(self.max_open, len(self._conns))
             record.thread = green.spawn(self._serve, record, name="admin-connection")
+            # Let it read what its client already sent before the next accept:
+            # a flood of new connections then cannot push a quick client out.
+            green.yield_now()
+
+    def _make_room(self, conn: socket.socket) -> bool:
+        """Room for one more connection: the oldest one still sending gives way.
+
+        A client that sends its request at once (the CLI) is never the one
+        pushed out by clients that hold connections open; past the limit,
+        only connections running a request are kept, and RESERVE more let in.
+        """
+        if len(self._conns) < self.max_connections:
+            return True
+        waiting = [c for c in self._conns if not c.busy]
+        if waiting:
+            oldest = min(waiting, key=lambda c: c.since)
+            self.evicted += 1
+            self.refusals.refused(
+                "connection",
+                "dropped",
+                Evicted(
+                    f"{len(self._conns)} connections open: the oldest one still sending "
+                    f"its request ({oldest.peer}) makes room for a new one"
+                ),
+            )
+            self._drop(oldest)
+            return True
+        if len(self._conns) < self.max_connections + self.reserve:
+            return True
+        self._refuse(conn)
+        return False
+
+    def _drop(self, record: _Connection) -> None:
+        self._conns.discard(record)
+        if record.thread is not None:
+            green.kill(record.thread)
+        record.sock.close()
 
     def _refuse(self, conn: socket.socket) -> None:
-        LOG.warning("refusing an admin connection: %d already open", self.max_connections)
+        self.refused += 1
+        message = f"the agent already runs requests on {len(self._conns)} admin connections"
+        self.refusals.refused("connection", "refused", TooManyConnections(message))
         conn.settimeout(1.0)
         with contextlib.suppress(OSError):
-            conn.sendall(
-                protocol.encode(
-                    protocol.error(
-                        "TooManyConnections",
-                        f"the agent already serves {self.max_connections} admin connections",
-                    )
-                )
-            )
+            conn.sendall(protocol.encode(protocol.error("TooManyConnections", message)))
         conn.close()
 
     def _serve(self, record: _Connection) -> None:
         conn = record.sock
-        peer = _peer(conn)
-        conn.settimeout(self.idle_timeout)
-        reader = conn.makefile("rb")
+        record.peer = peer = _peer(conn)
+        reader = _LineReader(conn)
         try:
             while not self._closing:
-                line = reader.readline(protocol.MAX_REQUEST_BYTES + 1)
-                if not line:
+                try:
+                    line = reader.line(record.since + self.request_timeout)
+                except _TooSlow:
+                    self.timed_out += 1
+                    self.refusals.refused(
+                        "connection",
+                        "dropped",
+                        RequestTimeout(
+                            f"no full request within {self.request_timeout:g} s ({peer})"
+                        ),
+                    )
+                    return
+                if line is None:
                     return  # the client is done
                 if len(line) > protocol.MAX_REQUEST_BYTES:
                     # The rest of the line cannot be told from the next request.
@@ -262,21 +350,35 @@ class AdminSocketServer:
                     self._request(conn, line, peer)
                 finally:
                     record.busy = False
-        except TimeoutError:
-            LOG.debug("closing an admin connection idle for %.0f s (%s)", self.idle_timeout, peer)
+                    record.since = green.monotonic()  # the next request's clock
         except OSError as exc:
             LOG.debug("admin connection (%s) lost: %s", peer, exc)
         finally:
             self._conns.discard(record)
-            reader.close()
             conn.close()
+
+    def figures(self) -> dict[str, Any]:
+        """What ``status`` shows of the socket: connections, refusals, drops."""
+        return {
+            "open": len(self._conns),
+            "busy": sum(1 for c in self._conns if c.busy),
+            "max_open": self.max_open,
+            "limit": self.max_connections,
+            "reserve": self.reserve,
+            "requests": self.requests,
+            "errors": self.errors,
+            "refused": self.refused,
+            "evicted": self.evicted,
+            "timed_out": self.timed_out,
+        }
 
     def _request(self, conn: socket.socket, line: bytes, peer: str) -> None:
         try:
             method, args = protocol.parse_request(line)
         except exception.InvalidInput as exc:
             self.errors += 1
-            LOG.warning("bad admin request (%s): %s", peer, exc)
+            # A flood of junk lines is one log line per burst, not one each.
+            self.refusals.refused("request", "rejected", exception.InvalidInput(f"{exc} ({peer})"))
             self._send(conn, _error_reply(exc))
             return
         self.requests += 1
@@ -317,6 +419,7 @@ class AdminSocketServer:
         green.spawn(lambda: future.set_result(self._call(method, args)), name=f"admin-{method}")
         last: tuple[int, int] | None = None
         listening = True
+        sent_at = green.monotonic()
         while True:
             try:
                 reply = future.result(timeout=self.progress_interval)
@@ -324,9 +427,13 @@ class AdminSocketServer:
             except TimeoutError:
                 pass
             now = watch()
-            if listening and now is not None and now != last:
-                last = now
-                listening = self._send(conn, protocol.progress(*now))
+            due = green.monotonic() - sent_at >= self.keepalive
+            if listening and ((now is not None and now != last) or due):
+                if now is not None:
+                    last = now
+                # Before the run starts (queued behind another): 0/0.
+                listening = self._send(conn, protocol.progress(*(last or (0, 0))))
+                sent_at = green.monotonic()
         # The final count, so the client's display ends on where the run ended.
         now = watch(final=True) if reply["ok"] else None
         if listening and now is not None and now != last:
@@ -360,12 +467,71 @@ class AdminSocketServer:
 
 
 class _Connection:
-    """One client connection: its socket, its greenthread, whether a request runs."""
+    """One client connection: its socket, its greenthread, whether a request runs.
+
+    ``since`` is when its current request's clock started: the accept, or
+    the reply to its previous request.
+    """
+
+    def __init__(self, sock: socket.socket, since: float) -> None:
+        self.sock = sock
+        self.since = since
+        self.peer = "peer unknown"
+        self.thread: green.GreenThread | None = None
+        self.busy = False
+
+
+class _TooSlow(Exception):
+    """The request line did not arrive in full before its deadline."""
+
+
+class RequestTimeout(Exception):
+    """Logged (counted) for a client dropped for sending too slowly."""
+
+
+class Evicted(Exception):
+    """Logged (counted) for a client dropped to make room for a new one."""
+
+
+class TooManyConnections(Exception):
+    """Logged (counted) for a connection refused at the limit."""
+
+
+class _LineReader:
+    """Request lines from a socket, each by an absolute deadline.
+
+    The deadline holds for the whole line, not for each receive: a client
+    sending a byte a second cannot hold its connection for longer.
+    """
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.thread: green.GreenThread | None = None
-        self.busy = False
+        self.buffer = bytearray()
+        self.eof = False
+
+    def line(self, deadline: float) -> bytes | None:
+        """The next line (at most MAX_REQUEST_BYTES + 1 bytes of it); None at the end."""
+        limit = protocol.MAX_REQUEST_BYTES + 1
+        while True:
+            end = self.buffer.find(b"\n", 0, limit)
+            if end >= 0 or len(self.buffer) >= limit or (self.eof and self.buffer):
+                size = end + 1 if end >= 0 else min(len(self.buffer), limit)
+                line = bytes(self.buffer[:size])
+                del self.buffer[:size]
+                return line
+            if self.eof:
+                return None
+            left = deadline - green.monotonic()
+            if left <= 0:
+                raise _TooSlow()
+            self.sock.settimeout(left)
+            try:
+                chunk = self.sock.recv(READ_SIZE)
+            except TimeoutError:
+                raise _TooSlow() from None
+            if not chunk:
+                self.eof = True
+            self.buffer += chunk
 
 
 def _error_reply(exc: BaseException) -> dict[str, Any]:

@@ -29,6 +29,8 @@ from compute_agent.db.api import Database  # noqa: E402
 from compute_agent.db.engine import Deadlines  # noqa: E402
 from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
+from compute_agent.metrics.collector import AgentCollector  # noqa: E402
+from compute_agent.metrics.server import MetricsBindError, MetricsServer  # noqa: E402
 from compute_agent.ownership import HostLock, OwnedElsewhere, new_token  # noqa: E402
 from compute_agent.rpc.server import RPCServer  # noqa: E402
 from compute_agent.rpc.transport import check_transport_url  # noqa: E402
@@ -41,7 +43,7 @@ PROG = "compute-agent"
 
 def build_service(
     conf, *, owner: str | None = None, predecessor: str | None = None
-) -> tuple[NodeService, AdminSocketServer]:
+) -> tuple[NodeService, AdminSocketServer, MetricsServer | None]:
     try:
         check_transport_url(conf)
     except ValueError as exc:
@@ -71,7 +73,13 @@ def build_service(
     service.components.append(RPCServer(conf, dispatcher))
     admin = AdminSocketServer(conf.admin_socket, dispatcher, grace=conf.graceful_shutdown_timeout)
     service.components.append(admin)
-    return service, admin
+    metrics = None
+    if conf.metrics.listen_port:
+        metrics = MetricsServer(
+            conf.metrics.listen_address, conf.metrics.listen_port, AgentCollector(service, manager)
+        )
+        service.components.append(metrics)
+    return service, admin, metrics
 
 
 def take_host_lock(conf) -> HostLock:
@@ -86,8 +94,14 @@ def take_host_lock(conf) -> HostLock:
     return lock
 
 
-def claim_host(service: NodeService, admin: AdminSocketServer) -> None:
-    """Claim the service row, then bind the admin socket; nothing else is touched before."""
+def claim_host(
+    service: NodeService, admin: AdminSocketServer, metrics: MetricsServer | None
+) -> None:
+    """Claim the service row, then bind the admin socket and the metrics port.
+
+    Nothing else is touched before; a socket that cannot be bound gives the
+    row back.
+    """
     try:
         service.claim()
     except exception.ServiceOwned as exc:
@@ -99,6 +113,13 @@ def claim_host(service: NodeService, admin: AdminSocketServer) -> None:
     except Fatal:
         service.release_claim()
         raise
+    if metrics is not None:
+        try:
+            metrics.listen()  # a taken port is a configuration error, found before start
+        except MetricsBindError as exc:
+            admin.release()
+            service.release_claim()
+            raise Fatal(str(exc), EXIT_USAGE) from None
 
 
 def install_signal_handlers(service: NodeService, conf) -> None:
@@ -169,10 +190,10 @@ def serve(notifier: sdnotify.Notifier) -> int:
     lock.record(owner)
     green.set_native_threads(CONF.native_thread_pool_size)
     green.exit_without_joining_native_threads()
-    service, admin = build_service(CONF, owner=owner, predecessor=predecessor)
+    service, admin, metrics = build_service(CONF, owner=owner, predecessor=predecessor)
     install_signal_handlers(service, CONF)
     loop = sdnotify.NotifyLoop(notifier, service.status, CONF.report_interval)
-    claim_host(service, admin)  # refused: one line, nothing written
+    claim_host(service, admin, metrics)  # refused: one line, nothing written
     try:
         service.start()
         notifier.ready(service.status())

@@ -8,7 +8,8 @@ through the same checks and per-instance locks as RPC.
 Exit status: 0 success; 1 the operation failed (the agent's typed error,
 an aborted sync, a database error); 2 a usage error (bad arguments, or the
 agent's ``InvalidInput``, which says the same thing); 3 no agent answers
-on the socket. Every failure is one line on stderr.
+on the socket, or not within the command's deadline (``--timeout``): no
+command hangs. Every failure is one line on stderr.
 """
 
 import os
@@ -44,6 +45,7 @@ from oslo_config import cfg  # noqa: E402
 
 from compute_agent import exception, log  # noqa: E402
 from compute_agent.admin.client import (  # noqa: E402
+    DEFAULT_TIMEOUT,
     AdminClient,
     AgentUnreachable,
     ClientError,
@@ -60,10 +62,23 @@ from compute_agent.cmd.common import (  # noqa: E402
     load_config,
 )
 from compute_agent.conf import CONF  # noqa: E402
+from compute_agent.states import PowerState, VmState  # noqa: E402
 from compute_agent.utils import is_uuid  # noqa: E402
 
 PROG = "compute-agent-manage"
 EXIT_NO_AGENT = 3
+# Calls that may wait for a guest (a graceful stop) or a build: a longer default.
+OPERATIONS = frozenset(
+    {
+        "build_instance",
+        "start_instance",
+        "stop_instance",
+        "reboot_instance",
+        "delete_instance",
+        "reap_deleted_instances",
+    }
+)
+OPERATION_MARGIN = 30.0
 
 INSTANCE_COLUMNS = (
     "uuid",
@@ -75,6 +90,16 @@ INSTANCE_COLUMNS = (
     "memory_mb",
     "updated_at",
 )
+ACTION_COLUMNS = (
+    "created_at",
+    "action",
+    "field",
+    "old_value",
+    "new_value",
+    "source",
+    "reason",
+)
+SERVICE_COLUMNS = ("host", "binary", "up", "disabled", "disabled_reason", "last_heartbeat")
 TASK_COLUMNS = (
     "name",
     "interval",
@@ -110,8 +135,14 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("hub_lag_worst_offender", ("hub_lag", "worst_offender")),
     ("events", ("events",)),
     ("builds", ("builds",)),
+    ("resume", ("resume",)),
     ("power_sync_progress", ("power_sync_progress",)),
+    ("running_deleted", ("running_deleted",)),
     ("unresponsive_instances", ("unresponsive_instances",)),
+    # Domains on the hypervisor that belong to no instance (the last power sync's).
+    ("unknown_domains", ("unknown_domains", "count")),
+    ("unknown_domain_names", ("unknown_domains", "names")),
+    ("admin_socket", ("admin_socket",)),
     # Set when the host's state cannot be read (its database is down).
     ("host_state_error", ("host_state", "error")),
 )
@@ -167,8 +198,26 @@ def _call(
     args: dict[str, Any] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Any:
-    client = AdminClient(conf.admin_socket, reply_timeout=_args(conf).reply_timeout)
+    client = AdminClient(conf.admin_socket, timeout=_timeout(conf, method, args or {}))
     return client.call(method, args, on_progress=on_progress)
+
+
+def _timeout(conf: cfg.ConfigOpts, method: str, args: dict[str, Any]) -> float:
+    """``--timeout``, or a default that fits the call.
+
+    A stop may rightly wait ``[compute] shutdown_timeout`` for the guest (and
+    a one-instance sync for a stop that holds the instance's lock); a read
+    has no reason to take more than DEFAULT_TIMEOUT. A whole-host power sync
+    waits DEFAULT_TIMEOUT between progress lines, however long it runs.
+    """
+    given = getattr(_args(conf), "reply_timeout", None)
+    if given is not None:
+        return float(given)
+    if method in OPERATIONS or (method == "sync_power_states" and args.get("instance_uuid")):
+        compute = getattr(conf, "compute", None)
+        shutdown = float(getattr(compute, "shutdown_timeout", 60) or 0)
+        return DEFAULT_TIMEOUT + shutdown + OPERATION_MARGIN
+    return DEFAULT_TIMEOUT
 
 
 def _uuid(value: str) -> str:
@@ -176,6 +225,19 @@ def _uuid(value: str) -> str:
     if not is_uuid(value):
         raise argparse.ArgumentTypeError(f"invalid UUID {value[:80]!r}")
     return value.lower()
+
+
+def _ref(value: str) -> str:
+    """An argparse type: a UUID or a display name (checked to be one line)."""
+    if not value or len(value) > 255 or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"invalid instance UUID or name {value[:80]!r}")
+    return value
+
+
+def _reason(value: str) -> str:
+    if not value.strip() or len(value) > 255 or not value.isprintable():
+        raise argparse.ArgumentTypeError("the reason must be 1 to 255 printable characters")
+    return value
 
 
 def _positive(value: str) -> int:
@@ -213,7 +275,7 @@ class _Progress:
         self.shown = False
 
     def __call__(self, done: int, total: int) -> None:
-        if self.enabled:
+        if self.enabled and total:  # 0/0: a keep-alive before the run starts
             self.stream.write(f"\r\x1b[K{self.label}: {done}/{total} instances")
             self.stream.flush()
             self.shown = True
@@ -253,6 +315,23 @@ def cmd_power_sync(conf: cfg.ConfigOpts) -> int:
     return EXIT_OK
 
 
+def cmd_reap_deleted(conf: cfg.ConfigOpts) -> int:
+    """Look for guests of deleted instances now, act as configured, and wait;
+    0 when the run went through (per-domain errors are counted and logged by
+    the agent), 1 when it was aborted."""
+    summary = _call(conf, "reap_deleted_instances")
+    _show(conf, summary)
+    if summary.get("aborted"):
+        raise Fatal(f"reap-deleted aborted: {summary['aborted']}", EXIT_FAILED)
+    if summary.get("errors"):
+        print(
+            f"{PROG}: warning: {summary['errors']} domain(s) could not be handled; "
+            "the agent's log says why",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
 def cmd_status(conf: cfg.ConfigOpts) -> int:
     fmt = _args(conf).out_format
     status = _call(conf, "status")
@@ -262,7 +341,9 @@ def cmd_status(conf: cfg.ConfigOpts) -> int:
     fields: dict[str, Any] = {}
     for name, path in STATUS_FIELDS:
         value = _dig(status, path)
-        if name in ("events", "builds") and isinstance(value, dict):
+        if name in ("events", "builds", "running_deleted", "resume", "admin_socket") and isinstance(
+            value, dict
+        ):
             fields.update(output.flatten(value, f"{name}."))  # one row per counter
         elif name == "power_sync_progress" and isinstance(value, list) and len(value) == 2:
             fields[name] = f"{value[0]}/{value[1]}"
@@ -288,19 +369,71 @@ def _dig(obj: Any, path: tuple[str, ...]) -> Any:
 
 def cmd_instances_list(conf: cfg.ConfigOpts) -> int:
     a = _args(conf)
-    rows = _call(conf, "list_instances")
+    rows = [
+        r
+        for r in _call(conf, "list_instances")
+        if (a.vm_state is None or r.get("vm_state") == a.vm_state)
+        and (a.power_state is None or r.get("power_state") == a.power_state)
+    ]
     output.emit_list(sys.stdout, a.out_format, rows, INSTANCE_COLUMNS, a.out_columns)
     return EXIT_OK
 
 
+def _resolve(conf: cfg.ConfigOpts, ref: str) -> str:
+    """The UUID of the instance ``ref`` names: a UUID as it is, else a unique display name."""
+    if is_uuid(ref):
+        return ref.lower()
+    matches = [r for r in _call(conf, "list_instances") if r.get("name") == ref]
+    if not matches:
+        raise Fatal(f"no instance of this host is named {ref[:80]!r}", EXIT_FAILED)
+    if len(matches) > 1:
+        uuids = ", ".join(sorted(str(r.get("uuid")) for r in matches)[:5])
+        raise Fatal(
+            f"{len(matches)} instances are named {ref[:80]!r} ({uuids}); give the UUID",
+            EXIT_FAILED,
+        )
+    return str(matches[0]["uuid"])
+
+
 def cmd_instances_show(conf: cfg.ConfigOpts) -> int:
-    _show(conf, _call(conf, "get_instance_info", {"instance_uuid": _args(conf).instance_uuid}))
+    uuid = _resolve(conf, _args(conf).instance_ref)
+    _show(conf, _call(conf, "get_instance_info", {"instance_uuid": uuid}))
     return EXIT_OK
 
 
 def cmd_instances_stats(conf: cfg.ConfigOpts) -> int:
-    _show(conf, _call(conf, "get_instance_stats", {"instance_uuid": _args(conf).instance_uuid}))
+    uuid = _resolve(conf, _args(conf).instance_ref)
+    _show(conf, _call(conf, "get_instance_stats", {"instance_uuid": uuid}))
     return EXIT_OK
+
+
+def cmd_instances_actions(conf: cfg.ConfigOpts) -> int:
+    """The audit trail, oldest first: who changed what, and why."""
+    a = _args(conf)
+    uuid = _resolve(conf, a.instance_ref)
+    rows = _call(conf, "get_instance_actions", {"instance_uuid": uuid, "limit": a.limit})
+    output.emit_list(sys.stdout, a.out_format, rows, ACTION_COLUMNS, a.out_columns)
+    return EXIT_OK
+
+
+def _service_set(disabled: bool) -> Callable[[cfg.ConfigOpts], int]:
+    def command(conf: cfg.ConfigOpts) -> int:
+        args: dict[str, Any] = {"disabled": disabled}
+        reason = getattr(_args(conf), "reason", None)
+        if reason is not None:
+            args["reason"] = reason
+        row = _call(conf, "set_service_disabled", args)
+        _show(conf, {c: row.get(c) for c in SERVICE_COLUMNS})
+        if not disabled and row.get("disabled"):
+            print(
+                f"{PROG}: warning: the hypervisor is away: the service stays disabled "
+                "until it is back",
+                file=sys.stderr,
+            )
+        return EXIT_OK
+
+    command.__name__ = f"cmd_service_{'disable' if disabled else 'enable'}"
+    return command
 
 
 def cmd_instances_boot(conf: cfg.ConfigOpts) -> int:
@@ -358,7 +491,9 @@ def _common_parents(columns: bool = True) -> list[argparse.ArgumentParser]:
         type=_seconds,
         default=None,
         metavar="SECONDS",
-        help="give up waiting for the agent's reply after this long (default: wait)",
+        help=f"exit 3 when the agent has not answered within this long (default: "
+        f"{DEFAULT_TIMEOUT:g} s; operations add [compute] shutdown_timeout; "
+        "power-sync: between two progress lines)",
     )
     return [parent]
 
@@ -390,6 +525,13 @@ def _add_parsers(subparsers: argparse._SubParsersAction) -> None:
     sync.set_defaults(func=cmd_power_sync)
 
     subparsers.add_parser(
+        "reap-deleted",
+        parents=_common_parents(),
+        help="act now on guests of deleted instances ([compute] "
+        "running_deleted_instance_action), wait, and print the summary",
+    ).set_defaults(func=cmd_reap_deleted)
+
+    subparsers.add_parser(
         "status",
         parents=_common_parents(columns=False),
         help="the service, libvirt, periodic tasks and hub lag of the running agent",
@@ -398,12 +540,39 @@ def _add_parsers(subparsers: argparse._SubParsersAction) -> None:
     inst = subparsers.add_parser("instances", help="the instances of this host")
     inst_cmds = inst.add_subparsers(dest="action", metavar="ACTION")
     inst_cmds.required = True
-    inst_cmds.add_parser(
+    listing = inst_cmds.add_parser(
         "list", parents=_common_parents(), help="list the instances of this host"
-    ).set_defaults(func=cmd_instances_list)
+    )
+    listing.add_argument(
+        "--vm-state",
+        dest="vm_state",
+        choices=[s.value for s in VmState],
+        help="only the instances in this state",
+    )
+    listing.add_argument(
+        "--power-state",
+        dest="power_state",
+        choices=[p.value for p in PowerState],
+        help="only the instances in this power state",
+    )
+    listing.set_defaults(func=cmd_instances_list)
     for name, func, what in (
-        ("show", cmd_instances_show, "show an instance"),
+        ("show", cmd_instances_show, "show an instance (by UUID or name)"),
         ("stats", cmd_instances_stats, "show an instance's latest statistics sample"),
+        ("actions", cmd_instances_actions, "the audit trail of an instance, oldest first"),
+    ):
+        p = inst_cmds.add_parser(name, parents=_common_parents(), help=what)
+        p.add_argument("instance_ref", type=_ref, metavar="UUID_OR_NAME")
+        if name == "actions":
+            p.add_argument(
+                "--limit",
+                type=_positive,
+                default=100,
+                metavar="N",
+                help="the latest N rows (default: 100, at most 1000)",
+            )
+        p.set_defaults(func=func)
+    for name, func, what in (
         ("start", _instance_action("start_instance"), "power an instance on"),
         ("stop", _instance_action("stop_instance"), "power an instance off"),
         ("reboot", _instance_action("reboot_instance"), "reboot an instance"),
@@ -431,6 +600,20 @@ def _add_parsers(subparsers: argparse._SubParsersAction) -> None:
         "--uuid", dest="vm_uuid", type=_uuid, metavar="UUID", help="(default: a new one)"
     )
     boot.set_defaults(func=cmd_instances_boot)
+
+    svc = subparsers.add_parser("service", help="this host's compute service")
+    svc_cmds = svc.add_subparsers(dest="action", metavar="ACTION")
+    svc_cmds.required = True
+    svc_cmds.add_parser(
+        "enable", parents=_common_parents(), help="let the scheduler place instances here"
+    ).set_defaults(func=_service_set(False))
+    disable = svc_cmds.add_parser(
+        "disable",
+        parents=_common_parents(),
+        help="keep the scheduler from placing instances here (until enabled)",
+    )
+    disable.add_argument("--reason", type=_reason, help="why, for the other operators")
+    disable.set_defaults(func=_service_set(True))
 
 
 def register_cli(conf: cfg.ConfigOpts) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
-from compute_agent.conf import compute, database, default, libvirt, messaging
+from compute_agent.conf import compute, database, default, libvirt, messaging, metrics
 
 CONF = cfg.CONF
 
-_MODULES = (default, messaging, compute, libvirt, database)
+_MODULES = (default, messaging, compute, libvirt, database, metrics)
 
 
 def register_all(conf: cfg.ConfigOpts) -> None:

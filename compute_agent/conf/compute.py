@@ -64,6 +64,21 @@ opts = [
         help="How many instance builds may run at once; further builds wait in the "
         "'queued' task state. 0 means no limit.",
     ),
+    cfg.BoolOpt(
+        "resume_guests_state_on_host_boot",
+        default=False,
+        help="After the host boots, start again the guests that were running before "
+        "(vm_state active, domain now off), at most max_concurrent_builds at a time, "
+        "before the first power-state sync. When false they are recorded as stopped by "
+        "that sync. A host boot is told from an agent restart by the kernel's boot id.",
+    ),
+    cfg.StrOpt(
+        "host_boot_id_path",
+        default="/proc/sys/kernel/random/boot_id",
+        advanced=True,
+        help="File holding the kernel's boot id, which changes at every host boot. "
+        "Only tests change it, to simulate a host boot.",
+    ),
     cfg.IntOpt(
         "stats_interval",
         default=60,
@@ -85,6 +100,36 @@ opts = [
         min=1,
         help="An instance with no complete statistics sample for this many seconds "
         "is reported unresponsive.",
+    ),
+    cfg.IntOpt(
+        "running_deleted_instance_poll_interval",
+        default=1800,
+        help="Seconds between two looks for guests of deleted instances that are "
+        "still on the hypervisor (a domain whose name and UUID are those of a "
+        "soft-deleted instance of this host). 0 or a negative value disables the "
+        "periodic look (it can still be run on demand with "
+        "compute-agent-manage reap-deleted).",
+    ),
+    cfg.StrOpt(
+        "running_deleted_instance_action",
+        default="reap",
+        choices=[
+            ("reap", "force the guest off and remove its definition"),
+            ("shutdown", "force the guest off and keep its definition"),
+            ("log", "only log a warning (and audit it)"),
+            ("noop", "do nothing; such guests are only counted"),
+        ],
+        help="What is done to a guest of a deleted instance of this host. A domain "
+        "whose name or UUID matches no deleted instance of this host is never "
+        "touched.",
+    ),
+    cfg.IntOpt(
+        "running_deleted_instance_max_per_run",
+        default=50,
+        min=1,
+        max=10000,
+        help="At most this many guests of deleted instances are handled per run; "
+        "the rest wait for the next run.",
     ),
     cfg.StrOpt(
         "instance_name_template",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from compute_agent.conf import compute, database, default, libvirt, messaging
+from compute_agent.conf import compute, database, default, libvirt, messaging, metrics
 
 
 def list_opts() -> list[tuple[str, list]]:
@@ -11,4 +11,5 @@ def list_opts() -> list[tuple[str, list]]:
         (compute.group.name, compute.opts),
         (libvirt.group.name, libvirt.opts),
         (database.group.name, database.opts),
+        (metrics.group.name, metrics.opts),
     ]

@@ -33,6 +33,9 @@ from compute_agent.utils import utcnow
 LOAD_CHUNK = 100
 # Audit rows inserted between two pauses on a server database.
 ACTIONS_PER_PAUSE = 10
+# Domain names per IN list when looking names up (SQLite's default bound on
+# parameters per statement was 999 before 3.32).
+NAMES_PER_STATEMENT = 500
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -364,6 +367,36 @@ class Database:
         with self._begin() as conn:
             for chunk in conn.execute(stmt).partitions():
                 records.extend(InstanceRecord(*row) for row in chunk)
+                self._pause()
+        return records
+
+    @_offloaded
+    def instance_get_deleted_by_domain_names(
+        self, host: str, names: Iterable[str]
+    ) -> list[InstanceRecord]:
+        """The soft-deleted instances of ``host`` whose domain name is in ``names``.
+
+        One transaction whatever the count: the names go NAMES_PER_STATEMENT
+        to a SELECT (an IN list has a bound on every backend), so a
+        hypervisor listing thousands of domains costs a handful of
+        statements, not one per domain.
+        """
+        wanted = sorted(set(names))
+        table = Instance.__table__
+        columns = [table.c[name] for name in _RECORD_COLUMNS]
+        records: list[InstanceRecord] = []
+        with self._begin() as conn:
+            for start in range(0, len(wanted), NAMES_PER_STATEMENT):
+                stmt = (
+                    sa.select(*columns)
+                    .where(
+                        table.c.host == host,
+                        table.c.deleted.is_(True),
+                        table.c.domain_name.in_(wanted[start : start + NAMES_PER_STATEMENT]),
+                    )
+                    .order_by(table.c.id)
+                )
+                records.extend(InstanceRecord(*row) for row in conn.execute(stmt))
                 self._pause()
         return records
 

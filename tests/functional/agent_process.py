@@ -7,6 +7,7 @@ import pathlib
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -16,9 +17,22 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 class AgentProcess:
     """A running agent whose stderr is collected line by line."""
 
-    def __init__(self, config_files: list[pathlib.Path], extra_env: dict | None = None) -> None:
+    def __init__(
+        self,
+        config_files: list[pathlib.Path],
+        extra_env: dict | None = None,
+        metrics_port: int | None = 0,
+    ) -> None:
+        """``metrics_port``: [metrics] listen_port, given in a last config file.
+
+        0 (the default) turns the endpoint off, so agents of parallel tests
+        never fight for the default port; None leaves the config files' own.
+        """
         args = [sys.executable, "-m", "compute_agent.cmd.agent"]
-        for path in config_files:
+        files = list(config_files)
+        if metrics_port is not None:
+            files.append(metrics_config(metrics_port))
+        for path in files:
             args += ["--config-file", str(path)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
         self.proc = subprocess.Popen(
@@ -73,6 +87,23 @@ class AgentProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def metrics_config(port: int) -> pathlib.Path:
+    """A config file that only sets ``[metrics] listen_port``."""
+    path = pathlib.Path(tempfile.gettempdir()) / f"ca-test-metrics-port-{port}.conf"
+    if not path.exists():
+        path.write_text(f"[metrics]\nlisten_port = {port}\n")
+    return path
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the caller binds it soon after)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def manage(*args: str, config_files: list[pathlib.Path]) -> subprocess.CompletedProcess:

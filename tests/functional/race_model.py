@@ -98,6 +98,11 @@ ACTIONS: dict[tuple[str, str], int] = {
 }
 
 
+def _plain_refusal(step: Step) -> bool:
+    """An out-of-band call libvirt refused before touching the guest."""
+    return "Requested operation is not valid" in step.detail
+
+
 @dataclasses.dataclass
 class RaceConfig:
     seed: int
@@ -248,7 +253,7 @@ class RaceRun:
         self.engine = sa.create_engine(self.db_url)
         self.agent = AgentProcess(files)
         self.agent.wait_for("admin socket listening", 60)
-        self.admin = AdminClient(str(self.dir / "state" / "admin.sock"), reply_timeout=120)
+        self.admin = AdminClient(str(self.dir / "state" / "admin.sock"), timeout=120)
         self._wait_admin()
         self.slots = [None] * self.config.guests
         builders = [
@@ -576,6 +581,10 @@ class RaceRun:
                     desired, off_since, ambiguous = "active", None, False
                 elif s.action == "stop":
                     desired, off_since, ambiguous = "stopped", None, False
+            elif s.kind == "oob" and s.outcome != "ok" and not _plain_refusal(s):
+                # Failed part-way (say, QEMU killed under a reboot): the guest may
+                # have gone off at any moment of the call, for any length of time.
+                ambiguous = True
             elif s.kind == "oob" and s.outcome == "ok":
                 if s.action == "destroy" and desired == "active":
                     # From the call's start: the guest may be off before it returns,

@@ -185,6 +185,55 @@ def test_power_sync_shows_progress_on_a_terminal(env, instance):
     assert terminal.endswith("\n")
 
 
+def test_an_instance_by_name_its_audit_trail_and_list_filters(env, instance):
+    shown, trail, last, running, shutdown, bad_state, nameless = env.all(
+        ["instances", "show", "shared", "-f", "value", "-c", "uuid"],
+        ["instances", "actions", "shared", "-f", "json"],
+        ["instances", "actions", instance, "--limit", "1", "-f", "value", "-c", "source"],
+        ["instances", "list", "--vm-state", "active", "--power-state", "running", "-c", "uuid"],
+        ["instances", "list", "--power-state", "shutdown", "-f", "value", "-c", "uuid"],
+        ["instances", "list", "--vm-state", "sleepy"],
+        ["instances", "show", "no such name"],
+    )
+    assert shown.returncode == 0 and shown.stdout == f"{instance}\n", shown.stderr
+    rows = json.loads(trail.stdout)
+    assert rows and {"created_at", "action", "field", "old_value", "new_value"} <= set(rows[0])
+    assert {r["source"] for r in rows} == {"cli"}  # booted through the CLI
+    assert last.returncode == 0 and last.stdout == "cli\n"
+    assert instance in running.stdout
+    assert shutdown.returncode == 0 and instance not in shutdown.stdout
+    assert_fails(bad_state, 2, "invalid choice: 'sleepy'")
+    assert_fails(nameless, 1, "no instance of this host is named 'no such name'")
+
+
+def test_service_disable_and_enable(env):
+    disabled = env.cli("service", "disable", "--reason", "RAM swap, ticket 42", "-f", "json")
+    assert disabled.returncode == 0, disabled.stderr
+    assert json.loads(disabled.stdout)["disabled_reason"] == "RAM swap, ticket 42"
+    status = env.cli("status", "-f", "json")
+    service = json.loads(status.stdout)["host_state"]["service"]
+    assert service["disabled"] is True and service["disabled_reason"] == "RAM swap, ticket 42"
+    enabled, auto = env.all(
+        ["service", "enable", "-f", "value", "-c", "disabled"],
+        ["service", "disable", "--reason", "AUTO: mine"],
+    )
+    assert enabled.returncode == 0 and enabled.stdout == "False\n", enabled.stderr
+    assert_fails(auto, 2, "InvalidInput", "may not start with 'AUTO:'")
+    final = json.loads(env.cli("status", "-f", "json").stdout)["host_state"]["service"]
+    assert final["disabled"] is False
+
+
+def test_status_shows_the_unknown_domains_and_the_socket(env):
+    table, as_json = env.all(["status"], ["status", "-f", "json"])
+    status = json.loads(as_json.stdout)
+    # test:///default's own domain "test" belongs to no instance.
+    assert status["unknown_domains"]["count"] >= 1 and "test" in status["unknown_domains"]["names"]
+    assert status["admin_socket"]["limit"] == 64 and status["admin_socket"]["requests"] >= 1
+    assert re.search(r"^\| unknown_domains +\| [1-9]", table.stdout, re.M), table.stdout
+    assert re.search(r"^\| unknown_domain_names +\| .*test", table.stdout, re.M)
+    assert re.search(r"^\| admin_socket.refused +\| 0 ", table.stdout, re.M)
+
+
 def test_operations_that_fail_exit_1(env, instance, tmp_path):
     missing = str(uuid.uuid4())
     bad_db = tmp_path / "bad-db.conf"
@@ -211,7 +260,7 @@ def test_operations_that_fail_exit_1(env, instance, tmp_path):
 
 def test_usage_errors_exit_2(env, instance):
     cases = {
-        ("instances", "show", "not-a-uuid"): "invalid UUID 'not-a-uuid'",
+        ("instances", "start", "not-a-uuid"): "invalid UUID 'not-a-uuid'",
         ("instances", "reboot", "--hard"): "required: UUID",
         ("power-sync", "--instance", "12345"): "invalid UUID '12345'",
         ("explode",): "invalid choice: 'explode'",
@@ -234,7 +283,7 @@ def test_usage_errors_exit_2(env, instance):
 def test_help_and_db_version_exit_0(env):
     helped, version = env.all(["--help"], ["db", "version"])
     assert helped.returncode == 0
-    for command in ("db", "power-sync", "status", "instances"):
+    for command in ("db", "power-sync", "status", "instances", "service"):
         assert command in helped.stdout
     assert version.returncode == 0 and version.stdout == "current 0002, head 0002\n"
 

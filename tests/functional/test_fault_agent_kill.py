@@ -65,7 +65,7 @@ class Node:
         )
         self.files = [REPO / "etc" / "compute-agent.conf", conf]
         self.db = Database(f"sqlite:///{root}/state/compute-agent.sqlite")
-        self.admin = AdminClient(str(root / "state" / "admin.sock"), reply_timeout=60)
+        self.admin = AdminClient(str(root / "state" / "admin.sock"), timeout=60)
         self.proc: AgentProcess | None = None
         synced = manage("db", "sync", config_files=self.files)
         assert synced.returncode == 0, synced.stderr

@@ -81,7 +81,7 @@ class Agent:
         self.db = Database(f"sqlite:///{root}/state/compute-agent.sqlite")
         synced = manage("db", "sync", config_files=self.files)
         assert synced.returncode == 0, synced.stderr
-        self.admin = AdminClient(str(root / "state" / "admin.sock"), reply_timeout=60)
+        self.admin = AdminClient(str(root / "state" / "admin.sock"), timeout=60)
         self.start()
 
     def start(self) -> None:

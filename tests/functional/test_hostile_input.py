@@ -85,9 +85,12 @@ SIGNATURES: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "reboot_instance": (frozenset({"instance_uuid"}), frozenset({"hard"})),
     "delete_instance": (frozenset({"instance_uuid"}), frozenset()),
     "sync_power_states": (frozenset(), frozenset({"instance_uuid"})),
+    "reap_deleted_instances": (frozenset(), frozenset()),
     "status": (frozenset(), frozenset()),
+    "get_instance_actions": (frozenset({"instance_uuid"}), frozenset({"limit"})),
+    "set_service_disabled": (frozenset({"disabled"}), frozenset({"reason"})),
 }
-ADMIN_ONLY = {"status"}
+ADMIN_ONLY = {"status", "reap_deleted_instances", "get_instance_actions", "set_service_disabled"}
 UUID_RE = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # Control, format, surrogate, private-use and unassigned code points.
 NAME_FORBIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn"}
@@ -259,6 +262,38 @@ class Ledger:
             return expect(INVALID)
         return self._operation("reboot_instance", instance_uuid)
 
+    def _get_instance_actions(self, admin: bool, instance_uuid: Any, limit: Any = 100) -> Expected:
+        if not is_uuid(instance_uuid) or not is_int(limit, 1, 1000):
+            return expect(INVALID)
+        uuid = instance_uuid.lower()
+        if uuid not in self.used:  # a deleted instance keeps its trail
+            return expect(NOT_FOUND)
+
+        def check(r: list[dict[str, Any]]) -> None:
+            assert 1 <= len(r) <= limit, r
+            ids = [row["id"] for row in r]
+            _equal(ids, sorted(ids))
+
+        return expect(OK, check=check)
+
+    def _set_service_disabled(self, admin: bool, disabled: Any, reason: Any = None) -> Expected:
+        if type(disabled) is not bool:
+            return expect(INVALID)
+        if reason is not None and not (
+            disabled
+            and isinstance(reason, str)
+            and 1 <= len(reason) <= 255
+            and reason.strip() != ""
+            and reason.isprintable()
+            and not reason.startswith("AUTO:")
+        ):
+            return expect(INVALID)
+
+        def check(r: dict[str, Any]) -> None:
+            _equal((r["host"], r["disabled"], r["disabled_reason"]), (self.host, disabled, reason))
+
+        return expect(OK, check=check)
+
     def _sync_power_states(self, admin: bool, instance_uuid: Any = None) -> Expected:
         def check(r: dict[str, Any]) -> None:
             assert set(SYNC_FIELDS) <= set(r) and (admin or set(r) == set(SYNC_FIELDS)), r
@@ -268,6 +303,11 @@ class Ledger:
             return expect(OK, check=check)
         refused, _uuid = self._instance(instance_uuid)
         return refused or expect(OK, check=check)
+
+    def _reap_deleted_instances(self, admin: bool) -> Expected:
+        # Every delete went through the agent: no deleted instance keeps a
+        # guest, and the foreign domain is nobody's to reap.
+        return expect(OK, check=lambda r: _equal((r["found"], r["errors"]), (0, 0)))
 
     # -- what an answer changes -------------------------------------------
 
@@ -525,7 +565,7 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
     """(method, arguments): mostly methods of the table with good or broken arguments."""
     if draw(st.integers(0, 9)) == 0:
         return draw(UNKNOWN_METHODS), draw(st.dictionaries(ARG_NAMES, JUNK, max_size=3))
-    method = draw(st.sampled_from(sorted(SIGNATURES) + ["build_instance"] * 4))
+    method = draw(st.sampled_from(sorted(SIGNATURES) + ["build_instance"] * 7))
     required, optional = SIGNATURES[method]
     args: dict[str, Any] = {}
     for name in sorted(required | optional):
@@ -533,8 +573,12 @@ def requests(draw: st.DrawFn) -> tuple[str, dict[str, Any]]:
             continue
         if name == "instance":
             args[name] = draw(st.one_of(VALID_BUILDS, VALID_BUILDS, broken_builds()))
-        elif name == "hard":
+        elif name in ("hard", "disabled"):
             args[name] = draw(st.one_of(st.booleans(), st.booleans(), JUNK))
+        elif name == "limit":
+            args[name] = draw(st.one_of(st.integers(1, 1000), INTEGERS, JUNK))
+        elif name == "reason":
+            args[name] = draw(st.one_of(st.just("maintenance"), st.just("AUTO: x"), HOSTILE_TEXT))
         else:
             args[name] = draw(UUID_ARGS)
     if draw(st.integers(0, 5)) == 0 and args:

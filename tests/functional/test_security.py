@@ -227,7 +227,7 @@ def test_passwords_never_appear_in_the_log_or_the_cli(env, tmp_path):
             ["db", "version"],
             ["db", "sync"],
             ["instances", "show", str(uuidlib.uuid4())],  # the agent's InstanceNotFound
-            ["instances", "show", "not-a-uuid"],  # a usage error
+            ["instances", "start", "not-a-uuid"],  # a usage error
             ["power-sync", "-f", "json"],
         ],
         config_files=env.config_files,

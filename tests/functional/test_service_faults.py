@@ -89,9 +89,7 @@ def start_agent(tmp_path) -> Iterator[Callable[..., Agent]]:
         db = Database(db_url)
         migration.upgrade(db)
         proc = AgentProcess([REPO / "etc" / "compute-agent.conf", *extra_files, path])
-        agent = Agent(
-            host, proc, db, AdminClient(f"{tmp_path}/{host}/admin.sock", reply_timeout=120)
-        )
+        agent = Agent(host, proc, db, AdminClient(f"{tmp_path}/{host}/admin.sock", timeout=120))
         started.append(agent)
         proc.wait_for("admin socket listening", timeout=60)
         return agent

@@ -1,16 +1,19 @@
-"""The CLI's pieces in-process: output formats, and power-sync's exit statuses."""
+"""The CLI in-process: output formats, and power-sync's and reap-deleted's exit statuses."""
 
 import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import types
 import uuid
 
 import pytest
 
 from compute_agent import exception, green
+from compute_agent.admin.client import AgentUnreachable
 from compute_agent.admin.server import AdminSocketServer
 from compute_agent.cmd import manage, output
 from compute_agent.cmd.common import EXIT_FAILED, EXIT_OK, Fatal
@@ -133,3 +136,84 @@ def test_power_sync_aborted_exits_1_after_showing_the_summary(agent, capsys):
     assert failed.value.status == EXIT_FAILED
     assert str(failed.value) == "power sync aborted: hypervisor unavailable: libvirt gone"
     assert capsys.readouterr().out == "hypervisor unavailable: libvirt gone\n"
+
+
+# -- reap-deleted against an in-process agent -------------------------------
+
+
+def test_reap_deleted_reaps_shows_the_summary_and_status_counts_it(agent, sqlite_db, capsys):
+    server, driver = agent
+    inst = create_instance(sqlite_db, host="test-host")
+    sqlite_db.instance_soft_delete(inst, source="rpc", reason="test")
+    driver.add_domain(inst.domain_name, inst.uuid, PowerState.RUNNING)
+    driver.add_domain("not-ours", str(uuid.uuid4()), PowerState.RUNNING)
+    assert manage.cmd_reap_deleted(cli_conf(server)) == EXIT_OK
+    out, err = capsys.readouterr()
+    summary = json.loads(out)
+    assert (summary["action"], summary["found"], summary["reaped"]) == ("reap", 1, 1)
+    assert summary["domains"] == [inst.domain_name] and err == ""
+    assert set(driver.domains) == {"not-ours"}
+    assert manage.cmd_status(cli_conf(server, out_format="table")) == EXIT_OK
+    table = capsys.readouterr().out
+    assert "running_deleted.totals.reaped" in table and "running_deleted.action" in table
+
+
+def test_reap_deleted_aborted_exits_1_and_errors_warn(agent, sqlite_db, capsys):
+    server, driver = agent
+    inst = create_instance(sqlite_db, host="test-host")
+    sqlite_db.instance_soft_delete(inst, source="rpc", reason="test")
+    driver.add_domain(inst.domain_name, inst.uuid, PowerState.RUNNING)
+    driver.inject_fault("destroy")
+    assert manage.cmd_reap_deleted(cli_conf(server)) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert json.loads(out)["errors"] == 1
+    assert err == (
+        "compute-agent-manage: warning: 1 domain(s) could not be handled; "
+        "the agent's log says why\n"
+    )
+    driver.inject_fault("list_domains", error=exception.HypervisorUnavailable("libvirt gone"))
+    with pytest.raises(Fatal) as failed:
+        manage.cmd_reap_deleted(cli_conf(server))
+    assert failed.value.status == EXIT_FAILED
+    assert str(failed.value) == "reap-deleted aborted: hypervisor unavailable: libvirt gone"
+
+
+# -- deadlines ---------------------------------------------------------------
+
+
+def timeout_conf(given=None, shutdown=60):
+    return types.SimpleNamespace(
+        category=types.SimpleNamespace(reply_timeout=given),
+        compute=types.SimpleNamespace(shutdown_timeout=shutdown),
+    )
+
+
+def test_every_call_has_a_deadline_and_operations_a_longer_one():
+    conf = timeout_conf()
+    assert manage._timeout(conf, "status", {}) == 30.0
+    assert manage._timeout(conf, "sync_power_states", {}) == 30.0  # between progress lines
+    assert manage._timeout(conf, "stop_instance", {"instance_uuid": "u"}) == 30 + 60 + 30
+    assert manage._timeout(conf, "sync_power_states", {"instance_uuid": "u"}) == 120
+    assert manage._timeout(timeout_conf(shutdown=0), "build_instance", {}) == 60
+    assert manage._timeout(timeout_conf(given=2.5), "stop_instance", {}) == 2.5
+
+
+def test_a_silent_agent_times_out_as_unreachable():
+    """AgentTimeout is an AgentUnreachable: run() makes it exit 3 (test_cli_deadlines)."""
+    directory = tempfile.mkdtemp(prefix="ca-cli-")
+    path = os.path.join(directory, "admin.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)  # accepts into the backlog, never answers: a stopped agent
+    conf = types.SimpleNamespace(
+        admin_socket=path,
+        category=types.SimpleNamespace(reply_timeout=0.5, out_format="json"),
+    )
+    try:
+        started = time.monotonic()
+        with pytest.raises(AgentUnreachable, match=f"no answer from the agent on {path} after 0."):
+            manage.cmd_status(conf)
+        assert time.monotonic() - started < 0.5 + 5
+    finally:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import libvirt
 
 from compute_agent import exception, green
+from compute_agent.metrics import figures
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,6 +189,7 @@ class Host:
         """
         current = self._require()
         current.enter()
+        started = green.monotonic()
         try:
             return green.execute(fn, current.raw, *args)
         except libvirt.libvirtError as exc:
@@ -199,6 +201,9 @@ class Host:
             raise
         finally:
             current.leave()
+            figures.LIBVIRT_CALL_DURATION.observe(
+                (figures.libvirt_call_name(fn),), green.monotonic() - started
+            )
 
     # -- connecting -------------------------------------------------------
 

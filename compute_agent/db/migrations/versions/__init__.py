@@ -1,0 +1,1 @@
+"""The schema revisions (Alembic skips this file: it is no revision)."""

@@ -1,0 +1,120 @@
+"""Counters and histograms updated where events happen, read at scrape time.
+
+They are written on the hub only and read by the scrape's native thread.
+No lock is needed: a write is a few bytecodes, and a reader copies a list
+or a dict in one C call, which the GIL makes atomic. A reader may see a
+histogram's sum one observation ahead of its buckets; Prometheus tolerates
+that, and the count is always taken from the same copy as the buckets.
+Nothing here imports prometheus_client, so the hot paths stay light.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+
+# Seconds: from a hub stall worth noticing to a sync of thousands of instances.
+DURATION_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0, 300.0,
+)  # fmt: skip
+# Hub lag: the agent's budget is 50 ms; past a second the service looks dead.
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """Observations counted in buckets (each counts values <= its bound), and their sum."""
+
+    def __init__(self, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
+        self.bounds = tuple(sorted(float(b) for b in buckets))
+        self._counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def clear(self) -> None:
+        self._counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def snapshot(self) -> tuple[list[tuple[float, int]], int, float]:
+        """Cumulative buckets ``(bound, count)`` ending with +Inf, the count, the sum."""
+        counts = list(self._counts)
+        total, cumulative = 0, []
+        for bound, n in zip((*self.bounds, math.inf), counts, strict=True):
+            total += n
+            cumulative.append((bound, total))
+        return cumulative, total, self.sum
+
+
+class HistogramFamily:
+    """One histogram per combination of label values."""
+
+    def __init__(self, labels: tuple[str, ...], buckets: Sequence[float] = DURATION_BUCKETS):
+        self.labels = labels
+        self.buckets = tuple(buckets)
+        self._children: dict[tuple[str, ...], Histogram] = {}
+
+    def observe(self, values: tuple[str, ...], value: float) -> None:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = Histogram(self.buckets)
+        child.observe(value)
+
+    def items(self) -> list[tuple[tuple[str, ...], Histogram]]:
+        return list(self._children.items())
+
+    def clear(self) -> None:
+        self._children = {}
+
+
+class CounterFamily:
+    """A monotonically growing count per combination of label values."""
+
+    def __init__(self, labels: tuple[str, ...], preset: Sequence[tuple[str, ...]] = ()) -> None:
+        self.labels = labels
+        self._preset = tuple(preset)
+        self._values: dict[tuple[str, ...], float] = dict.fromkeys(self._preset, 0.0)
+
+    def inc(self, values: tuple[str, ...], amount: float = 1.0) -> None:
+        self._values[values] = self._values.get(values, 0.0) + amount
+
+    def items(self) -> list[tuple[tuple[str, ...], float]]:
+        return list(self._values.items())
+
+    def clear(self) -> None:
+        self._values = dict.fromkeys(self._preset, 0.0)
+
+
+SYNC_OUTCOMES = ("checked", "changed", "skipped", "errors")
+
+# The process's figures: one agent per process.
+HUB_LAG = Histogram(LAG_BUCKETS)
+TASK_DURATION = HistogramFamily(("task",))
+POWER_SYNC_INSTANCES = CounterFamily(("outcome",), preset=[(o,) for o in SYNC_OUTCOMES])
+REQUESTS = CounterFamily(("front", "method", "outcome"))
+REQUEST_DURATION = HistogramFamily(("front", "method"))
+LIBVIRT_CALL_DURATION = HistogramFamily(("call",))
+
+
+def count_sync(summary: object) -> None:
+    """Add one power-sync summary (a run or one instance) to the outcome counters."""
+    for outcome in SYNC_OUTCOMES:
+        n = getattr(summary, outcome, 0)
+        if n:
+            POWER_SYNC_INSTANCES.inc((outcome,), n)
+
+
+def libvirt_call_name(fn: object) -> str:
+    """``_all_stats_native`` -> ``all_stats``: a bounded label from the code's own names."""
+    name = getattr(fn, "__name__", "call").strip("_")
+    return name.removesuffix("_native") or "call"
+
+
+def reset() -> None:
+    """Forget every figure (tests)."""
+    for family in (HUB_LAG, TASK_DURATION, POWER_SYNC_INSTANCES, REQUESTS, REQUEST_DURATION,
+                   LIBVIRT_CALL_DURATION):  # fmt: skip
+        family.clear()

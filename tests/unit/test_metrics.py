@@ -1,0 +1,235 @@
+"""The metrics: figures, the instance index, the collector's text, the HTTP server."""
+
+from __future__ import annotations
+
+import math
+import socket
+import urllib.error
+import urllib.request
+import uuid as uuidlib
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from compute_agent import exception
+from compute_agent.dispatch import Dispatcher
+from compute_agent.manager import ComputeManager
+from compute_agent.metrics import figures
+from compute_agent.metrics import server as server_mod
+from compute_agent.metrics.collector import AgentCollector
+from compute_agent.metrics.instances import InstanceIndex
+from compute_agent.metrics.server import MetricsBindError, MetricsServer
+from compute_agent.service import NodeService
+from compute_agent.states import ActionSource, PowerState
+from compute_agent.virt.fake import FakeDriver
+from tests.helpers import eventually
+
+# Quotes and a backslash, which a build accepts, and a line break, which only a
+# row written by something else could hold: the characters the text format escapes.
+HOSTILE = 'a "b" \\ c'
+
+
+def samples(text: str, name: str) -> list:
+    return [
+        s
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    ]
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive():
+    h = figures.Histogram((0.1, 1.0))
+    for value in (0.05, 0.1, 0.5, 2.0):
+        h.observe(value)
+    buckets, count, total = h.snapshot()
+    assert buckets == [(0.1, 2), (1.0, 3), (math.inf, 4)]
+    assert count == 4 and total == pytest.approx(2.65)
+
+
+def test_libvirt_call_names_are_the_codes_own():
+    def _all_stats_native() -> None: ...
+
+    assert figures.libvirt_call_name(_all_stats_native) == "all_stats"
+    assert figures.libvirt_call_name(object()) == "call"
+
+
+def rec(uuid: str, vm_state: str = "active") -> SimpleNamespace:
+    return SimpleNamespace(
+        uuid=uuid, display_name="vm", vm_state=vm_state, power_state="running", vcpus=1
+    )
+
+
+def test_index_keeps_operations_newer_than_a_list():
+    index = InstanceIndex()
+    index.replace([rec("a"), rec("b")], loaded_at=0.0)
+    loaded_at = figures_clock()
+    index.remove("a")  # deleted after the list below was read
+    index.update(rec("c"))  # built after it
+    index.update(rec("b", "stopped"))
+    index.replace([rec("a"), rec("b")], loaded_at=loaded_at)
+    snap = index.snapshot()
+    assert set(snap) == {"b", "c"}
+    assert snap["b"].vm_state == "stopped"
+    # A list read after the operations is taken as it is.
+    index.replace([rec("a")], loaded_at=figures_clock())
+    assert set(index.snapshot()) == {"a"}
+
+
+def figures_clock() -> float:
+    from compute_agent import green
+
+    return green.monotonic()
+
+
+@pytest.fixture
+def agent(conf, sqlite_db):
+    conf.set_override("stats_interval", 0, group="compute")
+    conf.set_override("lifecycle_event_delay", 0, group="libvirt")
+    figures.reset()
+    manager = ComputeManager(conf, sqlite_db, FakeDriver())
+    service = NodeService(conf, sqlite_db, components=[manager])
+    service.start()
+    yield SimpleNamespace(
+        manager=manager,
+        service=service,
+        dispatcher=Dispatcher(manager, service),
+        collector=AgentCollector(service, manager),
+    )
+    service.stop()
+
+
+def render(agent) -> str:
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    return server.render().decode()
+
+
+def test_collector_serves_instances_and_escapes_their_names(agent):
+    uuid = str(uuidlib.uuid4())
+    agent.dispatcher.call(
+        "build_instance",
+        {"instance": {"uuid": uuid, "name": HOSTILE, "vcpus": 2, "memory_mb": 128}},
+        ActionSource.RPC,
+    )
+    agent.manager.stats.run()
+    text = render(agent)
+    assert 'name="a \\"b\\" \\\\ c"' in text  # escaped on the wire
+    (info,) = [s for s in samples(text, "compute_agent_instance_info") if s.labels["uuid"] == uuid]
+    assert info.labels["name"] == HOSTILE and info.value == 1
+    assert info.labels["vm_state"] == "active" and info.labels["power_state"] == "running"
+    (vcpus,) = samples(text, "compute_agent_instance_vcpus")
+    assert vcpus.value == 2
+    assert samples(text, "compute_agent_instance_stats_age_seconds")
+    counts = {
+        (s.labels["vm_state"], s.labels["power_state"]): s.value
+        for s in samples(text, "compute_agent_instances")
+    }
+    assert counts == {("active", "running"): 1}
+    (ok,) = [
+        s
+        for s in samples(text, "compute_agent_requests_total")
+        if s.labels["method"] == "build_instance"
+    ]
+    assert ok.labels == {"front": "rpc", "method": "build_instance", "outcome": "ok"}
+    agent.dispatcher.call("delete_instance", {"instance_uuid": uuid}, ActionSource.CLI)
+    assert uuid not in render(agent)
+    other = rec(str(uuidlib.uuid4()))
+    other.display_name = "two\nlines"
+    agent.manager.instance_index.update(other)
+    text = render(agent)
+    assert 'name="two\\nlines"' in text
+    (info,) = samples(text, "compute_agent_instance_info")
+    assert info.labels["name"] == "two\nlines"
+
+
+def test_requests_count_unknown_methods_under_one_label(agent):
+    for method in ("no_such", "other", 7):
+        with pytest.raises(exception.InvalidInput):
+            agent.dispatcher.call(method, {}, ActionSource.CLI, admin=True)
+    text = render(agent)
+    (refused,) = samples(text, "compute_agent_requests_total")
+    assert refused.labels == {"front": "admin", "method": "unknown", "outcome": "InvalidInput"}
+    assert refused.value == 3
+
+
+def test_server_answers_metrics_only(agent):
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    base = f"http://127.0.0.1:{server.bound_port}"
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=10) as reply:
+            assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+            assert b"compute_agent_libvirt_connected 1.0" in reply.read()
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(f"{base}/other", timeout=10)
+        assert err.value.code == 404
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(urllib.request.Request(f"{base}/metrics", data=b"x"), timeout=10)
+        assert err.value.code == 405
+        assert server.scrapes == 1
+    finally:
+        server.stop()
+
+
+def test_a_taken_port_is_one_line(agent):
+    first = MetricsServer("127.0.0.1", 0, agent.collector)
+    first.listen()
+    try:
+        second = MetricsServer("127.0.0.1", first.bound_port, agent.collector)
+        with pytest.raises(MetricsBindError, match="Address already in use"):
+            second.listen()
+    finally:
+        first.stop()
+
+
+def test_a_sync_write_shows_at_once(agent, conf):
+    """A state the power sync records reaches the series without a statistics cycle."""
+    uuid = str(uuidlib.uuid4())
+    built = agent.dispatcher.call(
+        "build_instance",
+        {"instance": {"uuid": uuid, "name": "vm", "vcpus": 1, "memory_mb": 64}},
+        ActionSource.RPC,
+    )
+    domain = agent.manager.db.instance_get(uuid).domain_name
+    assert built["power_state"] == "running"
+    agent.manager.driver.set_state(domain, PowerState.PAUSED, emit=False)
+    agent.dispatcher.call("sync_power_states", {"instance_uuid": uuid}, ActionSource.CLI)
+    assert agent.manager.db.instance_get(uuid).power_state == "paused"
+    (info,) = samples(render(agent), "compute_agent_instance_info")
+    assert info.labels["power_state"] == "paused"
+    counts = {
+        (s.labels["vm_state"], s.labels["power_state"]): s.value
+        for s in samples(render(agent), "compute_agent_instances")
+    }
+    assert counts == {("active", "paused"): 1}
+
+
+def test_silent_and_garbage_clients_never_stop_the_scrapes(agent):
+    """Clients that send nothing hold at most MAX_CLIENTS slots; the next gets 503 at once."""
+    server = MetricsServer("127.0.0.1", 0, agent.collector)
+    server.start()
+    port = server.bound_port
+    silent = []
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as garbage:
+            garbage.sendall(b"\x00\x01 hello\r\n\r\n")
+            assert garbage.recv(100).startswith(b"HTTP/1.0 400")
+        for _ in range(server_mod.MAX_CLIENTS):
+            silent.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+
+        def refused() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as extra:
+                extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+                return extra.recv(100)
+
+        # The silent ones are taken in turn by the accept thread: wait until all are.
+        assert eventually(lambda: refused().startswith(b"HTTP/1.0 503"), 10, "a 503")
+    finally:
+        for sock in silent:
+            sock.close()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            assert reply.status == 200
+    finally:
+        server.stop()
