@@ -91,13 +91,6 @@ class NodeService:
         )
         self.last_heartbeat = self.started_at_mono = green.monotonic()
         self.disabled = bool(self.row.disabled)
-        LOG.info(
-            "compute-agent starting on host %s (service id %d, owner %s, database %s)",
-            self.host,
-            self.row.id,
-            self.owner[:8],
-            self.db.safe_url,
-        )
 
     def release_claim(self) -> None:
         """Give the row back (mark it stopped) when start fails right after the claim."""
@@ -108,6 +101,16 @@ class NodeService:
     def start(self) -> None:
         if self.row is None:
             self.claim()
+        assert self.row is not None
+        # Logged here, not at the claim: a start refused after the claim
+        # (a socket that cannot be bound) stays one line.
+        LOG.info(
+            "compute-agent starting on host %s (service id %d, owner %s, database %s)",
+            self.host,
+            self.row.id,
+            self.owner[:8],
+            self.db.safe_url,
+        )
         self.lag_monitor.start()
         # The heartbeat is never delayed by the fuzzy start: a new service must
         # look alive at once.
