@@ -52,3 +52,11 @@ class ForeignDomain(ComputeAgentError):
 
 class ServiceNotFound(ComputeAgentError):
     pass
+
+
+class ServiceOwned(ComputeAgentError):
+    """The host's service row belongs to another live agent: this one must not start."""
+
+
+class OwnershipLost(ComputeAgentError):
+    """Another agent took this host's service row while this one ran: it must stop writing."""

@@ -9,6 +9,7 @@ such write held the whole agent for 0.3-1.7 s during a sync that logged
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import re
 import sys
 import urllib.parse
@@ -99,27 +100,78 @@ class BackgroundHandler(logging.Handler):
             return
         self._pending.put(record)
 
+    def reopen(self) -> None:
+        """Have the writer reopen the target's file after what is queued before."""
+        self._pending.put(_REOPEN)
+
     def _write_loop(self) -> None:
         reported = 0
         while (record := self._pending.get()) is not None:
+            if record is _REOPEN:
+                reopen_handler(self.target)
+                continue
             if self.dropped > reported and self._pending.qsize() == 0:
                 lost, reported = self.dropped - reported, self.dropped
                 self.target.handle(_dropped_record(lost, self.limit))
             self.target.handle(record)
 
     def flush(self) -> None:
-        self.target.flush()
+        """Nothing to do here: the writer flushes each record as it writes it.
+
+        Flushing the target from here took the target's lock, which the
+        writer thread holds while it writes; taken from a greenthread (the
+        lock is green once eventlet patches threading), the wait was never
+        woken, and an agent hung at exit in logging's shutdown.
+        """
 
     def close(self) -> None:
         """Write what is queued (for at most a few seconds), then close the target."""
         if self._writer.is_alive():
             self._pending.put(None)
             self._writer.join(5)
-        self.target.close()
+        if not self._writer.is_alive():  # else it still holds the target: leave it
+            self.target.close()
         super().close()
 
 
 _plain = logging.Formatter()
+# Queued to a BackgroundHandler: "reopen the file here", in order with the records.
+_REOPEN = object()
+
+
+def reopen_handler(handler: logging.Handler) -> None:
+    """Close and reopen ``handler``'s file, if it writes one (logrotate, SIGHUP)."""
+    if not isinstance(handler, logging.FileHandler):
+        return
+    handler.acquire()
+    try:
+        if handler.stream is not None:
+            handler.stream.close()
+        handler.stream = handler._open()
+        if isinstance(handler, logging.handlers.WatchedFileHandler):
+            handler._statstream()
+    except OSError as exc:
+        # Keep logging somewhere: a directory made unwritable must not
+        # silence the agent. The next record retries the open.
+        handler.stream = None  # type: ignore[assignment]
+        print(f"compute-agent: cannot reopen {handler.baseFilename}: {exc}", file=sys.stderr)
+    finally:
+        handler.release()
+
+
+def close() -> None:
+    """Write out and close the root logger's handlers, before the process leaves."""
+    for handler in list(logging.getLogger().handlers):
+        handler.close()
+
+
+def reopen() -> None:
+    """Reopen the log file (on SIGHUP): lines from now on go to the file at its path."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, BackgroundHandler):
+            handler.reopen()
+        else:
+            reopen_handler(handler)
 
 
 def _dropped_record(count: int, limit: int) -> logging.LogRecord:
@@ -159,22 +211,46 @@ class _DeadConnectionClose(logging.Filter):
 
 
 FORMAT = "%(asctime)s %(levelname)-7s %(name)s [%(green)s] %(message)s"
+# syslog and journald stamp the time and the program themselves.
+SYSLOG_FORMAT = "compute-agent[%(process)d]: %(levelname)s %(name)s [%(green)s] %(message)s"
+SYSLOG_ADDRESS = "/dev/log"
 
 
-def make_handler(log_file: str | None) -> logging.Handler:
-    """The handler of ``log_file``, or of stderr.
+def make_handler(
+    log_file: str | None, *, use_syslog: bool = False, facility: str = "daemon"
+) -> logging.Handler:
+    """The handler of syslog, ``log_file``, or stderr.
 
     A request may carry any text, lone surrogates included, and the agent
     logs parts of it: the file escapes what UTF-8 cannot hold, as stderr
-    does, rather than lose the line to a logging error.
+    does, rather than lose the line to a logging error. The file is
+    watched: renamed or removed by logrotate, it is reopened at its path
+    before the next line is written (SIGHUP reopens it too).
     """
     handler: logging.Handler
+    if use_syslog:
+        handler = logging.handlers.SysLogHandler(
+            address=SYSLOG_ADDRESS,
+            facility=logging.handlers.SysLogHandler.facility_names[facility],
+        )
+        handler.setFormatter(_Formatter(SYSLOG_FORMAT))
+        return handler
     if log_file:
-        handler = logging.FileHandler(log_file, encoding="utf-8", errors="backslashreplace")
+        handler = logging.handlers.WatchedFileHandler(
+            log_file, encoding="utf-8", errors="backslashreplace"
+        )
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(FORMAT))
     return handler
+
+
+def set_level(debug: bool) -> None:
+    """DEBUG or INFO for the agent; WARNING at least for libraries chatty at INFO."""
+    level = logging.DEBUG if debug else logging.INFO
+    logging.getLogger().setLevel(level)
+    for name in ("alembic.runtime.migration", "oslo_messaging", "amqp", "kombu"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
 def setup(
@@ -183,7 +259,11 @@ def setup(
     """Log to the configured file or stderr; ``background``: through a writer thread."""
     if conf is not None:
         register_secret_urls(conf.transport_url, conf.database.connection)
-    handler = make_handler(conf.log_file if conf is not None else None)
+        handler = make_handler(
+            conf.log_file, use_syslog=conf.use_syslog, facility=conf.syslog_log_facility
+        )
+    else:
+        handler = make_handler(None)
     if background:
         handler = BackgroundHandler(handler)
     # On the handler: a logger's own filters do not see its children's records.
@@ -194,11 +274,7 @@ def setup(
         if isinstance(old, BackgroundHandler):
             old.close()
     root.addHandler(handler)
-    level = logging.DEBUG if (debug or (conf is not None and conf.debug)) else logging.INFO
-    root.setLevel(level)
-    # Libraries that are chatty at INFO about things an operator need not see.
-    for name in ("alembic.runtime.migration", "oslo_messaging", "amqp", "kombu"):
-        logging.getLogger(name).setLevel(max(level, logging.WARNING))
+    set_level(debug or (conf is not None and conf.debug))
     logging.captureWarnings(True)
 
 

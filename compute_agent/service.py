@@ -13,6 +13,7 @@ from compute_agent import exception, green, servicegroup
 from compute_agent.db.api import Database
 from compute_agent.db.models import Service as ServiceRow
 from compute_agent.hub_monitor import HubLagMonitor
+from compute_agent.ownership import new_token
 from compute_agent.periodic import PeriodicRunner, PeriodicTask
 from compute_agent.utils import freeze_long_lived_objects
 
@@ -23,6 +24,9 @@ HEARTBEAT = "heartbeat"
 # The share of report_interval a heartbeat waits for its write: the task
 # stays on schedule however slow the database is.
 HEARTBEAT_WAIT = 0.8
+# The agent's exit status when another agent took its service row: it
+# stopped writing, and systemd sees a failure rather than a clean stop.
+EXIT_DISPLACED = 3
 
 
 class Component(Protocol):
@@ -46,6 +50,9 @@ class NodeService:
         conf: cfg.ConfigOpts,
         db: Database,
         components: list[Component] | None = None,
+        *,
+        owner: str | None = None,
+        predecessor: str | None = None,
     ) -> None:
         self.conf = conf
         self.db = db
@@ -59,6 +66,13 @@ class NodeService:
         self._stopped = False
         self._heartbeat_write: green.Future | None = None
         self._heartbeat_started = 0.0
+        # The token this process claims the service row with (ownership.py),
+        # and the one its lock file inherited from the last agent on it.
+        self.owner = owner or new_token()
+        self.predecessor = predecessor
+        self.displaced = False
+        self.exit_status = 0
+        self.last_heartbeat: float | None = None  # monotonic: claimed or last written
         # For the metrics: read from the scrape's native thread, written on the hub.
         self.started_at_mono = green.monotonic()
         self.heartbeat_at: float | None = None  # monotonic, last heartbeat written
@@ -66,14 +80,35 @@ class NodeService:
 
     # -- life cycle -------------------------------------------------------
 
-    def start(self) -> None:
-        self.row = self.db.service_start(self.host, BINARY)
-        self.started_at_mono = green.monotonic()
+    def claim(self) -> None:
+        """Claim this host's service row; ServiceOwned, writing nothing, if a live agent has it."""
+        self.row = self.db.service_start(
+            self.host,
+            BINARY,
+            self.owner,
+            down_time=self.conf.service_down_time,
+            predecessor=self.predecessor,
+        )
+        self.last_heartbeat = self.started_at_mono = green.monotonic()
         self.disabled = bool(self.row.disabled)
+
+    def release_claim(self) -> None:
+        """Give the row back (mark it stopped) when start fails right after the claim."""
+        if self.row is not None:
+            self.db.service_stopped(self.row.id, self.owner)
+            self.row = None
+
+    def start(self) -> None:
+        if self.row is None:
+            self.claim()
+        assert self.row is not None
+        # Logged here, not at the claim: a start refused after the claim
+        # (a socket that cannot be bound) stays one line.
         LOG.info(
-            "compute-agent starting on host %s (service id %d, database %s)",
+            "compute-agent starting on host %s (service id %d, owner %s, database %s)",
             self.host,
             self.row.id,
+            self.owner[:8],
             self.db.safe_url,
         )
         self.lag_monitor.start()
@@ -121,9 +156,9 @@ class NodeService:
                 LOG.exception("error stopping %s", type(component).__name__)
         self.runner.stop(grace)
         self.lag_monitor.stop()
-        if self.row is not None:
+        if self.row is not None and not self.displaced:
             try:
-                self.db.service_stopped(self.row.id)
+                self.db.service_stopped(self.row.id, self.owner)
             except Exception as exc:  # noqa: BLE001 - the DB may be the reason we stop
                 LOG.error("could not mark the service stopped: %s", exc)
         self.db.dispose()
@@ -153,7 +188,8 @@ class NodeService:
 
         def run() -> None:
             try:
-                write.set_result(self.db.service_heartbeat(self.row.id))  # type: ignore[union-attr]
+                row_id = self.row.id  # type: ignore[union-attr]
+                write.set_result(self.db.service_heartbeat(row_id, self.owner))
             except Exception as exc:  # noqa: BLE001 - handed to the waiting run
                 write.set_exception(exc)
 
@@ -165,10 +201,47 @@ class NodeService:
             raise exception.DatabaseUnavailable(
                 f"database unavailable: no answer to the heartbeat within {wait:.1f} s"
             ) from None
+        except exception.OwnershipLost as exc:
+            self._displaced(str(exc))
+            return self.row.report_count
         self.row.report_count += 1
-        self.heartbeat_at = green.monotonic()
+        self.last_heartbeat = self.heartbeat_at = green.monotonic()
         LOG.info("heartbeat %d", self.row.report_count)
         return self.row.report_count
+
+    def _displaced(self, holder: str) -> None:
+        """Another agent claimed the row: say so once, write nothing more, stop.
+
+        Stopping (rather than idling) hands the decision to whoever
+        supervises the agent; the exit status says why.
+        """
+        if self.displaced:
+            return
+        self.displaced = True
+        self.exit_status = EXIT_DISPLACED
+        LOG.error(
+            "ownership of host %s lost: %s; this agent (owner %s) stops writing and exits",
+            self.host,
+            holder,
+            self.owner[:8],
+        )
+        self.request_stop("ownership lost")
+
+    def status(self) -> str:
+        """One line for ``systemctl status``: what the agent is doing now."""
+        if self.displaced:
+            return f"host {self.host}: ownership lost to another agent; stopping"
+        if self.stopping:
+            return f"host {self.host}: stopping"
+        if self.row is None:
+            return f"host {self.host}: starting"
+        age = green.monotonic() - (self.last_heartbeat or 0.0)
+        text = f"host {self.host}: heartbeat {self.row.report_count} ({age:.0f} s ago)"
+        for component in self.components:
+            extra = getattr(component, "status", None)
+            if callable(extra) and (line := extra()):
+                text += f", {line}"
+        return text
 
     def _since_write(self) -> float:
         return green.monotonic() - self._heartbeat_started

@@ -5,13 +5,14 @@ from compute_agent import green
 green.monkey_patch()
 
 import logging  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
 
-from compute_agent import exception, log  # noqa: E402
+from compute_agent import exception, log, sdnotify  # noqa: E402
 from compute_agent.admin.server import AdminSocketServer  # noqa: E402
 from compute_agent.cmd.common import (  # noqa: E402
     EXIT_FAILED,
@@ -30,6 +31,7 @@ from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
 from compute_agent.metrics.collector import AgentCollector  # noqa: E402
 from compute_agent.metrics.server import MetricsBindError, MetricsServer  # noqa: E402
+from compute_agent.ownership import HostLock, OwnedElsewhere, new_token  # noqa: E402
 from compute_agent.rpc.server import RPCServer  # noqa: E402
 from compute_agent.rpc.transport import check_transport_url  # noqa: E402
 from compute_agent.service import NodeService  # noqa: E402
@@ -39,7 +41,9 @@ LOG = logging.getLogger("compute_agent.agent")
 PROG = "compute-agent"
 
 
-def build_service(conf) -> NodeService:
+def build_service(
+    conf, *, owner: str | None = None, predecessor: str | None = None
+) -> tuple[NodeService, AdminSocketServer, MetricsServer | None]:
     try:
         check_transport_url(conf)
     except ValueError as exc:
@@ -64,28 +68,101 @@ def build_service(conf) -> NodeService:
             f"{str(exc).splitlines()[0]}"
         ) from None
     manager = ComputeManager(conf, db, load_driver(conf))
-    service = NodeService(conf, db, components=[manager])
+    service = NodeService(conf, db, components=[manager], owner=owner, predecessor=predecessor)
     dispatcher = Dispatcher(manager, service)
     service.components.append(RPCServer(conf, dispatcher))
     admin = AdminSocketServer(conf.admin_socket, dispatcher, grace=conf.graceful_shutdown_timeout)
-    admin.listen()  # now: a second agent on this host must stop before it touches anything
     service.components.append(admin)
+    metrics = None
     if conf.metrics.listen_port:
         metrics = MetricsServer(
             conf.metrics.listen_address, conf.metrics.listen_port, AgentCollector(service, manager)
         )
+        service.components.append(metrics)
+    return service, admin, metrics
+
+
+def take_host_lock(conf) -> HostLock:
+    """Lock the state directory for this process's life, or stop with one line naming the holder."""
+    lock = HostLock(conf.state_path)
+    try:
+        lock.acquire()
+    except OwnedElsewhere as exc:
+        raise Fatal(str(exc)) from None
+    except OSError as exc:
+        raise Fatal(f"cannot lock {lock.path}: {exc.strerror}") from None
+    return lock
+
+
+def claim_host(
+    service: NodeService, admin: AdminSocketServer, metrics: MetricsServer | None
+) -> None:
+    """Claim the service row, then bind the admin socket and the metrics port.
+
+    Nothing else is touched before; a socket that cannot be bound gives the
+    row back.
+    """
+    try:
+        service.claim()
+    except exception.ServiceOwned as exc:
+        raise Fatal(str(exc)) from None
+    except exception.DatabaseUnavailable as exc:
+        raise Fatal(f"cannot claim the service row: {exc}") from None
+    try:
+        admin.listen()
+    except Fatal:
+        service.release_claim()
+        raise
+    if metrics is not None:
         try:
             metrics.listen()  # a taken port is a configuration error, found before start
         except MetricsBindError as exc:
             admin.release()
+            service.release_claim()
             raise Fatal(str(exc), EXIT_USAGE) from None
-        service.components.append(metrics)
-    return service
+
+
+def install_signal_handlers(service: NodeService, conf) -> None:
+    """SIGTERM and SIGINT stop the agent, SIGHUP reopens the log and reloads options.
+
+    The handler only hands the signal to a new greenthread: Python runs it
+    between two bytecodes of whatever the main thread was doing, possibly
+    inside the logging queue's lock, so it logs and acts from there instead.
+    """
+
+    def handle(signum: int) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            reload(conf)
+        else:
+            service.request_stop(name)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        green.spawn(handle, signum, name=f"signal-{signum}")
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+
+def reload(conf) -> None:
+    """SIGHUP: reopen the log file, re-read the config files, apply the mutable options."""
+    LOG.info("SIGHUP received: reopening the log file and reloading the mutable options")
+    log.reopen()
+    try:
+        conf.mutate_config_files()  # logs each mutable option that changed
+    except Exception as exc:  # noqa: BLE001 - a bad edit must not kill a running agent
+        LOG.error("config reload failed, keeping the options in force: %s", exc)
+        return
+    log.set_level(conf.debug)
+    LOG.info("reload done: log level %s", "DEBUG" if conf.debug else "INFO")
 
 
 def run(argv: Sequence[str]) -> int:
     load_config(CONF, argv, PROG)
-    log.setup(CONF, background=True)
+    try:
+        log.setup(CONF, background=True)
+    except OSError as exc:
+        raise Fatal(f"cannot open the log: {exc}") from None
     if CONF.debug:
         # Every option's value, as OpenStack services log them; oslo.config
         # prints secret options ([database] connection, transport_url) as ****.
@@ -95,24 +172,56 @@ def run(argv: Sequence[str]) -> int:
     for doubt in loader.doubtful_settings(CONF):
         LOG.warning("%s", doubt)
     ensure_state_path(CONF)
+    notifier = sdnotify.Notifier()
+    try:
+        return serve(notifier)
+    except Fatal as exc:
+        notifier.status(f"refused to start: {exc}")
+        raise
+    finally:
+        notifier.close()
+
+
+def serve(notifier: sdnotify.Notifier) -> int:
+    # First of all: a second agent for this state_path stops here.
+    lock = take_host_lock(CONF)
+    owner = new_token()
+    predecessor = lock.previous.token
+    lock.record(owner)
     green.set_native_threads(CONF.native_thread_pool_size)
     green.exit_without_joining_native_threads()
-    service = build_service(CONF)
-
-    def on_signal(signum: int, _frame: object) -> None:
-        service.request_stop(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    service, admin, metrics = build_service(CONF, owner=owner, predecessor=predecessor)
+    install_signal_handlers(service, CONF)
+    loop = sdnotify.NotifyLoop(notifier, service.status, CONF.report_interval)
+    claim_host(service, admin, metrics)  # refused: one line, nothing written
     try:
         service.start()
+        notifier.ready(service.status())
+        loop.start()
         service.wait()
     finally:
+        notifier.stopping(service.status())
         service.stop()
-    return EXIT_OK
+        loop.stop()
+        lock.release()
+    return service.exit_status or EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the agent, write out the log, then leave the process with its exit status.
+
+    Once the agent has stopped in order, nothing is left to wait for; the
+    interpreter's exit (thread joins, logging's shutdown waiting on handler
+    locks without bound) only gives a stopped agent more ways to hang.
+    """
+    status = _main(argv)
+    log.close()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except Fatal as exc:

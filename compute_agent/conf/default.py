@@ -111,6 +111,16 @@ opts = [
         "of a method and error type is logged in full, the others of that window in "
         "one line at its end.",
     ),
+    cfg.FloatOpt(
+        "rpc_duplicate_check_timeout",
+        default=3.0,
+        min=0,
+        max=60,
+        help="Before it serves RPC, the agent pings its own server name (topic "
+        "compute, server = host) and waits this many seconds: an answer means another "
+        "agent with the same host name serves on this broker, and this one stops "
+        "(exit status 1). 0 skips the check. RPC serving starts this much later.",
+    ),
     cfg.StrOpt(
         "admin_socket",
         default="$state_path/admin.sock",
@@ -120,9 +130,39 @@ opts = [
     cfg.BoolOpt(
         "debug",
         default=False,
-        help="Log at DEBUG level, and every option's value at start (secrets masked).",
+        mutable=True,
+        help="Log at DEBUG level, and every option's value at start (secrets masked). "
+        "Re-read on SIGHUP.",
     ),
-    cfg.StrOpt("log_file", help="Write the log to this file instead of standard error."),
+    cfg.StrOpt(
+        "log_file",
+        help="Write the log to this file instead of standard error. The file is "
+        "reopened when it is renamed or removed (logrotate needs no copytruncate) and "
+        "on SIGHUP.",
+    ),
+    cfg.BoolOpt(
+        "use_syslog",
+        default=False,
+        help="Send the log to the local syslog socket /dev/log (journald reads it "
+        "too) instead of log_file or standard error.",
+    ),
+    cfg.StrOpt(
+        "syslog_log_facility",
+        default="daemon",
+        choices=[
+            "daemon",
+            "user",
+            "local0",
+            "local1",
+            "local2",
+            "local3",
+            "local4",
+            "local5",
+            "local6",
+            "local7",
+        ],
+        help="The syslog facility of the agent's messages, with use_syslog.",
+    ),
 ]
 
 

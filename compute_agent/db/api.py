@@ -175,8 +175,24 @@ class Database:
     # -- services ---------------------------------------------------------
 
     @_offloaded
-    def service_start(self, host: str, binary: str) -> Service:
-        """Find or create this host's service row and mark it started."""
+    def service_start(
+        self,
+        host: str,
+        binary: str,
+        owner: str | None = None,
+        *,
+        down_time: float | None = None,
+        predecessor: str | None = None,
+    ) -> Service:
+        """Find or create this host's service row, claim it for ``owner``, mark it started.
+
+        With ``down_time``, a row held by another live owner is refused with
+        ServiceOwned and left untouched. It is free when it has no owner,
+        is ours or ``predecessor``'s (the token our lock file inherited), says
+        it stopped, or its heartbeat is older than ``down_time``. The claim is
+        a conditional UPDATE on what was read, so of two agents claiming at
+        once one wins and the other is refused.
+        """
         now = utcnow()
         with self.transaction() as s:
             svc = s.scalars(
@@ -184,34 +200,78 @@ class Database:
             ).one_or_none()
             if svc is None:
                 svc = Service(
-                    host=host, binary=binary, created_at=now, report_count=0, disabled=False
+                    host=host,
+                    binary=binary,
+                    created_at=now,
+                    report_count=0,
+                    disabled=False,
+                    started_at=now,
+                    updated_at=now,
+                    owner=owner,
                 )
                 s.add(svc)
-            svc.started_at = now
-            svc.updated_at = now
-            svc.stopped_at = None
+                try:
+                    s.flush()
+                except sa.exc.IntegrityError:
+                    raise exception.ServiceOwned(
+                        f"the service row of host {host} was created by another agent "
+                        "starting at the same moment"
+                    ) from None
+                return svc
+            if down_time is not None:
+                held = _held_by_other(svc, owner, predecessor, down_time, now)
+                if held:
+                    raise exception.ServiceOwned(held)
+            values = {"started_at": now, "updated_at": now, "stopped_at": None, "owner": owner}
+            claimed = s.execute(
+                sa.update(Service)
+                .where(
+                    Service.id == svc.id,
+                    _same(Service.owner, svc.owner),
+                    _same(Service.updated_at, svc.updated_at),
+                )
+                .values(**values),
+                execution_options={"synchronize_session": False},
+            )
+            if claimed.rowcount != 1:
+                raise exception.ServiceOwned(
+                    f"the service row of host {host} was claimed by another agent "
+                    "starting at the same moment"
+                )
+            s.expunge(svc)  # the UPDATE wrote it: no second write at commit
+            for name, value in values.items():
+                setattr(svc, name, value)
         return svc
 
     @_offloaded
-    def service_heartbeat(self, service_id: int) -> dt.datetime:
-        """Record that the service is alive; one UPDATE."""
+    def service_heartbeat(self, service_id: int, owner: str | None = None) -> dt.datetime:
+        """Record that the service is alive; one UPDATE, only while ``owner`` holds the row.
+
+        Raises OwnershipLost when another agent has claimed the row since,
+        ServiceNotFound when the row is gone. ``owner`` None checks nothing
+        (callers that never claimed a row).
+        """
         now = utcnow()
         with self.transaction() as s:
-            result = s.execute(
-                sa.update(Service)
-                .where(Service.id == service_id)
-                .values(updated_at=now, report_count=Service.report_count + 1)
-            )
+            stmt = sa.update(Service).where(Service.id == service_id)
+            if owner is not None:
+                stmt = stmt.where(Service.owner == owner)
+            result = s.execute(stmt.values(updated_at=now, report_count=Service.report_count + 1))
             if result.rowcount != 1:
-                raise exception.ServiceNotFound(f"service row {service_id} is gone")
+                row = s.get(Service, service_id)
+                if row is None:
+                    raise exception.ServiceNotFound(f"service row {service_id} is gone")
+                raise exception.OwnershipLost(_owner_text(row, now))
         return now
 
     @_offloaded
-    def service_stopped(self, service_id: int) -> None:
+    def service_stopped(self, service_id: int, owner: str | None = None) -> bool:
+        """Mark the service stopped, only while ``owner`` holds it; whether it was."""
         with self.transaction() as s:
-            s.execute(
-                sa.update(Service).where(Service.id == service_id).values(stopped_at=utcnow())
-            )
+            stmt = sa.update(Service).where(Service.id == service_id)
+            if owner is not None:
+                stmt = stmt.where(Service.owner == owner)
+            return s.execute(stmt.values(stopped_at=utcnow())).rowcount == 1
 
     @_offloaded
     def service_get(self, host: str, binary: str) -> Service | None:
@@ -538,6 +598,35 @@ class Database:
                     .limit(limit)
                 )
             )
+
+
+def _same(column: Any, value: Any) -> Any:
+    """``column`` equals ``value``, NULL matching NULL."""
+    return column.is_(None) if value is None else column == value
+
+
+def _owner_text(row: Service, now: dt.datetime) -> str:
+    """Who holds ``row``, as the refused or displaced agent says it."""
+    age = f"{(now - row.updated_at).total_seconds():.0f} s ago" if row.updated_at else "never"
+    return (
+        f"host {row.host} is held by another compute-agent (owner token {(row.owner or '-')[:8]}, "
+        f"last heartbeat {age})"
+    )
+
+
+def _held_by_other(
+    row: Service, owner: str | None, predecessor: str | None, down_time: float, now: dt.datetime
+) -> str:
+    """Why ``row`` may not be claimed by ``owner``; empty when it may."""
+    if row.owner is None or row.owner in (owner, predecessor) or row.stopped_at is not None:
+        return ""
+    if row.updated_at is None or (now - row.updated_at).total_seconds() > down_time:
+        return ""
+    return (
+        _owner_text(row, now)
+        + f"; it is up (service_down_time {down_time:.0f} s): stop it first, or wait until "
+        "its heartbeat is that old if it is gone"
+    )
 
 
 def diff(inst: Instance, values: Mapping[str, Any]) -> list[Change]:

@@ -47,6 +47,8 @@ class Service(Base):
     disabled_reason: Mapped[str | None] = mapped_column(String(255))
     started_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
     stopped_at: Mapped[dt.datetime | None] = mapped_column(Timestamp)
+    # The token of the agent process that holds the host (compute_agent.ownership).
+    owner: Mapped[str | None] = mapped_column(String(36))
 
 
 class Instance(Base):

@@ -280,13 +280,24 @@ class RPCServer:
         self._starter: green.GreenThread | None = None
         self._grace: float = conf.graceful_shutdown_timeout
         self.refusals: RefusalLog | None = None
+        self._service: Any = None
+        self.duplicate: str | None = None
 
     @property
     def enabled(self) -> bool:
         """True when an operator set transport_url (oslo's own default is ``rabbit://``)."""
         return transport_url_is_set(self.conf)
 
+    def status(self) -> str:
+        """For the service's status line (``systemctl status``)."""
+        if not self.enabled:
+            return "RPC disabled"
+        if self.duplicate:
+            return "RPC refused: duplicate host on the broker"
+        return "RPC serving" if self.serving.is_set() else "RPC connecting"
+
     def start(self, service: Any) -> None:
+        self._service = service
         if not self.enabled:
             LOG.info("RPC disabled: no [DEFAULT] transport_url")
             return
@@ -312,8 +323,51 @@ class RPCServer:
         )
         self._starter = green.spawn(self._start_server, name="rpc-start")
 
+    def _answering_elsewhere(self) -> str | None:
+        """Ping our own server name before consuming: who answers, if anyone does.
+
+        This agent takes nothing from its queue yet, so an answer comes from
+        another agent that uses the same host name on this broker; the two
+        would take turns answering requests meant for one host. No answer
+        within the timeout is the normal case.
+        """
+        timeout = self.conf.rpc_duplicate_check_timeout
+        if not timeout:
+            return None
+        target = oslo_messaging.Target(topic=TOPIC, server=self.host, version=VERSION)
+        # A transport of its own, closed here: the reply listener a call
+        # leaves behind made the server's transport slow (1-2 s) to close
+        # at stop. retry=None: like the server's own start, wait for the
+        # broker, so the check is made whenever the agent comes to serve.
+        transport = get_transport(self.conf)
+        client = oslo_messaging.get_rpc_client(transport, target, timeout=timeout, retry=None)
+        started = green.monotonic()
+        try:
+            answer = client.call({}, "ping")
+        except oslo_messaging.MessagingTimeout:
+            return None
+        except Exception as exc:  # noqa: BLE001 - a check that cannot be made does not stop RPC
+            LOG.warning("duplicate-host check on the broker not made: %s", exc)
+            return None
+        finally:
+            transport.cleanup()
+            LOG.debug("duplicate-host check took %.1f s", green.monotonic() - started)
+        version = answer.get("version", "?") if isinstance(answer, dict) else "?"
+        return (
+            f"another compute-agent (version {version}) already answers RPC as server "
+            f"{self.host} on {safe_url(self.conf.transport_url)}, exchange "
+            f"{self.conf.control_exchange}: each host name must be unique on a broker"
+        )
+
     def _start_server(self) -> None:
         assert self.server is not None
+        self.duplicate = self._answering_elsewhere()
+        if self.duplicate:
+            LOG.error("refusing to serve: %s; this agent stops", self.duplicate)
+            if self._service is not None:
+                self._service.exit_status = 1
+                self._service.request_stop("duplicate host on the broker")
+            return
         try:
             self.server.start()
         except Exception:

@@ -285,7 +285,7 @@ def test_help_and_db_version_exit_0(env):
     assert helped.returncode == 0
     for command in ("db", "power-sync", "status", "instances", "service"):
         assert command in helped.stdout
-    assert version.returncode == 0 and version.stdout == "current 0001, head 0001\n"
+    assert version.returncode == 0 and version.stdout == "current 0002, head 0002\n"
 
 
 def test_no_agent_exits_3(tmp_path):
@@ -310,8 +310,8 @@ def test_a_second_agent_refuses_to_start_and_touches_nothing(env):
     second._reader.join(2)
     assert rc == 1
     assert second.lines == [
-        f"compute-agent: error: another compute-agent is already listening on admin_socket "
-        f"{env.socket}; stop it first, or give this one another state_path or admin_socket"
+        f"compute-agent: error: another compute-agent (pid {env.agent.proc.pid}) holds "
+        f"{env.root}/state/compute-agent.lock: it runs for this state_path; stop it first"
     ]
     assert env.socket.exists()
     assert env.cli("status", "-f", "value").returncode == 0  # the first one still serves

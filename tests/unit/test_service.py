@@ -91,13 +91,13 @@ def test_a_silent_database_fails_each_heartbeat_on_time(conf, sqlite_db, monkeyp
 
     conf.set_override("report_interval", 1)
     svc = NodeService(conf, sqlite_db)
-    svc.row = sqlite_db.service_start(svc.host, BINARY)
+    svc.row = sqlite_db.service_start(svc.host, BINARY, svc.owner)
     answer = green.Event()
     real = sqlite_db.service_heartbeat
 
-    def silent(service_id):
+    def silent(service_id, owner=None):
         answer.wait()  # the database answers only when told to
-        return real(service_id)
+        return real(service_id, owner)
 
     monkeypatch.setattr(sqlite_db, "service_heartbeat", silent)
     started = green.monotonic()

@@ -1,0 +1,136 @@
+"""One owner per host: the state directory lock and the service row's owner token."""
+
+import datetime as dt
+import os
+
+import pytest
+import sqlalchemy as sa
+
+from compute_agent import exception, green
+from compute_agent.db.models import Service
+from compute_agent.ownership import LOCK_NAME, HostLock, OwnedElsewhere, new_token
+from compute_agent.service import BINARY, EXIT_DISPLACED, NodeService
+from compute_agent.utils import utcnow
+
+DOWN = 60
+
+
+# -- the lock on state_path ------------------------------------------------
+
+
+def test_a_second_lock_on_the_state_path_is_refused_naming_the_holder(tmp_path):
+    first = HostLock(str(tmp_path))
+    assert first.acquire().token is None  # a fresh file: no predecessor
+    first.record("a" * 32)
+    second = HostLock(str(tmp_path))
+    with pytest.raises(OwnedElsewhere, match=f"pid {os.getpid()}.*{LOCK_NAME}"):
+        second.acquire()
+    assert not second.held
+    first.release()
+    # Released (as the kernel does when the holder dies): the next one
+    # takes it and learns the token of the one before.
+    assert second.acquire().token == "a" * 32
+    second.release()
+
+
+def test_the_lock_file_is_private(tmp_path):
+    lock = HostLock(str(tmp_path))
+    lock.acquire()
+    try:
+        assert os.stat(lock.path).st_mode & 0o777 == 0o600
+    finally:
+        lock.release()
+
+
+# -- the owner token on the service row --------------------------------------
+
+
+def _row(db) -> Service:
+    return db.service_get("h1", BINARY)
+
+
+def _set(db, **values) -> None:
+    with db.engine.begin() as conn:
+        conn.execute(sa.update(Service).where(Service.host == "h1").values(**values))
+
+
+def test_a_live_owner_refuses_a_second_claim_and_nothing_is_written(db):
+    first = new_token()
+    db.service_start("h1", BINARY, first, down_time=DOWN)
+    db.service_heartbeat(_row(db).id, first)
+    before = _row(db)
+    statements = db.statements
+    with pytest.raises(exception.ServiceOwned, match=r"held by another compute-agent .*ago"):
+        db.service_start("h1", BINARY, new_token(), down_time=DOWN)
+    after = _row(db)
+    assert db.statements > statements  # it did ask
+    assert (after.owner, after.updated_at, after.started_at, after.report_count) == (
+        before.owner,
+        before.updated_at,
+        before.started_at,
+        before.report_count,
+    )
+
+
+@pytest.mark.parametrize(
+    "why",
+    ["stopped", "stale", "no owner", "predecessor"],
+)
+def test_a_row_its_owner_left_is_claimed_at_once(db, why):
+    first, second = new_token(), new_token()
+    db.service_start("h1", BINARY, first, down_time=DOWN)
+    if why == "stopped":
+        db.service_stopped(_row(db).id, first)
+    elif why == "stale":
+        _set(db, updated_at=utcnow() - dt.timedelta(seconds=DOWN + 5))
+    elif why == "no owner":
+        _set(db, owner=None)  # a row written before revision 0002
+    predecessor = first if why == "predecessor" else None
+    svc = db.service_start("h1", BINARY, second, down_time=DOWN, predecessor=predecessor)
+    row = _row(db)
+    assert row.owner == svc.owner == second and row.stopped_at is None
+
+
+def test_a_displaced_owner_can_neither_heartbeat_nor_mark_the_row_stopped(db):
+    first, second = new_token(), new_token()
+    row_id = db.service_start("h1", BINARY, first, down_time=DOWN).id
+    db.service_stopped(row_id, first)
+    db.service_start("h1", BINARY, second, down_time=DOWN)
+    with pytest.raises(exception.OwnershipLost, match="held by another"):
+        db.service_heartbeat(row_id, first)
+    assert db.service_stopped(row_id, first) is False
+    assert _row(db).stopped_at is None and _row(db).owner == second
+    db.service_heartbeat(row_id, second)
+    assert _row(db).report_count == 1
+
+
+def test_a_service_losing_its_row_stops_writing_and_exits_displaced(conf, sqlite_db, caplog):
+    conf.set_override("report_interval", 1)
+    svc = NodeService(conf, sqlite_db)
+    svc.claim()  # the heartbeats are called here, not by the periodic runner
+    try:
+        svc.heartbeat()
+        thief = new_token()
+        with sqlite_db.engine.begin() as conn:
+            conn.execute(sa.update(Service).values(owner=thief))
+        svc.heartbeat()
+        assert svc.displaced and svc.exit_status == EXIT_DISPLACED and svc.stopping
+        assert svc.heartbeat() == svc.row.report_count  # no second error, no write
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and "ownership of host test-host lost" in errors[0].getMessage()
+    finally:
+        svc.stop()
+    row = sqlite_db.service_get("test-host", BINARY)
+    assert row.owner == thief and row.stopped_at is None  # the stop wrote nothing
+
+
+def test_status_line_says_what_the_service_does(conf, sqlite_db):
+    svc = NodeService(conf, sqlite_db)
+    assert svc.status() == "host test-host: starting"
+    svc.start()
+    try:
+        green.sleep(0)
+        assert svc.status().startswith("host test-host: heartbeat ")
+    finally:
+        svc.stop()
+    assert svc.status() == "host test-host: stopping"
