@@ -49,26 +49,26 @@ def test_a_stopped_agent_is_exit_3_within_the_deadline(env):
     agent.proc.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        status, sync, listing, default = manage_all(
+        # The default deadline (30 s) is unit-tested (test_manage_cli).
+        status, sync, listing = manage_all(
             [
                 ["status", "--timeout", "3"],
                 ["power-sync", "--timeout", "3"],
                 ["instances", "list", "--timeout", "3"],
-                ["status"],  # the default deadline: 30 s
             ],
             config_files=files,
         )
         took = time.monotonic() - started
     finally:
         agent.proc.send_signal(signal.SIGCONT)
-    for proc in (status, sync, listing, default):
+    for proc in (status, sync, listing):
         assert proc.returncode == 3, proc.stderr
         lines = proc.stderr.splitlines()
         assert len(lines) == 1, proc.stderr  # one line, no traceback
         assert lines[0].startswith(f"{PREFIX}no answer from the agent on {sock} after ")
-    assert "after 3." in status.stderr and "after 30." in default.stderr
-    print(f"\nstopped agent: 3 s and 30 s deadlines, batch of 4 CLIs took {took:.1f} s")
-    assert took < 30 + SLACK
+    assert "after 3." in status.stderr
+    print(f"\nstopped agent: 3 s deadlines, batch of 3 CLIs took {took:.1f} s")
+    assert took < 3 + SLACK
     # Awake again, it answers.
     again = manage("status", "-f", "value", config_files=files)
     assert again.returncode == 0, again.stderr
@@ -113,7 +113,7 @@ class Trickler:
 def test_the_cli_gets_through_a_flood_of_slow_clients(env):
     root, files, agent = env
     before = len(agent.lines)
-    flood = Trickler(root / "state" / "admin.sock", 80, seconds=25)
+    flood = Trickler(root / "state" / "admin.sock", 80, seconds=15)
     try:
         time.sleep(3)  # every slow client connected and sending
         started = time.monotonic()
