@@ -81,9 +81,10 @@ fi
 
 # --- daemons ------------------------------------------------------------------
 answers() { timeout "${1:-10}" virsh -c qemu:///system version >/dev/null 2>&1; }
-# A live (non-zombie) process with this exact name? A daemon killed a moment ago
-# can linger as a zombie until init reaps it, and pgrep alone would count it.
-alive() { ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'; }
+# A live (non-zombie) system daemon (run by root) with this exact name? A daemon
+# killed a moment ago can linger as a zombie until init reaps it, and pgrep
+# alone would count it; a user's session daemon of the same name is not ours.
+alive() { ps -C "$1" -o uid=,stat= 2>/dev/null | awk '$1 == 0 && $2 !~ /^Z/ { found = 1 } END { exit !found }'; }
 
 # virtlogd collects guest stdout/stderr (qemu.conf stdio_handler = "logd");
 # a privileged libvirtd does not spawn it on demand.
@@ -99,7 +100,7 @@ fi
 if [ "$conf_changed" = 1 ] && alive libvirtd; then
     say "qemu.conf changed: restarting libvirtd (running guests are kept)"
     pid="$(cat /run/libvirtd.pid 2>/dev/null || true)"
-    if [ -n "$pid" ]; then $SUDO kill -TERM "$pid" 2>/dev/null || true; else $SUDO pkill -TERM -x libvirtd || true; fi
+    if [ -n "$pid" ]; then $SUDO kill -TERM "$pid" 2>/dev/null || true; else $SUDO pkill -TERM -U 0 -x libvirtd || true; fi
     for ((i = 0; i < WAIT_SECONDS * 10; i++)); do
         alive libvirtd || break
         sleep 0.1
