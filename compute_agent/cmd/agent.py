@@ -149,7 +149,7 @@ def reload(conf) -> None:
     LOG.info("SIGHUP received: reopening the log file and reloading the mutable options")
     log.reopen()
     try:
-        conf.mutate_config_files()  # logs each mutable option that changed
+        loader.mutate(conf)  # logs each mutable option that changed
     except Exception as exc:  # noqa: BLE001 - a bad edit must not kill a running agent
         LOG.error("config reload failed, keeping the options in force: %s", exc)
         return
