@@ -42,7 +42,7 @@ PROG = "compute-agent"
 
 
 def build_service(
-    conf, *, owner: str | None = None, predecessor: str | None = None
+    conf, *, owner: str | None = None, predecessor: tuple[str, ...] = ()
 ) -> tuple[NodeService, AdminSocketServer, MetricsServer | None]:
     try:
         check_transport_url(conf)
@@ -186,14 +186,15 @@ def serve(notifier: sdnotify.Notifier) -> int:
     # First of all: a second agent for this state_path stops here.
     lock = take_host_lock(CONF)
     owner = new_token()
-    predecessor = lock.previous.token
-    lock.record(owner)
+    predecessor = lock.previous.tokens
+    lock.record(owner, predecessor)  # kept until the claim: we may die before it
     green.set_native_threads(CONF.native_thread_pool_size)
     green.exit_without_joining_native_threads()
     service, admin, metrics = build_service(CONF, owner=owner, predecessor=predecessor)
     install_signal_handlers(service, CONF)
     loop = sdnotify.NotifyLoop(notifier, service.status, CONF.report_interval)
     claim_host(service, admin, metrics)  # refused: one line, nothing written
+    lock.record(owner)  # the row is ours: the tokens before are of no use now
     try:
         service.start()
         notifier.ready(service.status())

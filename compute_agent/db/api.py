@@ -182,13 +182,13 @@ class Database:
         owner: str | None = None,
         *,
         down_time: float | None = None,
-        predecessor: str | None = None,
+        predecessor: str | Sequence[str] | None = None,
     ) -> Service:
         """Find or create this host's service row, claim it for ``owner``, mark it started.
 
         With ``down_time``, a row held by another live owner is refused with
         ServiceOwned and left untouched. It is free when it has no owner,
-        is ours or ``predecessor``'s (the token our lock file inherited), says
+        is ours or a ``predecessor``'s (the tokens our lock file inherited), says
         it stopped, or its heartbeat is older than ``down_time``. The claim is
         a conditional UPDATE on what was read, so of two agents claiming at
         once one wins and the other is refused.
@@ -615,10 +615,15 @@ def _owner_text(row: Service, now: dt.datetime) -> str:
 
 
 def _held_by_other(
-    row: Service, owner: str | None, predecessor: str | None, down_time: float, now: dt.datetime
+    row: Service,
+    owner: str | None,
+    predecessor: str | Sequence[str] | None,
+    down_time: float,
+    now: dt.datetime,
 ) -> str:
     """Why ``row`` may not be claimed by ``owner``; empty when it may."""
-    if row.owner is None or row.owner in (owner, predecessor) or row.stopped_at is not None:
+    ours = (predecessor,) if isinstance(predecessor, str) else tuple(predecessor or ())
+    if row.owner is None or row.owner == owner or row.owner in ours or row.stopped_at is not None:
         return ""
     if row.updated_at is None or (now - row.updated_at).total_seconds() > down_time:
         return ""

@@ -33,6 +33,38 @@ def test_a_second_lock_on_the_state_path_is_refused_naming_the_holder(tmp_path):
     second.release()
 
 
+def test_a_restart_after_restarts_that_died_before_their_claim_takes_the_row(tmp_path, db):
+    """Agent A killed; restarts die before claiming (database down); the next one.
+
+    The lock file named only the last restart's token: the row, held by A
+    with a fresh heartbeat, was refused to the next restart until A's
+    heartbeat aged past service_down_time ("stop it first": nothing ran).
+    """
+    state = str(tmp_path)
+    a = HostLock(state)
+    a.acquire()
+    token_a = new_token()
+    a.record(token_a)
+    svc = db.service_start("h1", BINARY, token_a, down_time=DOWN)
+    db.service_heartbeat(svc.id, token_a)
+    a.release()  # killed: the kernel drops the lock
+    for _ in range(3):  # each takes the lock, records itself, dies before its claim
+        lock = HostLock(state)
+        inherited = lock.acquire().tokens
+        lock.record(new_token(), inherited)
+        lock.release()
+    lock = HostLock(state)
+    inherited = lock.acquire().tokens
+    assert token_a in inherited and len(inherited) == 4
+    token = new_token()
+    lock.record(token, inherited)
+    svc = db.service_start("h1", BINARY, token, down_time=DOWN, predecessor=inherited)
+    assert svc.owner == token
+    lock.record(token)  # claimed: the file names this agent only
+    lock.release()
+    assert HostLock(state).acquire().tokens == (token,)
+
+
 def test_the_lock_file_is_private(tmp_path):
     lock = HostLock(str(tmp_path))
     lock.acquire()
