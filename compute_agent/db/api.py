@@ -212,7 +212,9 @@ class Database:
                 s.add(svc)
                 try:
                     s.flush()
-                except sa.exc.IntegrityError:
+                except sa.exc.DBAPIError as exc:
+                    if not _duplicate_key(exc):
+                        raise
                     raise exception.ServiceOwned(
                         f"the service row of host {host} was created by another agent "
                         "starting at the same moment"
@@ -598,6 +600,19 @@ class Database:
                     .limit(limit)
                 )
             )
+
+
+def _duplicate_key(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a unique constraint refused the row.
+
+    Most drivers raise IntegrityError; pg8000 raises a plain DatabaseError
+    whose first argument holds SQLSTATE 23505, so the agent that lost the
+    race to create its host's row crashed with it instead of being refused.
+    """
+    if isinstance(exc, sa.exc.IntegrityError):
+        return True
+    args = getattr(exc.orig, "args", None) or (None,)
+    return isinstance(args[0], dict) and args[0].get("C") == "23505"
 
 
 def _same(column: Any, value: Any) -> Any:

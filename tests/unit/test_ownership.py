@@ -1,5 +1,6 @@
 """One owner per host: the state directory lock and the service row's owner token."""
 
+import contextlib
 import datetime as dt
 import os
 
@@ -7,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from compute_agent import exception, green
+from compute_agent.db.api import Database
 from compute_agent.db.models import Service
 from compute_agent.ownership import LOCK_NAME, HostLock, OwnedElsewhere, new_token
 from compute_agent.service import BINARY, EXIT_DISPLACED, NodeService
@@ -102,6 +104,29 @@ def test_a_live_owner_refuses_a_second_claim_and_nothing_is_written(db):
         before.started_at,
         before.report_count,
     )
+
+
+@pytest.mark.parametrize("row", ["none yet", "stopped"])
+def test_two_claims_at_the_same_instant_one_wins(db, row):
+    """Two agents (own state_paths, one database) started together: exactly one owns the host."""
+    url = db.url.render_as_string(hide_password=False)
+    for i in range(5):
+        host = f"race-{i}"
+        if row == "stopped":
+            token = new_token()
+            db.service_stopped(db.service_start(host, BINARY, token).id, token)
+        engines = [Database(url), Database(url)]
+        won: list[str] = []
+
+        def claim(database, won=won, host=host):
+            with contextlib.suppress(exception.ServiceOwned):
+                won.append(database.service_start(host, BINARY, new_token(), down_time=DOWN).owner)
+
+        for thread in [green.spawn(claim, e) for e in engines]:
+            thread.wait()
+        for e in engines:
+            e.dispose()
+        assert len(won) == 1 and db.service_get(host, BINARY).owner == won[0], (i, won)
 
 
 @pytest.mark.parametrize(
