@@ -144,6 +144,20 @@ def install_signal_handlers(service: NodeService, conf) -> None:
         signal.signal(sig, on_signal)
 
 
+def hup_reopens_log_while_starting() -> None:
+    """Until the service is built, SIGHUP only reopens the log.
+
+    Its default action ends the process: a logrotate ``kill -HUP`` while the
+    database or libvirt were slow to answer at start killed the agent, with
+    no line logged. install_signal_handlers replaces this handler.
+    """
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        green.spawn(log.reopen, name="signal-1")
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
 def reload(conf) -> None:
     """SIGHUP: reopen the log file, re-read the config files, apply the mutable options."""
     LOG.info("SIGHUP received: reopening the log file and reloading the mutable options")
@@ -163,6 +177,7 @@ def run(argv: Sequence[str]) -> int:
         log.setup(CONF, background=True)
     except OSError as exc:
         raise Fatal(f"cannot open the log: {exc}") from None
+    hup_reopens_log_while_starting()
     if CONF.debug:
         # Every option's value, as OpenStack services log them; oslo.config
         # prints secret options ([database] connection, transport_url) as ****.
