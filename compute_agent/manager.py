@@ -392,7 +392,10 @@ class ComputeManager:
                 raise exception.InvalidInput(
                     "reason must be printable text (no control characters)"
                 )
-            if reason.startswith(AUTO_PREFIX):
+            # In any case: the automatic enable matches the prefix with SQL
+            # LIKE, which SQLite and MariaDB compare without case, so an
+            # operator's "auto: disk swap" was lifted when libvirt came back.
+            if reason.upper().startswith(AUTO_PREFIX.upper()):
                 raise exception.InvalidInput(
                     f"reason may not start with {AUTO_PREFIX!r}: the agent uses it for the "
                     "disables it lifts by itself"

@@ -14,9 +14,14 @@ now stand before any write:
   database and ``host`` finds the row owned by a live agent and refuses.
 
 A row whose owner stopped (``stopped_at`` set), whose heartbeat is older
-than ``service_down_time``, or whose token is the one left in our own lock
-file (our predecessor on this state directory, dead since we hold its
+than ``service_down_time``, or whose token is one left in our own lock
+file (our predecessors on this state directory, dead since we hold its
 lock) may be taken over at once: a restart after a crash is not refused.
+
+The file keeps the tokens of predecessors that never claimed the row
+after their own (a restart that died with the database down) until a
+claim succeeds: naming only the last one, a restart after such a failure
+found the row held by a token it no longer knew and was refused.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import uuid
 from dataclasses import dataclass
 
 LOCK_NAME = "compute-agent.lock"
+# Tokens of predecessors kept in the lock file: restarts that all died
+# before their claim; a bound so a crash loop cannot grow the file.
+KEEP_PREVIOUS = 16
 
 
 class OwnedElsewhere(Exception):
@@ -40,6 +48,12 @@ class Holder:
 
     pid: int | None
     token: str | None
+    previous: tuple[str, ...] = ()
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        """Every token this file names: the row may hold any of them."""
+        return ((self.token,) if self.token else ()) + self.previous
 
 
 def new_token() -> str:
@@ -49,7 +63,8 @@ def new_token() -> str:
 def _parse(text: str) -> Holder:
     fields = dict(part.split("=", 1) for part in text.split() if "=" in part)
     pid = fields.get("pid", "")
-    return Holder(int(pid) if pid.isdigit() else None, fields.get("token") or None)
+    previous = tuple(t for t in fields.get("previous", "").split(",") if t)
+    return Holder(int(pid) if pid.isdigit() else None, fields.get("token") or None, previous)
 
 
 class HostLock:
@@ -88,10 +103,17 @@ class HostLock:
         self.previous = _parse(_read(fd))
         return self.previous
 
-    def record(self, token: str) -> None:
-        """Write our pid and token, so a refused agent can name us and our successor knows us."""
+    def record(self, token: str, previous: tuple[str, ...] = ()) -> None:
+        """Write our pid and token, so a refused agent can name us and our successor knows us.
+
+        ``previous``: the tokens inherited, kept until our claim succeeds.
+        """
         assert self._fd is not None
-        data = f"pid={os.getpid()} token={token}\n".encode()
+        kept = tuple(t for t in previous if t != token)[:KEEP_PREVIOUS]
+        text = f"pid={os.getpid()} token={token}"
+        if kept:
+            text += " previous=" + ",".join(kept)
+        data = f"{text}\n".encode()
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, data, 0)
         os.fsync(self._fd)

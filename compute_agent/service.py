@@ -52,7 +52,7 @@ class NodeService:
         components: list[Component] | None = None,
         *,
         owner: str | None = None,
-        predecessor: str | None = None,
+        predecessor: str | tuple[str, ...] | None = None,
     ) -> None:
         self.conf = conf
         self.db = db

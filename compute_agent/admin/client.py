@@ -99,7 +99,7 @@ class AdminClient:
         sock = self._connect(clock)
         try:
             try:
-                sock.settimeout(clock.left())
+                _arm(sock, clock.left())
                 sock.sendall(protocol.request(method, args))
             except TimeoutError:
                 raise self._timed_out(clock, method) from None
@@ -120,8 +120,8 @@ class AdminClient:
     def _connect(self, clock: _Deadline) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         wait = min(self.connect_timeout, clock.left())
-        sock.settimeout(wait)
         try:
+            _arm(sock, wait)
             sock.connect(self.path)
         except (FileNotFoundError, NotADirectoryError):
             sock.close()
@@ -170,11 +170,8 @@ class AdminClient:
         while True:
             end = buffer.find(b"\n")
             if end < 0:
-                left = clock.left()
-                if left <= 0:
-                    raise self._timed_out(clock, method)
-                sock.settimeout(left)
                 try:
+                    _arm(sock, clock.left())
                     chunk = sock.recv(READ_SIZE)
                 except TimeoutError:
                     raise self._timed_out(clock, method) from None
@@ -219,6 +216,18 @@ class _Deadline:
 
     def waited(self) -> float:
         return time.monotonic() - self.started
+
+
+def _arm(sock: socket.socket, left: float) -> None:
+    """Set the socket's timeout to what is left; TimeoutError when nothing is.
+
+    A deadline spent before the next step (a tiny ``--timeout``) made
+    ``settimeout`` raise ValueError; one far away (``--timeout 1e10``),
+    OverflowError. Neither is a timeout the caller recognised.
+    """
+    if not left > 0:
+        raise TimeoutError
+    sock.settimeout(min(left, MAX_TOTAL))
 
 
 def _why(exc: OSError) -> str:

@@ -42,7 +42,7 @@ PROG = "compute-agent"
 
 
 def build_service(
-    conf, *, owner: str | None = None, predecessor: str | None = None
+    conf, *, owner: str | None = None, predecessor: tuple[str, ...] = ()
 ) -> tuple[NodeService, AdminSocketServer, MetricsServer | None]:
     try:
         check_transport_url(conf)
@@ -144,12 +144,26 @@ def install_signal_handlers(service: NodeService, conf) -> None:
         signal.signal(sig, on_signal)
 
 
+def hup_reopens_log_while_starting() -> None:
+    """Until the service is built, SIGHUP only reopens the log.
+
+    Its default action ends the process: a logrotate ``kill -HUP`` while the
+    database or libvirt were slow to answer at start killed the agent, with
+    no line logged. install_signal_handlers replaces this handler.
+    """
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        green.spawn(log.reopen, name="signal-1")
+
+    signal.signal(signal.SIGHUP, on_hup)
+
+
 def reload(conf) -> None:
     """SIGHUP: reopen the log file, re-read the config files, apply the mutable options."""
     LOG.info("SIGHUP received: reopening the log file and reloading the mutable options")
     log.reopen()
     try:
-        conf.mutate_config_files()  # logs each mutable option that changed
+        loader.mutate(conf)  # logs each mutable option that changed
     except Exception as exc:  # noqa: BLE001 - a bad edit must not kill a running agent
         LOG.error("config reload failed, keeping the options in force: %s", exc)
         return
@@ -163,6 +177,7 @@ def run(argv: Sequence[str]) -> int:
         log.setup(CONF, background=True)
     except OSError as exc:
         raise Fatal(f"cannot open the log: {exc}") from None
+    hup_reopens_log_while_starting()
     if CONF.debug:
         # Every option's value, as OpenStack services log them; oslo.config
         # prints secret options ([database] connection, transport_url) as ****.
@@ -186,14 +201,15 @@ def serve(notifier: sdnotify.Notifier) -> int:
     # First of all: a second agent for this state_path stops here.
     lock = take_host_lock(CONF)
     owner = new_token()
-    predecessor = lock.previous.token
-    lock.record(owner)
+    predecessor = lock.previous.tokens
+    lock.record(owner, predecessor)  # kept until the claim: we may die before it
     green.set_native_threads(CONF.native_thread_pool_size)
     green.exit_without_joining_native_threads()
     service, admin, metrics = build_service(CONF, owner=owner, predecessor=predecessor)
     install_signal_handlers(service, CONF)
     loop = sdnotify.NotifyLoop(notifier, service.status, CONF.report_interval)
     claim_host(service, admin, metrics)  # refused: one line, nothing written
+    lock.record(owner)  # the row is ours: the tokens before are of no use now
     try:
         service.start()
         notifier.ready(service.status())

@@ -46,6 +46,7 @@ from oslo_config import cfg  # noqa: E402
 from compute_agent import exception, log  # noqa: E402
 from compute_agent.admin.client import (  # noqa: E402
     DEFAULT_TIMEOUT,
+    MAX_TOTAL,
     AdminClient,
     AgentUnreachable,
     ClientError,
@@ -256,7 +257,9 @@ def _seconds(value: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {value[:80]!r}") from None
     if not number > 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, not {value}")
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {value[:80]}")
+    if not number <= MAX_TOTAL:  # inf, and a deadline no socket can be given
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TOTAL:g}, not {value[:80]}")
     return number
 
 

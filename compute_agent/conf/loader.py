@@ -206,3 +206,29 @@ def _read_every_option(conf: cfg.ConfigOpts) -> None:
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def mutate(conf: cfg.ConfigOpts) -> None:
+    """SIGHUP: re-read the config files and apply the mutable options, all or none.
+
+    oslo.config takes a new value of a mutable option without checking it:
+    after ``debug = maybe`` every read of ``debug`` raised, the reload died
+    with a traceback on stderr and the log said nothing. A file that does not
+    parse, or a mutable option with a bad value, now leaves the options in
+    force as they were; ValueError says why in one line.
+    """
+    before = getattr(conf, "_mutable_ns", None)
+    try:
+        conf.mutate_config_files()
+    except cfg.Error as exc:
+        raise ValueError(_one_line(str(exc))) from None
+    try:
+        for group, opts in list_opts():
+            section = conf if group == "DEFAULT" else conf[group]
+            for opt in opts:
+                if opt.mutable:
+                    getattr(section, opt.dest)
+    except (cfg.Error, ValueError) as exc:
+        conf._mutable_ns = before  # back to the values read at start or the last reload
+        conf.register_opts([])  # registering clears oslo.config's cache of values read
+        raise ValueError(_one_line(str(exc))) from None

@@ -182,13 +182,13 @@ class Database:
         owner: str | None = None,
         *,
         down_time: float | None = None,
-        predecessor: str | None = None,
+        predecessor: str | Sequence[str] | None = None,
     ) -> Service:
         """Find or create this host's service row, claim it for ``owner``, mark it started.
 
         With ``down_time``, a row held by another live owner is refused with
         ServiceOwned and left untouched. It is free when it has no owner,
-        is ours or ``predecessor``'s (the token our lock file inherited), says
+        is ours or a ``predecessor``'s (the tokens our lock file inherited), says
         it stopped, or its heartbeat is older than ``down_time``. The claim is
         a conditional UPDATE on what was read, so of two agents claiming at
         once one wins and the other is refused.
@@ -212,7 +212,9 @@ class Database:
                 s.add(svc)
                 try:
                     s.flush()
-                except sa.exc.IntegrityError:
+                except sa.exc.DBAPIError as exc:
+                    if not _duplicate_key(exc):
+                        raise
                     raise exception.ServiceOwned(
                         f"the service row of host {host} was created by another agent "
                         "starting at the same moment"
@@ -600,6 +602,19 @@ class Database:
             )
 
 
+def _duplicate_key(exc: sa.exc.DBAPIError) -> bool:
+    """Whether a unique constraint refused the row.
+
+    Most drivers raise IntegrityError; pg8000 raises a plain DatabaseError
+    whose first argument holds SQLSTATE 23505, so the agent that lost the
+    race to create its host's row crashed with it instead of being refused.
+    """
+    if isinstance(exc, sa.exc.IntegrityError):
+        return True
+    args = getattr(exc.orig, "args", None) or (None,)
+    return isinstance(args[0], dict) and args[0].get("C") == "23505"
+
+
 def _same(column: Any, value: Any) -> Any:
     """``column`` equals ``value``, NULL matching NULL."""
     return column.is_(None) if value is None else column == value
@@ -615,10 +630,15 @@ def _owner_text(row: Service, now: dt.datetime) -> str:
 
 
 def _held_by_other(
-    row: Service, owner: str | None, predecessor: str | None, down_time: float, now: dt.datetime
+    row: Service,
+    owner: str | None,
+    predecessor: str | Sequence[str] | None,
+    down_time: float,
+    now: dt.datetime,
 ) -> str:
     """Why ``row`` may not be claimed by ``owner``; empty when it may."""
-    if row.owner is None or row.owner in (owner, predecessor) or row.stopped_at is not None:
+    ours = (predecessor,) if isinstance(predecessor, str) else tuple(predecessor or ())
+    if row.owner is None or row.owner == owner or row.owner in ours or row.stopped_at is not None:
         return ""
     if row.updated_at is None or (now - row.updated_at).total_seconds() > down_time:
         return ""

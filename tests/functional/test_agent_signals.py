@@ -190,3 +190,30 @@ def test_the_unit_file_verifies(tmp_path):
     # The check can fail: a misspelt key is reported.
     broken = _verify(here.replace("WatchdogSec=", "WatchdogSecs="), tmp_path)
     assert "Unknown key 'WatchdogSecs'" in broken.stderr
+
+
+def test_a_sighup_while_the_database_is_slow_at_start_does_not_kill_the_agent(tmp_path):
+    """logrotate's ``kill -HUP`` during a slow start ended the agent (SIGHUP's default action)."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)  # takes the connection, never answers: a database that hangs
+    port = silent.getsockname()[1]
+    extra = tmp_path / "db.conf"
+    extra.write_text(
+        f"[database]\nconnection = postgresql+pg8000://ca:ca@127.0.0.1:{port}/ca\n"
+        "connect_timeout = 3\n"
+    )
+    config = _conf(tmp_path / "agent.conf", tmp_path / "state", debug=False) + [extra]
+    agent = AgentProcess(config)
+    try:
+        silent.settimeout(60)
+        conn, _ = silent.accept()  # the agent waits for the database now
+        agent.proc.send_signal(signal.SIGHUP)
+        rc = agent.proc.wait(60)
+        agent._reader.join(2)
+        assert rc == 1, (rc, agent.output)  # the database's error, not -SIGHUP
+        assert "cannot use database" in agent.output
+        conn.close()
+    finally:
+        agent.kill()
+        silent.close()

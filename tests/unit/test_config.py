@@ -146,3 +146,26 @@ def test_stats_thresholds_that_defeat_each_other_are_warned_of(conf):
     assert "stats_unresponsive_after (3 s)" in doubt and "1 + 2 s" in doubt
     conf.set_override("stats_interval", 0, group="compute")  # sampling off: nothing to say
     assert loader.doubtful_settings(conf) == []
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ("debug = notabool\n", "Unexpected boolean value 'notabool'"),
+        ("garbage [[[\n", "Failed to parse"),
+    ],
+)
+def test_a_reload_with_a_bad_edit_keeps_the_values_in_force(tmp_path, edit, message):
+    """SIGHUP after ``debug = notabool``: every later read of ``debug`` raised."""
+    c = load_file(tmp_path, "[DEFAULT]\ndebug = true\n")
+    path = tmp_path / "agent.conf"
+    path.write_text("[DEFAULT]\ndebug = false\n")
+    loader.mutate(c)
+    assert c.debug is False
+    path.write_text("[DEFAULT]\n" + edit)
+    with pytest.raises(ValueError, match=message):
+        loader.mutate(c)
+    assert c.debug is False  # as before the bad edit, and readable
+    path.write_text("[DEFAULT]\ndebug = true\n")
+    loader.mutate(c)  # a fixed file is taken by the next reload
+    assert c.debug is True

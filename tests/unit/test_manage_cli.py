@@ -1,5 +1,6 @@
 """The CLI in-process: output formats, and power-sync's and reap-deleted's exit statuses."""
 
+import argparse
 import io
 import json
 import os
@@ -13,7 +14,8 @@ import uuid
 import pytest
 
 from compute_agent import exception, green
-from compute_agent.admin.client import AgentUnreachable
+from compute_agent.admin import client as client_module
+from compute_agent.admin.client import AdminClient, AgentUnreachable
 from compute_agent.admin.server import AdminSocketServer
 from compute_agent.cmd import manage, output
 from compute_agent.cmd.common import EXIT_FAILED, EXIT_OK, Fatal
@@ -217,3 +219,31 @@ def test_a_silent_agent_times_out_as_unreachable():
     finally:
         listener.close()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("value", ["inf", "1e400", "1e10", "21601"])
+def test_a_timeout_no_socket_can_take_is_a_usage_error(value):
+    """``--timeout 1e10`` crashed the CLI with an OverflowError (exit 1), ``inf`` was taken."""
+    with pytest.raises(argparse.ArgumentTypeError, match=f"must be at most 21600, not {value}"):
+        manage._seconds(value)
+    assert manage._seconds("21600") == 21600.0
+
+
+def test_a_deadline_spent_before_the_send_is_a_timeout_not_a_crash():
+    """``--timeout 0.000001`` crashed the CLI with ValueError from settimeout (exit 1)."""
+    directory = tempfile.mkdtemp(prefix="ca-cli-")
+    path = os.path.join(directory, "admin.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    try:
+        for timeout in (1e-6, 1e-9):
+            with pytest.raises(AgentUnreachable):
+                AdminClient(path, timeout=timeout).call("status")
+        # A far deadline (a library caller's) is armed as the longest a call may have.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            client_module._arm(sock, 1e10)
+            assert sock.gettimeout() == client_module.MAX_TOTAL
+    finally:
+        listener.close()
+        shutil.rmtree(directory)

@@ -1,6 +1,7 @@
 # ruff: noqa: F811 - the fixture agent comes from test_admin_socket
 """The operator's requests in-process: the audit trail and the service's enable/disable."""
 
+import contextlib
 import uuid
 
 import pytest
@@ -61,6 +62,8 @@ def test_disable_and_enable_with_a_reason(agent, sqlite_db):
     [
         ({"disabled": "yes"}, "true or false"),
         ({"disabled": True, "reason": f"{AUTO_PREFIX} mine"}, "may not start with"),
+        ({"disabled": True, "reason": "auto: disk swap"}, "may not start with"),
+        ({"disabled": True, "reason": "Auto:x"}, "may not start with"),
         ({"disabled": True, "reason": "a\nb"}, "printable"),
         ({"disabled": True, "reason": "x" * 256}, "1 to 255"),
         ({"disabled": False, "reason": "why"}, "only to disable"),
@@ -82,6 +85,21 @@ def test_the_operators_disable_outlives_the_hypervisors_return(agent, sqlite_db)
     agent.manager._on_connection(True, "back")
     # ... so the automatic enable leaves it alone.
     assert row(sqlite_db).disabled and row(sqlite_db).disabled_reason == "maintenance"
+    green.sleep(0)
+
+
+@pytest.mark.parametrize("reason", ["auto: disk swap", "Auto:ticket 7"])
+def test_an_operator_reason_like_the_agents_own_is_refused_not_lifted(agent, sqlite_db, reason):
+    """``disable --reason 'auto: disk swap'`` was lifted by libvirt's return (LIKE has no case)."""
+    call(agent, "set_service_disabled", disabled=True, reason="maintenance")
+    driver = agent.manager.driver
+    driver.disconnect("cable pulled")
+    agent.manager._on_connection(False, "cable pulled")
+    with contextlib.suppress(exception.InvalidInput):  # refused now
+        call(agent, "set_service_disabled", disabled=True, reason=reason)
+    driver.reconnect()
+    agent.manager._on_connection(True, "back")
+    assert row(sqlite_db).disabled  # whichever disable stands, the agent never lifts it
     green.sleep(0)
 
 

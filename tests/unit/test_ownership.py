@@ -1,5 +1,6 @@
 """One owner per host: the state directory lock and the service row's owner token."""
 
+import contextlib
 import datetime as dt
 import os
 
@@ -7,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 
 from compute_agent import exception, green
+from compute_agent.db.api import Database
 from compute_agent.db.models import Service
 from compute_agent.ownership import LOCK_NAME, HostLock, OwnedElsewhere, new_token
 from compute_agent.service import BINARY, EXIT_DISPLACED, NodeService
@@ -31,6 +33,38 @@ def test_a_second_lock_on_the_state_path_is_refused_naming_the_holder(tmp_path):
     # takes it and learns the token of the one before.
     assert second.acquire().token == "a" * 32
     second.release()
+
+
+def test_a_restart_after_restarts_that_died_before_their_claim_takes_the_row(tmp_path, db):
+    """Agent A killed; restarts die before claiming (database down); the next one.
+
+    The lock file named only the last restart's token: the row, held by A
+    with a fresh heartbeat, was refused to the next restart until A's
+    heartbeat aged past service_down_time ("stop it first": nothing ran).
+    """
+    state = str(tmp_path)
+    a = HostLock(state)
+    a.acquire()
+    token_a = new_token()
+    a.record(token_a)
+    svc = db.service_start("h1", BINARY, token_a, down_time=DOWN)
+    db.service_heartbeat(svc.id, token_a)
+    a.release()  # killed: the kernel drops the lock
+    for _ in range(3):  # each takes the lock, records itself, dies before its claim
+        lock = HostLock(state)
+        inherited = lock.acquire().tokens
+        lock.record(new_token(), inherited)
+        lock.release()
+    lock = HostLock(state)
+    inherited = lock.acquire().tokens
+    assert token_a in inherited and len(inherited) == 4
+    token = new_token()
+    lock.record(token, inherited)
+    svc = db.service_start("h1", BINARY, token, down_time=DOWN, predecessor=inherited)
+    assert svc.owner == token
+    lock.record(token)  # claimed: the file names this agent only
+    lock.release()
+    assert HostLock(state).acquire().tokens == (token,)
 
 
 def test_the_lock_file_is_private(tmp_path):
@@ -70,6 +104,29 @@ def test_a_live_owner_refuses_a_second_claim_and_nothing_is_written(db):
         before.started_at,
         before.report_count,
     )
+
+
+@pytest.mark.parametrize("row", ["none yet", "stopped"])
+def test_two_claims_at_the_same_instant_one_wins(db, row):
+    """Two agents (own state_paths, one database) started together: exactly one owns the host."""
+    url = db.url.render_as_string(hide_password=False)
+    for i in range(5):
+        host = f"race-{i}"
+        if row == "stopped":
+            token = new_token()
+            db.service_stopped(db.service_start(host, BINARY, token).id, token)
+        engines = [Database(url), Database(url)]
+        won: list[str] = []
+
+        def claim(database, won=won, host=host):
+            with contextlib.suppress(exception.ServiceOwned):
+                won.append(database.service_start(host, BINARY, new_token(), down_time=DOWN).owner)
+
+        for thread in [green.spawn(claim, e) for e in engines]:
+            thread.wait()
+        for e in engines:
+            e.dispose()
+        assert len(won) == 1 and db.service_get(host, BINARY).owner == won[0], (i, won)
 
 
 @pytest.mark.parametrize(
