@@ -1,0 +1,129 @@
+"""Drill: libvirt's remote client crashing when a frozen daemon is thawed.
+
+``python -m bench.libvirt_thaw_drill [--runs N] [--threads N] [--serial]``
+
+libvirt-python only, no agent code: a private session libvirtd (see
+``bench.metrics_attack.private_libvirtd``), libvirt's default event loop in
+a thread, a connection with keepalive 1 s x 3, and ``--threads`` threads
+calling ``listAllDomains`` on it in a loop. The daemon is SIGSTOPped until
+the keepalive gives up (or 12 s), then SIGCONTed. Each run is a child
+process, since the crash ends it; the drill counts the runs that died of a
+signal, those whose stderr has GLib-CRITICAL lines (a freed main loop
+being quit: memory corruption even when the run survives) and those whose
+close callback never fired (the keepalive did not end the connection).
+
+With libvirt 9.0 (Debian 12) two or more threads crash or corrupt memory in
+most runs; ``--serial`` (one call at a time on the connection, as
+``Host.run`` does) and ``--threads 1`` do not. See docs/reliability.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def child(threads: int, serial: bool, uri: str, daemon: int) -> None:
+    """One run, in its own process; exits 0 unless libvirt crashes it.
+
+    The parent owns the daemon (pid ``daemon``), so a crash here leaks none.
+    """
+    import faulthandler
+
+    import libvirt
+
+    faulthandler.enable()
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    libvirt.virEventRegisterDefaultImpl()
+
+    def event_loop() -> None:
+        while True:
+            libvirt.virEventRunDefaultImpl()
+
+    threading.Thread(target=event_loop, daemon=True).start()
+    conn = libvirt.open(uri)
+    conn.setKeepAlive(1, 3)
+    closed = threading.Event()
+    conn.registerCloseCallback(lambda _c, _reason, _o: closed.set(), None)
+    stop = threading.Event()
+    one_at_a_time = threading.Lock()
+    calls = [0, 0]  # answered, failed
+
+    def caller() -> None:
+        while not stop.is_set():
+            try:
+                if serial:
+                    with one_at_a_time:
+                        conn.listAllDomains(0)
+                else:
+                    conn.listAllDomains(0)
+                calls[0] += 1
+            except libvirt.libvirtError:
+                calls[1] += 1
+                time.sleep(0.001)
+
+    for _ in range(threads):
+        threading.Thread(target=caller, daemon=True).start()
+    try:
+        time.sleep(1)
+        os.kill(daemon, signal.SIGSTOP)
+        t0 = time.monotonic()
+        closed.wait(12)
+        print(f"close callback {'after' if closed.is_set() else 'not within'} "
+              f"{time.monotonic() - t0:.1f} s", flush=True)  # fmt: skip
+        time.sleep(0.2)
+        os.kill(daemon, signal.SIGCONT)
+        time.sleep(2)
+        stop.set()
+        print(f"calls answered {calls[0]}, failed {calls[1]}", flush=True)
+    finally:
+        os.kill(daemon, signal.SIGCONT)
+    os._exit(0)  # threads may still be inside libvirt
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.libvirt_thaw_drill")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--serial", action="store_true", help="one call at a time")
+    parser.add_argument("--child", nargs=2, metavar=("URI", "PID"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.threads, args.serial, args.child[0], int(args.child[1]))
+        return
+    from bench.metrics_attack import private_libvirtd
+
+    crashed = corrupted = unclosed = 0
+    for run in range(1, args.runs + 1):
+        daemon, uri = private_libvirtd(pathlib.Path(tempfile.mkdtemp(prefix="ca-thaw-")) / "lv")
+        cmd = [sys.executable, "-m", "bench.libvirt_thaw_drill", "--child", uri, str(daemon.pid),
+               "--threads", str(args.threads)] + (["--serial"] if args.serial else [])  # fmt: skip
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+        finally:
+            daemon.send_signal(signal.SIGCONT)
+            daemon.kill()
+            daemon.wait(10)
+        critical = "GLib-CRITICAL" in proc.stderr
+        crashed += proc.returncode < 0
+        corrupted += critical
+        first = proc.stdout.splitlines()[:1]
+        unclosed += any("not within" in line for line in first)
+        print(f"run {run}: rc {proc.returncode}, GLib-CRITICAL {critical}, {first}", flush=True)
+    mode = "serial" if args.serial else "parallel"
+    print(f"{args.threads} thread(s), {mode}: {crashed} of {args.runs} runs died of a signal, "
+          f"{corrupted} of {args.runs} printed GLib-CRITICAL, "
+          f"{unclosed} of {args.runs} never saw the keepalive close")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
