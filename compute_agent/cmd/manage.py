@@ -306,16 +306,7 @@ def cmd_power_sync(conf: cfg.ConfigOpts) -> int:
         summary = _call(conf, "sync_power_states", args, on_progress=progress)
     finally:
         progress.end()
-    _show(conf, summary)
-    if summary.get("aborted"):
-        raise Fatal(f"power sync aborted: {summary['aborted']}", EXIT_FAILED)
-    if summary.get("errors"):
-        print(
-            f"{PROG}: warning: {summary['errors']} instance(s) could not be synced; "
-            "the agent's log says why",
-            file=sys.stderr,
-        )
-    return EXIT_OK
+    return _report_run(conf, summary, "power sync", "instance(s) could not be synced")
 
 
 def cmd_reap_deleted(conf: cfg.ConfigOpts) -> int:
@@ -323,13 +314,17 @@ def cmd_reap_deleted(conf: cfg.ConfigOpts) -> int:
     0 when the run went through (per-domain errors are counted and logged by
     the agent), 1 when it was aborted."""
     summary = _call(conf, "reap_deleted_instances")
+    return _report_run(conf, summary, "reap-deleted", "domain(s) could not be handled")
+
+
+def _report_run(conf: cfg.ConfigOpts, summary: dict[str, Any], run: str, failed: str) -> int:
+    """Show a run's summary: exit 1 if it was aborted, a warning line if some items failed."""
     _show(conf, summary)
     if summary.get("aborted"):
-        raise Fatal(f"reap-deleted aborted: {summary['aborted']}", EXIT_FAILED)
+        raise Fatal(f"{run} aborted: {summary['aborted']}", EXIT_FAILED)
     if summary.get("errors"):
         print(
-            f"{PROG}: warning: {summary['errors']} domain(s) could not be handled; "
-            "the agent's log says why",
+            f"{PROG}: warning: {summary['errors']} {failed}; the agent's log says why",
             file=sys.stderr,
         )
     return EXIT_OK
