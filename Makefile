@@ -16,6 +16,7 @@ run: host-min $(STAMP)
 
 test: host libvirtd $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 setup: host $(STAMP)
@@ -41,6 +42,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 genconfig: $(STAMP)
 	$(BIN)/oslo-config-generator --config-file etc/oslo-config-generator.conf
@@ -50,4 +52,4 @@ bench: host libvirtd $(STAMP)
 	$(BIN)/python -m bench $(BENCH)
 
 clean:
-	rm -rf $(VENV) .tox .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .tox .pytest_cache .ruff_cache .mypy_cache build *.egg-info

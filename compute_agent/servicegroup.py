@@ -16,7 +16,9 @@ def is_up(service: Service, down_time: float, now: dt.datetime | None = None) ->
     return age <= down_time
 
 
-def describe(service: Service, down_time: float, now: dt.datetime | None = None) -> dict:
+def describe(
+    service: Service, down_time: float, now: dt.datetime | None = None
+) -> dict[str, object]:
     """The service row as an operator wants to read it."""
     now = now or utcnow()
     return {

@@ -11,7 +11,7 @@ from oslo_config import cfg
 from oslo_messaging import opts as messaging_opts
 
 
-def _default_opts() -> list:
+def _default_opts() -> list[cfg.Opt]:
     for group, opts in messaging_opts.list_opts():
         if group in (None, "DEFAULT"):
             return list(opts)

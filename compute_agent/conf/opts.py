@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from oslo_config import cfg
+
 from compute_agent.conf import compute, database, default, libvirt, messaging, metrics
 
 
-def list_opts() -> list[tuple[str, list]]:
+def list_opts() -> list[tuple[str, list[cfg.Opt]]]:
     return [
         ("DEFAULT", default.opts + messaging.opts),
         (compute.group.name, compute.opts),

@@ -12,11 +12,11 @@ import datetime as dt
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from compute_agent import exception, green
@@ -118,7 +118,7 @@ class Database:
         for name in ("begin", "commit", "rollback"):
             event.listen(self.engine, name, self._count_one)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._cas_cache: dict[tuple, sa.Update] = {}
+        self._cas_cache: dict[tuple[tuple[str, ...], tuple[tuple[str, bool], ...]], sa.Update] = {}
         # SQLite's work goes to the native thread pool, one call at a time:
         # greenthreads queue on the green semaphore (holding no thread), and
         # the native lock keeps a call whose greenthread was killed from
@@ -235,7 +235,7 @@ class Database:
                 .values(**values),
                 execution_options={"synchronize_session": False},
             )
-            if claimed.rowcount != 1:
+            if _rowcount(claimed) != 1:
                 raise exception.ServiceOwned(
                     f"the service row of host {host} was claimed by another agent "
                     "starting at the same moment"
@@ -259,7 +259,7 @@ class Database:
             if owner is not None:
                 stmt = stmt.where(Service.owner == owner)
             result = s.execute(stmt.values(updated_at=now, report_count=Service.report_count + 1))
-            if result.rowcount != 1:
+            if _rowcount(result) != 1:
                 row = s.get(Service, service_id)
                 if row is None:
                     raise exception.ServiceNotFound(f"service row {service_id} is gone")
@@ -273,7 +273,7 @@ class Database:
             stmt = sa.update(Service).where(Service.id == service_id)
             if owner is not None:
                 stmt = stmt.where(Service.owner == owner)
-            return s.execute(stmt.values(stopped_at=utcnow())).rowcount == 1
+            return _rowcount(s.execute(stmt.values(stopped_at=utcnow()))) == 1
 
     @_offloaded
     def service_get(self, host: str, binary: str) -> Service | None:
@@ -312,7 +312,7 @@ class Database:
             )
         with self.transaction() as s:
             result = s.execute(stmt.values(disabled=disabled, disabled_reason=reason))
-            return result.rowcount == 1
+            return _rowcount(result) == 1
 
     # -- instances --------------------------------------------------------
 
@@ -457,7 +457,7 @@ class Database:
                 col = getattr(Instance, name)
                 stmt = stmt.where(col.is_(None) if value is None else col == value)
             result = s.execute(stmt.values(updated_at=now, **values))
-            if result.rowcount != 1:
+            if _rowcount(result) != 1:
                 raise exception.InstanceInvalidState(
                     f"instance {inst.uuid} changed meanwhile; {action} not applied"
                 )
@@ -530,7 +530,7 @@ class Database:
         """
         if not rows:
             return
-        table = InstanceAction.__table__
+        table = cast(sa.Table, InstanceAction.__table__)
         step = len(rows) if self.offloaded else ACTIONS_PER_PAUSE
         for start in range(0, len(rows), step):
             self._pause()
@@ -542,12 +542,14 @@ class Database:
         key = (set_keys, expect_keys)
         stmt = self._cas_cache.get(key)
         if stmt is None:
-            table = Instance.__table__
+            table = cast(sa.Table, Instance.__table__)
             where = [table.c.id == sa.bindparam("b_id"), table.c.deleted.is_(False)]
             for name, is_null in expect_keys:
                 col = table.c[name]
                 where.append(col.is_(None) if is_null else col == sa.bindparam(f"b_{name}"))
-            new = {name: sa.bindparam(f"n_{name}") for name in (*set_keys, "updated_at")}
+            new: dict[str, sa.BindParameter[Any]] = {
+                name: sa.bindparam(f"n_{name}") for name in (*set_keys, "updated_at")
+            }
             stmt = sa.update(table).where(*where).values(**new)
             self._cas_cache[key] = stmt
         return stmt
@@ -613,6 +615,12 @@ def _duplicate_key(exc: sa.exc.DBAPIError) -> bool:
         return True
     args = getattr(exc.orig, "args", None) or (None,)
     return isinstance(args[0], dict) and args[0].get("C") == "23505"
+
+
+def _rowcount(result: object) -> int:
+    """Rows an UPDATE matched: ``Session.execute`` is typed to return a plain
+    ``Result`` in SQLAlchemy 2.1, but a DML statement's is a ``CursorResult``."""
+    return cast("CursorResult[Any]", result).rowcount
 
 
 def _same(column: Any, value: Any) -> Any:

@@ -12,9 +12,10 @@ libvirt or the database.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
-from prometheus_client import ProcessCollector
+from prometheus_client import Metric, ProcessCollector
 from prometheus_client.exposition import generate_latest
 
 from compute_agent import green
@@ -43,13 +44,24 @@ class MetricsBindError(Exception):
     """The endpoint's address cannot be listened on; the message is one line."""
 
 
+class Source(Protocol):
+    """What the server needs of the agent's collector."""
+
+    def collect(self) -> Iterator[Metric]: ...
+
+    def instance_text(self) -> str: ...
+
+
 class _Registry:
     """What ``generate_latest`` reads: the agent's collector, then the process's figures."""
 
-    def __init__(self, collector: Any) -> None:
-        self._collectors = [collector, ProcessCollector(registry=None)]
+    def __init__(self, collector: Source) -> None:
+        self._collectors: list[Source | ProcessCollector] = [
+            collector,
+            ProcessCollector(registry=None),
+        ]
 
-    def collect(self) -> Any:
+    def collect(self) -> Iterator[Metric]:
         for collector in self._collectors:
             yield from collector.collect()
 
@@ -57,7 +69,7 @@ class _Registry:
 class MetricsServer:
     """A component of the node service: bound by :meth:`listen`, served from :meth:`start`."""
 
-    def __init__(self, address: str, port: int, collector: Any) -> None:
+    def __init__(self, address: str, port: int, collector: Source) -> None:
         self.address = address
         self.port = port
         self._registry = _Registry(collector)
@@ -138,7 +150,7 @@ class MetricsServer:
             return self._render()
 
     def _render(self) -> bytes:
-        head = generate_latest(self._registry)  # type: ignore[arg-type]
+        head = generate_latest(self._registry)
         return head + self._instance_text().encode("utf-8")
 
     def _body(self, arrived: float) -> bytes:
