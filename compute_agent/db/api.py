@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar, cast
+from typing import Any, TypeAlias, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -68,6 +68,9 @@ class InstanceRecord:
 
 
 _RECORD_COLUMNS = tuple(f.name for f in fields(InstanceRecord))
+
+# An instance in either form: what the writers and ``diff`` take.
+AnyInstance: TypeAlias = Instance | InstanceRecord
 
 
 @dataclass(frozen=True)
@@ -432,7 +435,7 @@ class Database:
     @_offloaded
     def instance_update(
         self,
-        inst: Instance,
+        inst: AnyInstance,
         values: Mapping[str, Any],
         *,
         action: str,
@@ -472,7 +475,7 @@ class Database:
         return changes
 
     def instance_compare_and_set(
-        self, inst: Any, values: Mapping[str, Any], expected: Mapping[str, Any]
+        self, inst: AnyInstance, values: Mapping[str, Any], expected: Mapping[str, Any]
     ) -> bool:
         """One conditional UPDATE with no audit row; True if it won."""
         return self.instance_compare_and_set_many([(inst, values, expected, [])])[0]
@@ -481,7 +484,7 @@ class Database:
     def instance_compare_and_set_many(
         self,
         writes: Sequence[
-            tuple[Any, Mapping[str, Any], Mapping[str, Any], Sequence[Mapping[str, Any]]]
+            tuple[AnyInstance, Mapping[str, Any], Mapping[str, Any], Sequence[Mapping[str, Any]]]
         ],
     ) -> list[bool]:
         """Conditional UPDATEs and their audit rows in one transaction; which won.
@@ -555,7 +558,7 @@ class Database:
         return stmt
 
     @_offloaded
-    def instance_soft_delete(self, inst: Instance, source: str, reason: str) -> None:
+    def instance_soft_delete(self, inst: AnyInstance, source: str, reason: str) -> None:
         now = utcnow()
         # The domain is gone with the row: power_state says so (nothing runs).
         changes = diff(inst, {"power_state": "nostate", "vm_state": "deleted", "task_state": None})
@@ -657,7 +660,7 @@ def _held_by_other(
     )
 
 
-def diff(inst: Instance, values: Mapping[str, Any]) -> list[Change]:
+def diff(inst: AnyInstance, values: Mapping[str, Any]) -> list[Change]:
     """The state fields of ``values`` that differ from ``inst``."""
     return [
         Change(name, _str(getattr(inst, name)), _str(value))
