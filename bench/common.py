@@ -179,7 +179,7 @@ def skip_without_libvirtd() -> dict[str, str] | None:
 
 def test_host(count: int) -> tuple[str, str]:
     """A node file of ``count`` running domains: (in-process URI, daemon URI)."""
-    from compute_agent.virt.libvirt import nodefile
+    from tests import nodefile
 
     path = os.path.join(tempfile.mkdtemp(prefix="ca-bench-"), f"node-{count}.xml")
     uri = nodefile.write(

@@ -55,7 +55,7 @@ from compute_agent.db.models import Instance
 from compute_agent.rpc import TOPIC
 from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
-from compute_agent.virt.libvirt import nodefile
+from tests import nodefile
 from tests.functional.frozen_proxy import FrozenProxy
 
 HUB_BUDGET_S = 0.050

@@ -466,9 +466,7 @@ class InstanceOperations:
     def _observe(self, inst: Instance, quiet: bool = False) -> PowerState | None:
         """The domain's power state; None if it has none (or, quietly, if unknown)."""
         try:
-            return self.driver.get_info(inst).state
-        except exception.InstanceNotFound:
-            return None
+            return self.driver.power_state(inst)
         except Exception as exc:
             if not quiet:
                 raise

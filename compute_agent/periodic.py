@@ -127,10 +127,6 @@ class PeriodicTask:
         finally:
             self._fail_pending(TaskStopped(f"task {self.name} stopped"))
 
-    def wait_stopped(self) -> None:
-        if self._thread is not None:
-            self._thread.wait()
-
     # -- the loop ---------------------------------------------------------
 
     def _loop(self) -> None:

@@ -292,10 +292,7 @@ class PowerSync:
         summary.checked += 1
 
     def _read(self, inst: InstanceRecord) -> PowerState | None:
-        try:
-            return self.driver.get_info(inst).state
-        except exception.InstanceNotFound:
-            return None
+        return self.driver.power_state(inst)
 
     def _maybe_flush_writes(self, call: _Call) -> None:
         if call.writes and (

@@ -194,9 +194,8 @@ class DeletedGuestReaper:
 
     def _act_locked(self, inst: InstanceRecord, summary: ReapSummary) -> str:
         """Read the domain again, act, audit; return the summary counter to bump."""
-        try:
-            state = self.driver.get_info(inst).state  # ForeignDomain if it changed hands
-        except exception.InstanceNotFound:
+        state = self.driver.power_state(inst)  # ForeignDomain if it changed hands
+        if state is None:
             return "skipped"  # gone meanwhile: nothing left to do
         what = (
             f"domain {inst.domain_name} of instance {inst.uuid} (deleted {_when(inst)}) "

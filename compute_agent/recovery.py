@@ -74,9 +74,10 @@ def recover_interrupted(
 
 
 def _observe(driver: ComputeDriver, inst: Instance) -> PowerState | None:
+    """A foreign domain counts as missing: recovery settles the row, never that domain."""
     try:
-        return driver.get_info(inst).state
-    except (exception.InstanceNotFound, exception.ForeignDomain):
+        return driver.power_state(inst)
+    except exception.ForeignDomain:
         return None
 
 

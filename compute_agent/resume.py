@@ -306,10 +306,7 @@ class BootResume:
         fig = self.figures
         claimed = False  # from here on, the operation audits its own failure
         try:
-            try:
-                state: PowerState | None = self.driver.get_info(inst).state
-            except exception.InstanceNotFound:
-                state = None
+            state = self.driver.power_state(inst)
             if state not in OFF_STATES:
                 fig.skipped += 1  # it runs (or is paused or suspended): nothing to resume
                 return

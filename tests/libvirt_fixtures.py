@@ -9,7 +9,7 @@ from oslo_config import cfg
 
 from compute_agent.conf import register_all
 from compute_agent.states import PowerState
-from compute_agent.virt.libvirt import nodefile
+from tests import nodefile
 
 STATE_CYCLE = [
     PowerState.RUNNING,

@@ -64,6 +64,16 @@ class DomainRef:
     uuid: str
 
 
+@dataclass(frozen=True)
+class DriverStatistics:
+    """What ``status`` shows of the driver's hypervisor connection."""
+
+    uri: str
+    connected: bool
+    last_error: str | None  # why the connection was last lost or refused
+    in_flight: int  # calls running on the current connection
+
+
 class ComputeDriver(abc.ABC):
     """What the compute manager needs of a hypervisor."""
 
@@ -83,6 +93,10 @@ class ComputeDriver(abc.ABC):
     @property
     def connected(self) -> bool:
         return True
+
+    def statistics(self) -> DriverStatistics | None:
+        """The connection's figures; None for a driver without a connection to describe."""
+        return None
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         self._listeners.append(listener)
@@ -110,6 +124,20 @@ class ComputeDriver(abc.ABC):
     @abc.abstractmethod
     def get_info(self, instance: InstanceRef) -> InstanceInfo:
         """Raise InstanceNotFound if no domain has the instance's name and UUID."""
+
+    def power_state(self, instance: InstanceRef) -> PowerState | None:
+        """The instance's power state; None when no domain has its name.
+
+        The one read of "this instance's state, or none". A domain with the
+        instance's name but another UUID raises ForeignDomain: a sync or an
+        operation reports it as an error, while a caller that only settles
+        this instance's own record (start-up recovery) treats it as missing,
+        since it may never touch that domain either way.
+        """
+        try:
+            return self.get_info(instance).state
+        except exception.InstanceNotFound:
+            return None
 
     @abc.abstractmethod
     def get_num_instances(self) -> int:

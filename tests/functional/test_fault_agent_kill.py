@@ -31,8 +31,8 @@ from compute_agent.db.api import Database
 from compute_agent.db.models import Instance, InstanceAction
 from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
-from compute_agent.virt.libvirt import nodefile
 from compute_agent.virt.libvirt.driver import power_state
+from tests import nodefile
 from tests.functional import qemu
 from tests.functional.agent_process import REPO, AgentProcess, manage
 from tests.helpers import eventually

@@ -55,8 +55,8 @@ from compute_agent.rpc.server import RPCServer
 from compute_agent.rpcapi import ComputeAPI, _local
 from compute_agent.service import NodeService
 from compute_agent.states import ActionSource
-from compute_agent.virt.libvirt import nodefile
 from compute_agent.virt.libvirt.driver import LibvirtDriver
+from tests import nodefile
 from tests.functional.rabbit import RabbitRun
 from tests.helpers import wait_until
 

@@ -32,9 +32,8 @@ from compute_agent.rpcapi import ComputeAPI
 from compute_agent.service import BINARY
 from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
-from compute_agent.virt.libvirt import nodefile
 from compute_agent.virt.libvirt.driver import power_state
-from tests import helpers
+from tests import helpers, nodefile
 from tests.functional import qemu, services
 from tests.functional.agent_process import REPO, AgentProcess
 from tests.functional.rabbit import RabbitRun

@@ -19,7 +19,13 @@ from oslo_config import cfg
 
 from compute_agent import exception, green
 from compute_agent.states import PowerState
-from compute_agent.virt.driver import ComputeDriver, DomainRef, DomainStats, InstanceInfo
+from compute_agent.virt.driver import (
+    ComputeDriver,
+    DomainRef,
+    DomainStats,
+    DriverStatistics,
+    InstanceInfo,
+)
 from compute_agent.virt.events import LifecycleEvent, Transition
 from compute_agent.virt.libvirt import domain_xml
 from compute_agent.virt.libvirt.host import Host
@@ -352,6 +358,15 @@ class LibvirtDriver(ComputeDriver):
     def connected(self) -> bool:
         return self.host.connected
 
+    def statistics(self) -> DriverStatistics:
+        host = self.host
+        return DriverStatistics(
+            uri=host.uri,
+            connected=host.connected,
+            last_error=host.last_error,
+            in_flight=host.inflight,
+        )
+
     def _on_lifecycle(self, name: str, uuid: str, event: int, detail: int) -> None:
         transition = TRANSITIONS.get(event)
         if transition is None:
@@ -384,6 +399,13 @@ class LibvirtDriver(ComputeDriver):
 
     def get_state(self, instance: InstanceRef) -> PowerState:
         return self._query(_state_native, instance)
+
+    def power_state(self, instance: InstanceRef) -> PowerState | None:
+        """``dom.state()``, which never waits on the guest's QEMU, unlike ``dom.info()``."""
+        try:
+            return self.get_state(instance)
+        except exception.InstanceNotFound:
+            return None
 
     def get_num_instances(self) -> int:
         return self.host.run(_count_native)
