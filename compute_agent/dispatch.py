@@ -209,35 +209,37 @@ class Dispatcher:
         return self.manager.reap_deleted()
 
     def status(self, source: ActionSource) -> dict[str, Any]:
-        """Everything an operator asks first: service, libvirt, tasks, hub lag."""
-        manager, service = self.manager, self.service
-        events = manager.events
+        """Everything an operator asks first: service, libvirt, tasks, hub lag.
+
+        Read from the components' ``statistics()`` only.
+        """
+        agent, service = self.manager.statistics(), self.service.statistics()
+        driver, sync = agent.driver, agent.power_sync
         return {
-            "host": manager.host,
+            "host": self.manager.host,
             "version": __version__,
             "host_state": self._host_state_or_error(source),
             "libvirt": {
-                "connected": manager.driver.connected,
-                "uri": getattr(getattr(manager.driver, "host", None), "uri", None),
-                "last_error": getattr(getattr(manager.driver, "host", None), "last_error", None),
+                "connected": agent.connected,
+                "uri": driver.uri if driver is not None else None,
+                "last_error": driver.last_error if driver is not None else None,
             },
-            "periodic_tasks": [asdict(f) for f in service.runner.figures()],
-            "hub_lag": asdict(service.lag_monitor.figures()),
-            "events": events.figures.as_dict() if events is not None else None,
-            "builds": asdict(manager.operations.builds),
-            "resume": manager.resume.as_dict(),
-            "intake": asdict(self.intake.figures()),
-            "power_sync_progress": list(manager.power_sync.progress),
-            "running_deleted": manager.reaper.figures(),
-            "unresponsive_instances": manager.stats.store.unresponsive(),
-            "unknown_domains": _unknown_domains(manager.power_sync.unknown),
+            "periodic_tasks": [asdict(t) for t in service.tasks],
+            "hub_lag": asdict(service.hub_lag),
+            "events": asdict(agent.events) if agent.events is not None else None,
+            "builds": asdict(agent.builds),
+            "resume": asdict(agent.resume),
+            "intake": asdict(self.intake.statistics()),
+            "power_sync_progress": list(sync.progress),
+            "running_deleted": asdict(agent.reaper),
+            "unresponsive_instances": list(agent.stats.unresponsive),
+            # The last full power sync's domains that belong to no instance of this host.
+            "unknown_domains": {
+                "count": sync.unknown_domains,
+                "names": list(sync.unknown_names),
+                "checked_at": sync.unknown_checked_at,
+            },
             "admin_socket": (
-                self.admin_socket.figures() if self.admin_socket is not None else None
+                asdict(self.admin_socket.statistics()) if self.admin_socket is not None else None
             ),
         }
-
-
-def _unknown_domains(unknown: tuple[int, list[str], str | None]) -> dict[str, Any]:
-    """The last power sync's domains that belong to no instance of this host."""
-    count, names, checked_at = unknown
-    return {"count": count, "names": list(names), "checked_at": checked_at}

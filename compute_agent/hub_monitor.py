@@ -24,7 +24,7 @@ from compute_agent.metrics import figures
 LOG = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LagFigures:
     samples: int
     last_s: float
@@ -180,7 +180,7 @@ class HubLagMonitor:
                 "" if runnable is None else f"; it waited {runnable:.3f} s for a CPU",
             )
 
-    def figures(self) -> LagFigures:
+    def statistics(self) -> LagFigures:
         ordered = sorted(self._recent)
         return LagFigures(
             samples=self.samples,
@@ -193,6 +193,8 @@ class HubLagMonitor:
             gc_collections=self._collections.collections,
             gc_max_s=round(self._collections.max, 4),
         )
+
+    figures = statistics
 
 
 class RunQueueClock:

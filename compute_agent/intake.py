@@ -33,7 +33,7 @@ from compute_agent import exception, green
 LOG = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class IntakeFigures:
     """What ``status`` shows of the gate."""
 
@@ -109,7 +109,7 @@ class IntakeGate:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def figures(self) -> IntakeFigures:
+    def statistics(self) -> IntakeFigures:
         return IntakeFigures(
             slots=self.slots,
             running=self.running,
@@ -119,6 +119,8 @@ class IntakeGate:
             max_waiting=self.max_waiting,
             max_wait_s=round(self.max_wait, 4),
         )
+
+    figures = statistics
 
 
 class RefusalLog:

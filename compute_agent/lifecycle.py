@@ -49,8 +49,27 @@ STATE_AFTER = {
 SyncOne = Callable[..., Any]
 
 
+@dataclass(frozen=True)
+class EventStatistics:
+    """What became of the lifecycle events received since start."""
+
+    received: int
+    synced: int
+    delayed: int
+    cancelled: int
+    coalesced: int
+    ignored: int
+    not_ours: int
+    stops: int
+    rechecks: int
+    errors: int
+    last_latency_s: float | None
+
+
 @dataclass
 class EventFigures:
+    """The handler's own counters, changed in place on the hub; read :meth:`statistics`."""
+
     received: int = 0
     synced: int = 0
     delayed: int = 0
@@ -86,6 +105,9 @@ class LifecycleHandler:
         self._queued: set[str] = set()
         self._workers: set[green.GreenThread] = set()
         self.figures = EventFigures()
+
+    def statistics(self) -> EventStatistics:
+        return EventStatistics(**asdict(self.figures))
 
     def on_event(self, event: LifecycleEvent) -> None:
         """Take one event, on the hub; schedules work and returns at once."""

@@ -18,6 +18,7 @@ deliver them), validates them, and returns plain dicts.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from oslo_config import cfg
@@ -25,19 +26,19 @@ from oslo_config import cfg
 from compute_agent import exception, green, servicegroup, steady
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
-from compute_agent.lifecycle import LifecycleHandler
+from compute_agent.lifecycle import EventStatistics, LifecycleHandler
 from compute_agent.locks import KeyedLocks
 from compute_agent.metrics.instances import InstanceIndex
-from compute_agent.operations import InstanceOperations
-from compute_agent.power_sync import PowerSync, SyncSummary
-from compute_agent.reaper import DeletedGuestReaper
+from compute_agent.operations import BuildStatistics, InstanceOperations
+from compute_agent.power_sync import PowerSync, SyncStatistics, SyncSummary
+from compute_agent.reaper import DeletedGuestReaper, ReaperStatistics
 from compute_agent.recovery import recover_interrupted
-from compute_agent.resume import BootResume
+from compute_agent.resume import BootResume, ResumeStatistics
 from compute_agent.service import BINARY, NodeService
 from compute_agent.states import ActionSource
-from compute_agent.stats import StatsSampler
+from compute_agent.stats import SamplerStatistics, StatsSampler
 from compute_agent.utils import printable, utcnow
-from compute_agent.virt.driver import ComputeDriver
+from compute_agent.virt.driver import ComputeDriver, DriverStatistics
 from compute_agent.virt.spec import validate_uuid
 
 LOG = logging.getLogger(__name__)
@@ -51,6 +52,20 @@ AUTO_PREFIX = "AUTO:"
 # How long start-up recovery and the resume pass wait before trying again
 # after the database failed them (the hypervisor's return retries them itself).
 RESUME_RETRY_S = 10.0
+
+
+@dataclass(frozen=True)
+class ManagerStatistics:
+    """Each component's :meth:`statistics`, taken together (``status``, metrics)."""
+
+    connected: bool  # the driver holds a connection to the hypervisor
+    driver: DriverStatistics | None  # None: the driver has no connection to describe
+    events: EventStatistics | None  # None: lifecycle events are not handled
+    builds: BuildStatistics
+    resume: ResumeStatistics
+    power_sync: SyncStatistics
+    reaper: ReaperStatistics
+    stats: SamplerStatistics
 
 
 def action_dict(row: Any) -> dict[str, Any]:
@@ -418,6 +433,18 @@ class ComputeManager:
             LOG.info("service enabled by the operator")
         row = self.db.service_get(self.host, BINARY)
         return servicegroup.describe(row, self.conf.service_down_time)
+
+    def statistics(self) -> ManagerStatistics:
+        return ManagerStatistics(
+            connected=self.driver.connected,
+            driver=self.driver.statistics(),
+            events=self.events.statistics() if self.events is not None else None,
+            builds=self.operations.statistics(),
+            resume=self.resume.statistics(),
+            power_sync=self.power_sync.statistics(),
+            reaper=self.reaper.statistics(),
+            stats=self.stats.statistics(),
+        )
 
     def list_instances(self) -> list[dict[str, Any]]:
         return [instance_dict(i) for i in self.db.instance_get_all_by_host(self.host)]

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import unicodedata
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from compute_agent import exception, green, steady
@@ -126,8 +126,20 @@ def destroy_until_gone(driver: ComputeDriver, inst: Instance) -> None:
     )
 
 
+@dataclass(frozen=True)
+class BuildStatistics:
+    """Builds waiting for a slot and running now; completed and failed since start."""
+
+    queued: int
+    running: int
+    completed: int
+    failed: int
+
+
 @dataclass
 class BuildFigures:
+    """The counters behind :class:`BuildStatistics`, changed in place on the hub."""
+
     queued: int = 0
     running: int = 0
     completed: int = 0
@@ -163,6 +175,9 @@ class InstanceOperations:
             green.Semaphore(max_concurrent_builds) if max_concurrent_builds > 0 else None
         )
         self.builds = BuildFigures()
+
+    def statistics(self) -> BuildStatistics:
+        return BuildStatistics(**asdict(self.builds))
 
     # -- build ------------------------------------------------------------
 

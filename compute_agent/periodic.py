@@ -27,7 +27,7 @@ class TaskStopped(Exception):
     """The task was stopped before the requested run could happen."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskFigures:
     """What an operator reads about one periodic task."""
 
@@ -42,6 +42,13 @@ class TaskFigures:
     last_error: str | None
     next_run_in_s: float | None
     max_lateness_s: float
+
+
+@dataclass(frozen=True)
+class RunnerStatistics:
+    """Every task's figures, in the order the tasks were added."""
+
+    tasks: tuple[TaskFigures, ...]
 
 
 class PeriodicTask:
@@ -208,7 +215,7 @@ class PeriodicTask:
 
     # -- figures ----------------------------------------------------------
 
-    def figures(self) -> TaskFigures:
+    def statistics(self) -> TaskFigures:
         next_in = None
         if self._next_due is not None and not self._stopping:
             next_in = round(max(0.0, self._next_due - self._clock()), 3)
@@ -225,6 +232,8 @@ class PeriodicTask:
             next_run_in_s=next_in,
             max_lateness_s=round(self.max_lateness, 4),
         )
+
+    figures = statistics  # the name the tests and older callers use
 
 
 class PeriodicRunner:
@@ -275,5 +284,8 @@ class PeriodicRunner:
         for gt in stoppers:
             gt.wait()
 
+    def statistics(self) -> RunnerStatistics:
+        return RunnerStatistics(tuple(t.statistics() for t in list(self.tasks.values())))
+
     def figures(self) -> list[TaskFigures]:
-        return [t.figures() for t in self.tasks.values()]
+        return list(self.statistics().tasks)

@@ -83,6 +83,16 @@ class _Call:
     defer_stop: Callable[[str], None] | None = None
 
 
+@dataclass(frozen=True)
+class SyncStatistics:
+    """The run under way (or the last one) and the last full run's unknown domains."""
+
+    progress: tuple[int, int]  # (instances done, of how many)
+    unknown_domains: int  # domains that belong to no instance of this host
+    unknown_names: tuple[str, ...]  # the first of them, sorted
+    unknown_checked_at: str | None  # when they were counted (UTC, ISO 8601)
+
+
 class PowerSync:
     def __init__(
         self,
@@ -118,6 +128,10 @@ class PowerSync:
         # Told of the row writes that won, once per batch: (the row as read, the values written).
         self.on_changes: Callable[[list[tuple[InstanceRecord, dict[str, Any]]]], None] | None = None
         self._rechecks: set[str] = set()
+
+    def statistics(self) -> SyncStatistics:
+        count, names, checked_at = self.unknown
+        return SyncStatistics(self.progress, count, tuple(names), checked_at)
 
     # -- entry points -----------------------------------------------------
 

@@ -82,6 +82,18 @@ class ReapSummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ReaperStatistics:
+    """The action, totals since start, and the last run (its counters, without its domains)."""
+
+    action: str
+    max_per_run: int
+    runs: int
+    last_run_at: str | None
+    totals: dict[str, int]
+    last_run: dict[str, Any] | None
+
+
 class DeletedGuestReaper:
     def __init__(
         self,
@@ -248,19 +260,22 @@ class DeletedGuestReaper:
         self.last = summary
         self.last_at = utcnow().isoformat(timespec="milliseconds") + "Z"
 
-    def figures(self) -> dict[str, Any]:
-        """What ``status`` shows: the action, totals since start, the last run."""
+    def statistics(self) -> ReaperStatistics:
         last = None
         if self.last is not None:
             last = {k: v for k, v in self.last.as_dict().items() if k not in ("action", "domains")}
-        return {
-            "action": self.action,
-            "max_per_run": self.max_per_run,
-            "runs": self.runs,
-            "last_run_at": self.last_at,
-            "totals": dict(self.totals),
-            "last_run": last,
-        }
+        return ReaperStatistics(
+            action=self.action,
+            max_per_run=self.max_per_run,
+            runs=self.runs,
+            last_run_at=self.last_at,
+            totals=dict(self.totals),
+            last_run=last,
+        )
+
+    def figures(self) -> dict[str, Any]:
+        """What ``status`` shows: :meth:`statistics` as a dict."""
+        return asdict(self.statistics())
 
     @staticmethod
     def _log(summary: ReapSummary) -> None:

@@ -92,9 +92,25 @@ def save_recorded(path: str, boot_id: str) -> None:
         raise
 
 
+@dataclass(frozen=True)
+class ResumeStatistics:
+    """What ``status`` shows of the resume after a host boot."""
+
+    enabled: bool
+    was_boot: bool | None
+    state: str  # off, no-boot, pending, running, done, failed, interrupted
+    candidates: int
+    resumed: int
+    failed: int
+    skipped: int
+    max_in_flight: int
+    duration_s: float | None
+    last_error: str | None
+
+
 @dataclass
 class ResumeFigures:
-    """What ``status`` shows of the resume after a host boot."""
+    """The pass's own figures, changed in place on the hub; read :meth:`BootResume.statistics`."""
 
     enabled: bool = False
     was_boot: bool | None = None
@@ -368,5 +384,8 @@ class BootResume:
     def running(self) -> bool:
         return self.figures.state == "running"
 
+    def statistics(self) -> ResumeStatistics:
+        return ResumeStatistics(**asdict(self.figures))
+
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self.figures)
+        return asdict(self.statistics())

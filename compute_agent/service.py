@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from oslo_config import cfg
@@ -12,9 +13,9 @@ from oslo_config import cfg
 from compute_agent import exception, green, servicegroup
 from compute_agent.db.api import Database
 from compute_agent.db.models import Service as ServiceRow
-from compute_agent.hub_monitor import HubLagMonitor
+from compute_agent.hub_monitor import HubLagMonitor, LagFigures
 from compute_agent.ownership import new_token
-from compute_agent.periodic import PeriodicRunner, PeriodicTask
+from compute_agent.periodic import PeriodicRunner, PeriodicTask, TaskFigures
 from compute_agent.utils import freeze_long_lived_objects
 
 LOG = logging.getLogger(__name__)
@@ -35,6 +36,17 @@ class Component(Protocol):
     def start(self, service: NodeService) -> None: ...
 
     def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServiceStatistics:
+    """The heartbeat, the periodic tasks and the hub's lag, as ``status`` and metrics show them."""
+
+    started_at: float  # monotonic: when the service claimed its row
+    heartbeat_at: float | None  # monotonic: the last heartbeat written, None before the first
+    disabled: bool  # the row's ``disabled``, as this agent set it
+    tasks: tuple[TaskFigures, ...]
+    hub_lag: LagFigures
 
 
 class NodeService:
@@ -242,6 +254,15 @@ class NodeService:
             if callable(extra) and (line := extra()):
                 text += f", {line}"
         return text
+
+    def statistics(self) -> ServiceStatistics:
+        return ServiceStatistics(
+            started_at=self.started_at_mono,
+            heartbeat_at=self.heartbeat_at,
+            disabled=self.disabled,
+            tasks=self.runner.statistics().tasks,
+            hub_lag=self.lag_monitor.statistics(),
+        )
 
     def _since_write(self) -> float:
         return green.monotonic() - self._heartbeat_started

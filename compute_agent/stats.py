@@ -152,6 +152,16 @@ class StatsSummary:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class SamplerStatistics:
+    """What the sampler tells of itself; safe to take from another native thread."""
+
+    cycles: int
+    tracked: int  # instances of this host it keeps a sample for
+    unresponsive: tuple[str, ...]  # UUIDs, sorted, as judged at the last cycle
+    unresponsive_after: float
+
+
 class StatsSampler:
     def __init__(
         self,
@@ -205,6 +215,19 @@ class StatsSampler:
 
     def get(self, uuid: str) -> dict[str, Any]:
         return self.store.get(uuid, green.monotonic())
+
+    def statistics(self) -> SamplerStatistics:
+        entries = self.store.entries()  # one C call: safe off the hub
+        return SamplerStatistics(
+            cycles=self._cycles,
+            tracked=len(entries),
+            unresponsive=tuple(sorted(u for u, e in entries if e.unresponsive)),
+            unresponsive_after=self.store.unresponsive_after,
+        )
+
+    def samples(self) -> dict[str, _Entry]:
+        """Each tracked instance's entry (newest complete sample, tracked since), a copy."""
+        return dict(self.store.entries())
 
     # -- one cycle --------------------------------------------------------
 

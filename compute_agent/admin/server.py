@@ -31,6 +31,7 @@ import socket
 import stat
 import struct
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from compute_agent import exception, green
@@ -75,6 +76,22 @@ MUTATING = frozenset(
         "reap_deleted_instances",
     }
 )
+
+
+@dataclass(frozen=True)
+class SocketStatistics:
+    """The socket's connections (open, busy, most at once), requests, refusals and drops."""
+
+    open: int
+    busy: int
+    max_open: int
+    limit: int
+    reserve: int
+    requests: int
+    errors: int
+    refused: int
+    evicted: int
+    timed_out: int
 
 
 class AdminSocketServer:
@@ -357,20 +374,24 @@ class AdminSocketServer:
             self._conns.discard(record)
             conn.close()
 
+    def statistics(self) -> SocketStatistics:
+        conns = list(self._conns)
+        return SocketStatistics(
+            open=len(conns),
+            busy=sum(1 for c in conns if c.busy),
+            max_open=self.max_open,
+            limit=self.max_connections,
+            reserve=self.reserve,
+            requests=self.requests,
+            errors=self.errors,
+            refused=self.refused,
+            evicted=self.evicted,
+            timed_out=self.timed_out,
+        )
+
     def figures(self) -> dict[str, Any]:
-        """What ``status`` shows of the socket: connections, refusals, drops."""
-        return {
-            "open": len(self._conns),
-            "busy": sum(1 for c in self._conns if c.busy),
-            "max_open": self.max_open,
-            "limit": self.max_connections,
-            "reserve": self.reserve,
-            "requests": self.requests,
-            "errors": self.errors,
-            "refused": self.refused,
-            "evicted": self.evicted,
-            "timed_out": self.timed_out,
-        }
+        """What ``status`` shows of the socket: :meth:`statistics` as a dict."""
+        return asdict(self.statistics())
 
     def _request(self, conn: socket.socket, line: bytes, peer: str) -> None:
         try:
@@ -451,7 +472,7 @@ class AdminSocketServer:
             # Between runs, progress holds the previous run's count: not ours.
             if task is None or not (final or task.running):
                 return None
-            done, total = manager.power_sync.progress
+            done, total = manager.power_sync.statistics().progress
             return int(done), int(total)
 
         return watch

@@ -1,10 +1,10 @@
 """Metric families built at scrape time from the agent's own figures.
 
-Runs in the scrape's native thread. It only reads: plain attributes
-(ints, floats, bools), whole objects swapped in by the hub (a sample, the
-instance table), and copies of dicts made in one C call. It never calls
-libvirt or the database: every value comes from the last sample or the
-last read.
+Runs in the scrape's native thread. It reads the service's and the
+manager's ``statistics()`` (frozen snapshots of plain attributes), whole
+objects swapped in by the hub (a sample, the instance table), and copies
+of dicts made in one C call. It never calls libvirt or the database:
+every value comes from the last sample or the last read.
 """
 
 from __future__ import annotations
@@ -71,13 +71,13 @@ class AgentCollector:
     # -- the host ---------------------------------------------------------
 
     def _host(self, now: float) -> Iterator[Metric]:
-        service, manager = self.service, self.manager
+        service, agent = self.service.statistics(), self.manager.statistics()
         lag = HistogramMetricFamily(
             PREFIX + "hub_lag_seconds", "How late the hub woke the lag monitor's greenthread."
         )
         _add_histogram(lag, [], figures.HUB_LAG)
         yield lag
-        beat = getattr(service, "heartbeat_at", None) or getattr(service, "started_at_mono", now)
+        beat = service.heartbeat_at or service.started_at
         yield _gauge(
             "heartbeat_age_seconds",
             "Seconds since the last heartbeat written (since start, before the first).",
@@ -86,7 +86,7 @@ class AgentCollector:
         yield _gauge(
             "service_disabled",
             "1 when the service is disabled (by an operator, or AUTO: while libvirt is away).",
-            1.0 if getattr(service, "disabled", False) else 0.0,
+            1.0 if service.disabled else 0.0,
         )
         yield _histogram(
             "periodic_task_duration_seconds",
@@ -99,7 +99,7 @@ class AgentCollector:
             "Runs of a periodic task that failed.",
             labels=["task"],
         )
-        for task in list(service.runner.tasks.values()):
+        for task in service.tasks:
             failures.add_metric([task.name], task.failures)
         yield failures
         yield _counter(
@@ -111,7 +111,7 @@ class AgentCollector:
         yield _gauge(
             "libvirt_connected",
             "1 while the agent holds a connection to libvirt.",
-            1.0 if manager.driver.connected else 0.0,
+            1.0 if agent.connected else 0.0,
         )
         yield _histogram(
             "libvirt_call_duration_seconds",
@@ -125,13 +125,11 @@ class AgentCollector:
             "cancelled, coalesced, ignored, not_ours, stops, rechecks, errors).",
             labels=["outcome"],
         )
-        handler = manager.events
-        if handler is not None:
-            fig = handler.figures
+        if agent.events is not None:
             for outcome in EVENT_OUTCOMES:
-                events.add_metric([outcome], getattr(fig, outcome))
+                events.add_metric([outcome], getattr(agent.events, outcome))
         yield events
-        builds = manager.operations.builds
+        builds = agent.builds
         yield _gauge("builds_in_progress", "Builds running now.", builds.running)
         yield _gauge("builds_queued", "Builds waiting for a build slot.", builds.queued)
 
@@ -178,9 +176,9 @@ class AgentCollector:
         """
         now = green.monotonic()
         index = self.manager.instance_index.snapshot()
-        store = self.manager.stats.store
-        entries = dict(store.entries())
-        after = store.unresponsive_after
+        stats = self.manager.stats
+        entries = stats.samples()
+        after = stats.statistics().unresponsive_after
         lines: dict[str, list[str]] = {name: [] for name, _, _ in INSTANCE_FAMILIES}
         for n, (uuid, facts) in enumerate(list(index.items()), 1):
             ids = f'uuid="{_escape(uuid)}",name="{_escape(facts.name)}"'
