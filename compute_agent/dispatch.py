@@ -19,7 +19,7 @@ from compute_agent.intake import IntakeGate
 from compute_agent.metrics import figures
 from compute_agent.service import BINARY
 from compute_agent.states import ActionSource, PowerState
-from compute_agent.utils import printable
+from compute_agent.utils import printable, request_args
 
 # A request's arguments, serialized, may not exceed this.
 MAX_ARGS_BYTES = 64 * 1024
@@ -109,10 +109,7 @@ class Dispatcher:
             raise exception.InvalidInput(
                 f"unknown method {str(method)[:80]!r}; known: {', '.join(self.public(admin))}"
             )
-        if args is None:
-            args = {}
-        if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
-            raise exception.InvalidInput(f"{method}: arguments must be an object of named values")
+        args = request_args(method, args)
         try:
             size = len(json.dumps(args, default=str))
         except (TypeError, ValueError, RecursionError) as exc:

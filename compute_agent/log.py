@@ -17,13 +17,7 @@ import urllib.parse
 from oslo_config import cfg
 
 from compute_agent import green
-
-# Every URL-like token (transport_url, database connection), and in it each
-# user:password@ -- a transport_url may list several hosts, comma-separated,
-# each with its own credentials.
-_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"]+")
-_CREDENTIALS = re.compile(r"(?P<head>(?:://|,)[^:/@,\s]*:)(?P<pw>[^@\s]+?)(?=@)")
-
+from compute_agent.utils import URL_CREDENTIALS, mask_url_password
 
 # The configured passwords themselves, masked wherever they appear: a
 # library may put one in a message that is no URL (kombu's URL parser,
@@ -42,7 +36,7 @@ def register_secret_urls(*urls: str | None) -> None:
     """Remember the passwords of ``urls`` (raw, unquoted, quoted), so ``mask_secrets``
     hides them even outside a URL, in whole or in the pieces a parser leaves."""
     for url in urls:
-        for match in _CREDENTIALS.finditer(url or ""):
+        for match in URL_CREDENTIALS.finditer(url or ""):
             raw = match.group("pw")
             plain = urllib.parse.unquote(raw)
             for form in {raw, plain, urllib.parse.quote(plain, safe=""), urllib.parse.quote(plain)}:
@@ -53,7 +47,7 @@ def register_secret_urls(*urls: str | None) -> None:
 
 def mask_secrets(text: str) -> str:
     """Replace the password of every URL in ``text``, and every known password, with ``***``."""
-    text = _URL.sub(lambda m: _CREDENTIALS.sub(r"\g<head>***", m.group(0)), text)
+    text = mask_url_password(text)
     for secret in sorted(_PASSWORDS, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "***")

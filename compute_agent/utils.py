@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import re
 import uuid as uuidlib
+from typing import Any
+
+from compute_agent import exception
+
+# Every URL-like token (transport_url, database connection), and in it each
+# user:password@ -- a transport_url may list several hosts, comma-separated,
+# each with its own credentials.
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s'\"]+")
+URL_CREDENTIALS = re.compile(r"(?P<head>(?:://|,)[^:/@,\s]*:)(?P<pw>[^@\s]+?)(?=@)")
 
 
 def utcnow() -> dt.datetime:
@@ -21,6 +31,30 @@ def printable(value: object, limit: int = 80) -> str:
     """
     text = str(value)[:limit]
     return text if text.isprintable() else repr(text)[1:-1]
+
+
+def mask_url_password(text: str) -> str:
+    """``text`` with the password of every URL in it (each host's) replaced by ``***``.
+
+    The one masking of URL credentials: logs, error messages and CLI output
+    all go through it (``log.mask_secrets`` adds the known passwords).
+    """
+    return _URL.sub(lambda m: URL_CREDENTIALS.sub(r"\g<head>***", m.group(0)), text)
+
+
+def request_args(method: object, args: Any, what: str = "arguments") -> dict[str, Any]:
+    """A request's arguments: None (no arguments) as ``{}``, else an object of named values.
+
+    The one reading of a request's ``args``, for RPC, the admin socket and
+    the dispatcher alike; ``what`` is the field's name in the caller's protocol.
+    """
+    if args is None:
+        return {}
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise exception.InvalidInput(
+            f"{printable(method)}: {what} must be an object of named values"
+        )
+    return args
 
 
 def is_uuid(value: object) -> bool:

@@ -16,7 +16,7 @@ import json
 from typing import Any
 
 from compute_agent import exception
-from compute_agent.utils import printable
+from compute_agent.utils import printable, request_args
 
 # A request line, its newline included, may not exceed this. Arguments are
 # bounded again (smaller) by the dispatcher; this bound only protects the
@@ -78,12 +78,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     method = message.get("method")
     if not isinstance(method, str) or not method:
         raise exception.InvalidInput("request needs a method, a non-empty string")
-    args = message.get("args", {})
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise exception.InvalidInput(f"{printable(method)}: args must be an object of named values")
-    return method, args
+    return method, request_args(method, message.get("args"), "args")
 
 
 class ProtocolError(Exception):

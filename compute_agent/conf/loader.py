@@ -19,11 +19,10 @@ from oslo_config import cfg
 
 from compute_agent import __version__
 from compute_agent.conf.opts import list_opts
+from compute_agent.utils import URL_CREDENTIALS
+from compute_agent.virt.spec import DOMAIN_NAME_RE
 
 LOG = logging.getLogger(__name__)
-
-# A libvirt domain name we are willing to create: conservative on purpose.
-DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 
 
 class ConfigError(Exception):
@@ -144,10 +143,6 @@ def _check_admin_socket(path: str) -> None:
         )
 
 
-# user:password@ of each host of a transport URL (hosts are comma-separated).
-_URL_CREDENTIALS = re.compile(r"(?:://|,)[^:/@,\s]*:(?P<pw>[^@\s]+?)(?=@)")
-
-
 def _check_transport_url(url: str | None) -> None:
     """A rabbit password holding '/' can never log in: refuse it now.
 
@@ -157,7 +152,7 @@ def _check_transport_url(url: str | None) -> None:
     """
     if not url or not url.startswith("rabbit:"):
         return
-    for match in _URL_CREDENTIALS.finditer(url):
+    for match in URL_CREDENTIALS.finditer(url):
         if "/" in urllib.parse.unquote(match.group("pw")):
             raise ValueError(
                 "[DEFAULT] transport_url: a RabbitMQ password holding '/' cannot be used "

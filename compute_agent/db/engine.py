@@ -190,14 +190,6 @@ def normalize_url(url: str) -> URL:
     return parsed.set(drivername=driver) if driver else parsed
 
 
-def mask_url(url: str) -> str:
-    """The URL with its password replaced by ``***``, fit for logs and CLI output."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except (sa.exc.ArgumentError, ValueError):
-        return "<unparseable database URL>"
-
-
 class _Pg8000PreferSSL:
     """pg8000's own "SSL if the server offers it", with one SSL context, not one per connection.
 

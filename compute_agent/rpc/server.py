@@ -27,7 +27,7 @@ from compute_agent.periodic import TaskStopped
 from compute_agent.rpc import PUBLIC_ERRORS, TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport, safe_url, transport_url_is_set
 from compute_agent.states import ActionSource
-from compute_agent.utils import freeze_long_lived_objects, printable
+from compute_agent.utils import freeze_long_lived_objects, printable, request_args
 
 LOG = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class RequestDispatcher(oslo_messaging.RPCDispatcher):
                 if method in self.endpoint.methods:
                     raise
                 # The Dispatcher refuses it, saying which methods exist.
-                self.endpoint.call(method, message.get("args") or {})
+                self.endpoint.call(method, message["args"])
                 raise AssertionError("unreachable: the endpoint refuses unknown methods") from None
             except oslo_messaging.UnsupportedVersion as exc:
                 raise _expected(
@@ -187,13 +187,12 @@ class RequestDispatcher(oslo_messaging.RPCDispatcher):
         method = message.get("method")
         if not isinstance(method, str) or not method:
             raise _expected(exception.InvalidInput("request has no method name"))
-        args = message.get("args", {})
-        if args is None:
-            # No arguments, as the Dispatcher and the admin socket take it;
-            # oslo's own dispatcher would fail on it with an AttributeError.
-            message["args"] = {}
-        elif not isinstance(args, dict):
-            raise _expected(exception.InvalidInput(f"{_name(method)}: arguments must be an object"))
+        try:
+            # No arguments (None) as the Dispatcher and the admin socket take it;
+            # oslo's own dispatcher would fail on None with an AttributeError.
+            message["args"] = request_args(method, message.get("args"))
+        except exception.InvalidInput as exc:
+            raise _expected(exc) from None
         version = message.get("version", VERSION)
         if not isinstance(version, str) or not _VERSION_RE.match(version):
             raise _expected(exception.InvalidInput(f"invalid version {str(version)[:20]!r}"))

@@ -8,8 +8,8 @@ import logging
 import oslo_messaging
 from oslo_config import cfg
 
-from compute_agent.log import mask_secrets
 from compute_agent.rpc import EXCEPTION_MODULE
+from compute_agent.utils import mask_url_password
 
 
 def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> oslo_messaging.Transport:
@@ -60,7 +60,7 @@ def transport_url_is_set(conf: cfg.ConfigOpts) -> bool:
 
 def safe_url(url: str | None) -> str:
     """The transport URL fit for a log line: every password masked."""
-    return mask_secrets(url) if url else "<none>"
+    return mask_url_password(url) if url else "<none>"
 
 
 def check_transport_url(conf: cfg.ConfigOpts) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 from compute_agent import exception
 from compute_agent.utils import is_uuid
 
+# A libvirt domain name we are willing to create: conservative on purpose.
 DOMAIN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
 MAX_VCPUS = 512
 MIN_MEMORY_MB = 16

@@ -11,9 +11,9 @@ from alembic.runtime.migration import MigrationContext
 from compute_agent import exception, servicegroup
 from compute_agent.db import migration
 from compute_agent.db.api import Database
-from compute_agent.db.engine import mask_url, normalize_url
+from compute_agent.db.engine import normalize_url
 from compute_agent.db.models import Base
-from compute_agent.utils import utcnow
+from compute_agent.utils import mask_url_password, utcnow
 from tests.helpers import create_instance
 
 
@@ -204,7 +204,7 @@ def test_url_helpers():
     assert normalize_url("postgresql://u:p@h/d").drivername == "postgresql+pg8000"
     assert normalize_url("mysql://u@h/d").drivername == "mysql+pymysql"
     assert normalize_url("postgresql+psycopg://u@h/d").drivername == "postgresql+psycopg"
-    assert mask_url("mysql+pymysql://root:s3cret@h/d") == "mysql+pymysql://root:***@h/d"
+    assert mask_url_password("mysql+pymysql://root:s3cret@h/d") == "mysql+pymysql://root:***@h/d"
     with pytest.raises(exception.InvalidInput):
         normalize_url("not a url")
 
