@@ -102,13 +102,13 @@ def main(argv: list[str]) -> int:
             "instances": len(rows),
             "startup_s": green.monotonic() - started,
         }
-        lag_at_ready = service.lag_monitor.figures()
+        lag_at_ready = service.lag_monitor.statistics()
         lag_warnings = _LagWarnings()
         logging.getLogger("compute_agent.hub_monitor").addHandler(lag_warnings)
         print(json.dumps(ready), flush=True)
         service.wait()
         # Hub lag while serving (max_s counts only if it grew after start-up).
-        lag = service.lag_monitor.figures()
+        lag = service.lag_monitor.statistics()
         served = {
             "stopped": args.host,
             "hub_lag_max_s": lag.max_s if lag.max_s > lag_at_ready.max_s else None,

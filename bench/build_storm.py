@@ -110,14 +110,14 @@ def run_case(limit: int, url: str | None = None, backend: str = "sqlite") -> dic
     manager = ComputeManager(conf, db, driver)
     service = NodeService(conf, db, components=[manager])
     service.start()
-    figures = manager.operations.builds
     peaks = {"running": 0, "queued": 0, "queued_rows": 0}
     done = green.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peaks["running"] = max(peaks["running"], figures.running)
-            peaks["queued"] = max(peaks["queued"], figures.queued)
+            builds = manager.operations.statistics()
+            peaks["running"] = max(peaks["running"], builds.running)
+            peaks["queued"] = max(peaks["queued"], builds.queued)
             green.sleep(SAMPLE_S)
 
     def sample_db() -> None:
@@ -152,7 +152,7 @@ def run_case(limit: int, url: str | None = None, backend: str = "sqlite") -> dic
         cpu = cpu_seconds() - cpu0
         rows = db.instance_get_all_by_host(HOST)
         settled = sum(1 for r in rows if r.vm_state == "active" and r.task_state is None)
-        lag = service.lag_monitor.figures()
+        lag = service.lag_monitor.statistics()
     finally:
         service.stop()
     ideal = REQUESTS * 2 * STEP_S / limit

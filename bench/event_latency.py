@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import uuid as uuidlib
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import libvirt
@@ -188,7 +189,7 @@ def scenario(label: str, events: bool, sync_interval: int, conn: Any) -> dict:
         t0 = green.monotonic()
         latencies = measure(agent, conn, uuids)
         elapsed = green.monotonic() - t0
-        figures = agent.manager.events.figures.as_dict() if agent.manager.events else None
+        figures = asdict(agent.manager.events.statistics()) if agent.manager.events else None
     finally:
         try:
             agent.service.stop()

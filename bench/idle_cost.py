@@ -16,6 +16,7 @@ emits an event, and the agent's sync of that one instance is counted.
 from __future__ import annotations
 
 import resource
+from dataclasses import asdict
 from typing import Any
 
 from bench.common import (
@@ -130,7 +131,7 @@ def main() -> dict:
                 changes.append((5.0 + 10 * i, lambda n=name: raw.lookupByName(n).suspend()))
                 changes.append((10.0 + 10 * i, lambda n=name: raw.lookupByName(n).resume()))
             busy = window(f"{2 * CHANGED} out-of-band changes", service, calls, changes)
-            figures = manager.events.figures.as_dict() if manager.events else {}
+            figures = asdict(manager.events.statistics()) if manager.events else {}
         finally:
             service.stop()
     finally:

@@ -58,7 +58,7 @@ def scenario(label: str, count: int, driver: Any, run_sync: bool, idle_for: floa
         green.sleep(idle_for)
     elapsed = green.monotonic() - t0
     late = ticker.stop()
-    lag = service.lag_monitor.figures()
+    lag = service.lag_monitor.statistics()
     service.stop()
     return {
         "scenario": label,

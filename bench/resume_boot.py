@@ -61,7 +61,7 @@ def one(limit: int) -> dict[str, Any]:
     resume.run_pass()
     elapsed = green.monotonic() - t0
     lateness = ticker.stop()
-    fig = resume.figures
+    fig = resume.statistics()
     running = sum(1 for d in driver.domains.values() if d.state is PowerState.RUNNING)
     active = sum(1 for r in db.instance_get_all_by_host(HOST) if r.power_state == "running")
     db.dispose()
