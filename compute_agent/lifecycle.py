@@ -82,9 +82,6 @@ class EventFigures:
     errors: int = 0
     last_latency_s: float | None = None
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class LifecycleHandler:
     def __init__(
