@@ -16,8 +16,6 @@ import urllib.parse
 
 from oslo_config import cfg
 
-from compute_agent import green
-
 # Every URL-like token (transport_url, database connection), and in it each
 # user:password@ -- a transport_url may list several hosts, comma-separated,
 # each with its own credentials.
@@ -63,6 +61,8 @@ def mask_secrets(text: str) -> str:
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "green"):
+            from compute_agent import green  # here: a client importing log loads no eventlet
+
             record.green = green.current_name()
         return mask_secrets(super().format(record))
 
@@ -82,6 +82,8 @@ class BackgroundHandler(logging.Handler):
         self.target = target
         self.limit = limit
         self.dropped = 0
+        from compute_agent import green  # here: a client importing log loads no eventlet
+
         self._pending = green.native_queue()
         self._writer = green.native_thread(self._write_loop, name="log-writer")
 
@@ -90,6 +92,8 @@ class BackgroundHandler(logging.Handler):
             self.dropped += 1
             return
         try:
+            from compute_agent import green  # loaded by __init__
+
             record.green = green.current_name()
             record.msg, record.args = record.getMessage(), None
             if record.exc_info:

@@ -27,8 +27,8 @@ from typing import Any
 
 from compute_agent import exception, green
 from compute_agent.db.api import Change, Database, InstanceRecord, action_rows
+from compute_agent.guest_ops import destroy_until_gone
 from compute_agent.locks import KeyedLocks
-from compute_agent.operations import destroy_until_gone
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver

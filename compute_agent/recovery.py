@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from compute_agent import exception, green
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
+from compute_agent.guest_ops import VM_STATE_OF, destroy_until_gone
 from compute_agent.locks import KeyedLocks
-from compute_agent.operations import VM_STATE_OF, destroy_until_gone
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
 from compute_agent.virt.driver import ComputeDriver
 

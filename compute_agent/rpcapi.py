@@ -23,9 +23,8 @@ import oslo_messaging
 from oslo_config import cfg
 
 from compute_agent import exception
-from compute_agent.rpc import PUBLIC_ERRORS, TOPIC, VERSION
+from compute_agent.rpc import BINARY, PUBLIC_ERRORS, TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport
-from compute_agent.service import BINARY
 
 # Broker connection attempts before a send gives up (oslo's default, None,
 # retries for ever, which would make every timeout meaningless).

@@ -35,7 +35,6 @@ from typing import Any
 
 from compute_agent import exception, green
 from compute_agent.admin import protocol
-from compute_agent.cmd.common import Fatal
 from compute_agent.intake import RefusalLog
 from compute_agent.periodic import TaskStopped
 from compute_agent.states import ActionSource
@@ -75,6 +74,10 @@ MUTATING = frozenset(
         "reap_deleted_instances",
     }
 )
+
+
+class AdminSocketError(Exception):
+    """The socket cannot be bound: the entry point stops the agent with this one line."""
 
 
 class AdminSocketServer:
@@ -125,7 +128,7 @@ class AdminSocketServer:
     # -- component life cycle ---------------------------------------------
 
     def listen(self) -> None:
-        """Bind the socket (once); refuse with Fatal if another agent answers on it.
+        """Bind the socket (once); AdminSocketError if it cannot, or another agent answers on it.
 
         The agent calls this before its service starts, so that a second
         agent on the host stops before it touches the service row, libvirt
@@ -177,7 +180,7 @@ class AdminSocketServer:
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise Fatal(
+            raise AdminSocketError(
                 f"cannot create the directory of admin_socket {path}: {exc.strerror}"
             ) from None
         self._remove_stale(path)
@@ -189,7 +192,7 @@ class AdminSocketServer:
             sock.bind(path)
         except OSError as exc:
             sock.close()
-            raise Fatal(f"cannot bind admin_socket {path}: {exc.strerror}") from None
+            raise AdminSocketError(f"cannot bind admin_socket {path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
         try:
@@ -199,7 +202,9 @@ class AdminSocketServer:
             sock.listen(16)
         except OSError as exc:
             sock.close()
-            raise Fatal(f"cannot listen on admin_socket {path}: {exc.strerror}") from None
+            raise AdminSocketError(
+                f"cannot listen on admin_socket {path}: {exc.strerror}"
+            ) from None
         return sock
 
     @staticmethod
@@ -210,9 +215,9 @@ class AdminSocketServer:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise Fatal(f"cannot check admin_socket {path}: {exc.strerror}") from None
+            raise AdminSocketError(f"cannot check admin_socket {path}: {exc.strerror}") from None
         if not stat.S_ISSOCK(st.st_mode):
-            raise Fatal(
+            raise AdminSocketError(
                 f"admin_socket {path} exists and is not a socket; "
                 "remove it or set [DEFAULT] admin_socket"
             )
@@ -223,14 +228,14 @@ class AdminSocketServer:
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # nobody listens: a dead agent's socket
         except TimeoutError:
-            raise Fatal(
+            raise AdminSocketError(
                 f"admin_socket {path} is in use by another process (it accepts no connection); "
                 "is another compute-agent running?"
             ) from None
         except OSError as exc:
-            raise Fatal(f"cannot check admin_socket {path}: {exc.strerror}") from None
+            raise AdminSocketError(f"cannot check admin_socket {path}: {exc.strerror}") from None
         else:
-            raise Fatal(
+            raise AdminSocketError(
                 f"another compute-agent is already listening on admin_socket {path}; "
                 "stop it first, or give this one another state_path or admin_socket"
             )

@@ -19,6 +19,7 @@ from oslo_config import cfg
 
 from compute_agent import __version__
 from compute_agent.conf.opts import list_opts
+from compute_agent.virt.spec import render_domain_name
 
 LOG = logging.getLogger(__name__)
 
@@ -126,10 +127,6 @@ def unknown_options(conf: cfg.ConfigOpts) -> list[str]:
                 ):
                     found.append(f"{section}.{key}")
     return sorted(set(found))
-
-
-def render_domain_name(template: str, uuid: str) -> str:
-    return template % {"uuid": uuid}
 
 
 # sun_path of a UNIX socket address holds 108 bytes, the final NUL included.

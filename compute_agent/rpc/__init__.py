@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from compute_agent import exception
 
+# The ``binary`` of the agent's service rows; the client finds hosts by it.
+BINARY = "compute-agent"
 TOPIC = "compute"
 VERSION = "1.0"
 
