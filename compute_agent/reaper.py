@@ -126,9 +126,8 @@ class DeletedGuestReaper:
         summary = ReapSummary(self.action)
         try:
             self._run(summary)
-        except exception.HypervisorUnavailable as exc:  # DatabaseUnavailable says its own name
-            db = isinstance(exc, exception.DatabaseUnavailable)
-            summary.aborted = str(exc) if db else f"hypervisor unavailable: {exc}"
+        except exception.Unavailable as exc:  # hypervisor or database, each in its own name
+            summary.aborted = exc.described()
         finally:
             summary.duration_s = round(green.monotonic() - started, 4)
             self._record(summary)
@@ -171,7 +170,7 @@ class DeletedGuestReaper:
         with self.locks.lock(inst.uuid):
             try:
                 outcome = self._act_locked(inst, summary)
-            except exception.HypervisorUnavailable:
+            except exception.Unavailable:
                 raise
             except exception.ForeignDomain as exc:
                 summary.foreign += 1

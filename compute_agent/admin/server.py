@@ -36,7 +36,6 @@ from typing import Any
 from compute_agent import exception, green
 from compute_agent.admin import protocol
 from compute_agent.intake import RefusalLog
-from compute_agent.periodic import TaskStopped
 from compute_agent.states import ActionSource
 from compute_agent.utils import printable
 
@@ -402,10 +401,10 @@ class AdminSocketServer:
         """Run one request; always a reply, never an exception."""
         try:
             result = self.dispatcher.call(method, args, ActionSource.CLI, admin=True)
-        except exception.ComputeAgentError as exc:
-            return _error_reply(exc)
-        except TaskStopped as exc:
+        except exception.Stopping as exc:
             LOG.warning("admin request %s not completed: %s", method, exc)
+            return _error_reply(exc)
+        except exception.ComputeAgentError as exc:
             return _error_reply(exc)
         except Exception as exc:  # reported to the caller; never ends the server
             LOG.exception("admin request %s failed", method)
@@ -540,8 +539,7 @@ class _LineReader:
 
 
 def _error_reply(exc: BaseException) -> dict[str, Any]:
-    message = exc.message if isinstance(exc, exception.ComputeAgentError) else str(exc)
-    return protocol.error(type(exc).__name__, message or type(exc).__name__)
+    return protocol.error(*exception.operator_error(exc))
 
 
 def _too_long() -> exception.InvalidInput:
