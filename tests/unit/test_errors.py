@@ -14,12 +14,16 @@ from compute_agent import exception, periodic
 from compute_agent.admin.client import AdminClient, RemoteError
 from compute_agent.admin.server import AdminSocketServer
 from compute_agent.dispatch import Dispatcher
+from compute_agent.locks import KeyedLocks
 from compute_agent.manager import ComputeManager
+from compute_agent.power_sync import PowerSync
 from compute_agent.rpc import PUBLIC_ERRORS
 from compute_agent.rpc.server import ComputeEndpoint
 from compute_agent.rpcapi import _local
 from compute_agent.service import NodeService
+from compute_agent.states import PowerState
 from compute_agent.virt.fake import FakeDriver
+from tests.helpers import create_instance
 
 E = exception
 
@@ -174,3 +178,20 @@ def test_a_database_outage_over_the_admin_socket_names_the_database(outage):
         shutil.rmtree(directory, ignore_errors=True)
     assert raised.value.type == "DatabaseUnavailable"
     assert raised.value.message == "database unavailable: connection refused"
+
+
+def test_a_database_outage_aborts_a_power_sync_in_its_own_words(sqlite_db, monkeypatch):
+    """It aborts the run as a hypervisor outage does, but never reads "hypervisor unavailable"."""
+    driver = FakeDriver()
+    driver.init_host("h1")
+    inst = create_instance(sqlite_db, host="h1", vm_state="active", power_state="running")
+    driver.add_domain(inst.domain_name, inst.uuid, PowerState.RUNNING)
+    sync = PowerSync(sqlite_db, driver, "h1", KeyedLocks())
+
+    def away(*args, **kwargs):
+        raise E.DatabaseUnavailable("database unavailable: connection refused")
+
+    monkeypatch.setattr(sync, "_sync_locked", away)
+    summary = sync.run()
+    assert summary.aborted == "database unavailable: connection refused"
+    assert summary.errors == 0  # an outage is no error of the instance's
