@@ -9,6 +9,11 @@ HypervisorUnavailable) with the agent's message; no reply in time raises
 
 Calls block the calling thread (a greenthread, once eventlet has patched
 the process), so many may be in flight at once from many threads.
+
+Importing this module loads none of the agent's server side: no
+SQLAlchemy, no service, no ``green`` (``tests/unit/test_layers.py``).
+oslo.messaging itself still imports eventlet, unpatched, through
+oslo.service's default backend.
 """
 
 from __future__ import annotations
