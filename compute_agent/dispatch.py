@@ -17,7 +17,7 @@ from typing import Any
 from compute_agent import __version__, exception, green, servicegroup
 from compute_agent.intake import IntakeGate
 from compute_agent.metrics import figures
-from compute_agent.service import BINARY
+from compute_agent.rpc import BINARY
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import printable, request_args
 

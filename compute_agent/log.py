@@ -16,7 +16,6 @@ import urllib.parse
 
 from oslo_config import cfg
 
-from compute_agent import green
 from compute_agent.utils import URL_CREDENTIALS, mask_url_password
 
 # The configured passwords themselves, masked wherever they appear: a
@@ -57,6 +56,8 @@ def mask_secrets(text: str) -> str:
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         if not hasattr(record, "green"):
+            from compute_agent import green  # here: a client importing log loads no eventlet
+
             record.green = green.current_name()
         return mask_secrets(super().format(record))
 
@@ -76,6 +77,8 @@ class BackgroundHandler(logging.Handler):
         self.target = target
         self.limit = limit
         self.dropped = 0
+        from compute_agent import green  # here: a client importing log loads no eventlet
+
         self._pending = green.native_queue()
         self._writer = green.native_thread(self._write_loop, name="log-writer")
 
@@ -84,6 +87,8 @@ class BackgroundHandler(logging.Handler):
             self.dropped += 1
             return
         try:
+            from compute_agent import green  # loaded by __init__
+
             record.green = green.current_name()
             record.msg, record.args = record.getMessage(), None
             if record.exc_info:

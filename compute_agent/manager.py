@@ -34,7 +34,8 @@ from compute_agent.power_sync import PowerSync, SyncStatistics, SyncSummary
 from compute_agent.reaper import DeletedGuestReaper, ReaperStatistics
 from compute_agent.recovery import recover_interrupted
 from compute_agent.resume import BootResume, ResumeStatistics
-from compute_agent.service import BINARY, NodeService
+from compute_agent.rpc import BINARY
+from compute_agent.service import NodeService
 from compute_agent.states import ActionSource
 from compute_agent.stats import SamplerStatistics, StatsSampler
 from compute_agent.utils import printable, utcnow

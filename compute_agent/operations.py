@@ -22,14 +22,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from compute_agent import exception, green, steady
-from compute_agent.conf.loader import render_domain_name
 from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.db.models import Instance
+from compute_agent.guest_ops import VM_STATE_OF, destroy_until_gone
 from compute_agent.locks import KeyedLocks
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
 from compute_agent.utils import printable, utcnow
 from compute_agent.virt.driver import ComputeDriver
-from compute_agent.virt.spec import DomainSpec, validate_uuid
+from compute_agent.virt.spec import DomainSpec, render_domain_name, validate_uuid
 
 LOG = logging.getLogger(__name__)
 
@@ -43,20 +43,8 @@ STARTABLE = frozenset({VmState.STOPPED})
 RESUMABLE = frozenset({VmState.ACTIVE})
 REBOOTABLE = frozenset({VmState.ACTIVE, VmState.PAUSED, VmState.SUSPENDED, VmState.ERROR})
 DELETABLE = frozenset(VmState) - {VmState.DELETED}
-# A delete removes the domain, checks it is gone, and tries again this often
-# if a concurrent start or define brought it back meanwhile.
-DESTROY_ATTEMPTS = 3
 # What a stop brings about itself: it counts at once (see steady.wait_steady).
 STOPPED_STATES = frozenset({PowerState.SHUTDOWN, PowerState.CRASHED})
-
-# What an instance is, judged from its domain once an operation is over.
-VM_STATE_OF = {
-    PowerState.RUNNING: VmState.ACTIVE,
-    PowerState.PAUSED: VmState.PAUSED,
-    PowerState.SUSPENDED: VmState.SUSPENDED,
-    PowerState.SHUTDOWN: VmState.STOPPED,
-    PowerState.CRASHED: VmState.STOPPED,
-}
 
 
 @dataclass(frozen=True)
@@ -99,31 +87,6 @@ def validate_display_name(name: Any) -> str:
             f"name holds control or unassigned character(s) such as {bad[0]!r}"
         )
     return name
-
-
-def destroy_until_gone(driver: ComputeDriver, inst: Instance) -> None:
-    """Destroy the domain, then make sure no domain of this name and UUID is left.
-
-    A start or define racing the delete (out of band) can bring the domain
-    back between the driver's steps; the row must never be deleted while
-    its guest still runs, owned by nobody. ForeignDomain is the caller's.
-    """
-    for attempt in range(1, DESTROY_ATTEMPTS + 1):
-        try:
-            driver.destroy(inst)
-        except exception.InstanceNotFound:
-            if attempt == 1:
-                LOG.info("instance %s: no domain to destroy", inst.uuid)
-        if not driver.instance_exists(inst):
-            return
-        LOG.warning(
-            "instance %s: its domain came back during the delete (attempt %d); destroying it",
-            inst.uuid,
-            attempt,
-        )
-    raise exception.InstanceInvalidState(
-        f"instance {inst.uuid}: its domain keeps coming back; delete not completed"
-    )
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from compute_agent.utils import utcnow
 LOG = logging.getLogger(__name__)
 
 
-class TaskStopped(Exception):
-    """The task was stopped before the requested run could happen."""
+# In the error tree now (category "stopping"); the old name stays importable here.
+TaskStopped = exception.TaskStopped
 
 
 @dataclass(frozen=True)

@@ -146,8 +146,8 @@ class PowerSync:
             self._count_unknown(instances, summary)
             prefetched = self._prefetch(instances) if self.source == "bulk" else {}
             self._run_all(instances, prefetched, call)
-        except exception.HypervisorUnavailable as exc:
-            summary.aborted = f"hypervisor unavailable: {exc}"
+        except exception.Unavailable as exc:  # hypervisor or database: the run cannot go on
+            summary.aborted = exc.described()
         finally:
             self._flush_writes(call)
             summary.duration_s = round(green.monotonic() - started, 4)
@@ -239,9 +239,9 @@ class PowerSync:
             try:
                 if summary.aborted is None and not self.should_stop():
                     self._handle(inst, prefetched, call, ActionSource.SYNC, wait=False)
-            except exception.HypervisorUnavailable as exc:
+            except exception.Unavailable as exc:
                 if summary.aborted is None:
-                    summary.aborted = f"hypervisor unavailable: {exc}"
+                    summary.aborted = exc.described()
             finally:
                 done += 1
                 self.progress = (done, self.progress[1])
@@ -287,7 +287,7 @@ class PowerSync:
             return
         try:
             outcome = self._sync_locked(inst, prefetched, call, source)
-        except exception.HypervisorUnavailable:
+        except exception.Unavailable:
             raise
         except exception.ForeignDomain as exc:
             summary.errors += 1

@@ -27,8 +27,8 @@ from typing import Any
 
 from compute_agent import exception, green
 from compute_agent.db.api import Change, Database, InstanceRecord, action_rows
+from compute_agent.guest_ops import destroy_until_gone
 from compute_agent.locks import KeyedLocks
-from compute_agent.operations import destroy_until_gone
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver
@@ -138,9 +138,8 @@ class DeletedGuestReaper:
         summary = ReapSummary(self.action)
         try:
             self._run(summary)
-        except exception.HypervisorUnavailable as exc:  # DatabaseUnavailable says its own name
-            db = isinstance(exc, exception.DatabaseUnavailable)
-            summary.aborted = str(exc) if db else f"hypervisor unavailable: {exc}"
+        except exception.Unavailable as exc:  # hypervisor or database, each in its own name
+            summary.aborted = exc.described()
         finally:
             summary.duration_s = round(green.monotonic() - started, 4)
             self._record(summary)
@@ -183,7 +182,7 @@ class DeletedGuestReaper:
         with self.locks.lock(inst.uuid):
             try:
                 outcome = self._act_locked(inst, summary)
-            except exception.HypervisorUnavailable:
+            except exception.Unavailable:
                 raise
             except exception.ForeignDomain as exc:
                 summary.foreign += 1

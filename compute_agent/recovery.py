@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from compute_agent import exception, green
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
+from compute_agent.guest_ops import VM_STATE_OF, destroy_until_gone
 from compute_agent.locks import KeyedLocks
-from compute_agent.operations import VM_STATE_OF, destroy_until_gone
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
 from compute_agent.virt.driver import ComputeDriver
 
@@ -46,8 +46,9 @@ def recover_interrupted(
 ) -> RecoverySummary:
     """Settle every instance left with a task_state by an earlier process.
 
-    Raises HypervisorUnavailable if the hypervisor goes away meanwhile; the
-    caller runs it again once it is back.
+    Raises HypervisorUnavailable if the hypervisor goes away meanwhile (the
+    caller runs it again once it is back), DatabaseUnavailable if the
+    database does (the caller retries it soon).
     """
     summary = RecoverySummary()
     for inst in db.instance_get_all_by_host(host):
@@ -56,7 +57,7 @@ def recover_interrupted(
         with locks.lock(inst.uuid):
             try:
                 _recover_one(db, driver, inst, summary)
-            except exception.HypervisorUnavailable:
+            except exception.Unavailable:  # the caller retries: on reconnection, or soon (database)
                 raise
             except Exception as exc:  # noqa: BLE001 - one instance must not stop the others
                 summary.failed.append(inst.uuid)

@@ -336,7 +336,7 @@ class BootResume:
                 LOG.error(
                     "instance %s: resume after host boot left it %s", inst.uuid, result.vm_state
                 )
-        except exception.HypervisorUnavailable as exc:  # DatabaseUnavailable is one too
+        except exception.Unavailable as exc:  # the hypervisor or the database
             fig.failed += 1
             self.db_lost = self.db_lost or isinstance(exc, exception.DatabaseUnavailable)
             lost.append(f"{type(exc).__name__}: {exc}")

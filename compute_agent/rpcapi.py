@@ -9,6 +9,11 @@ HypervisorUnavailable) with the agent's message; no reply in time raises
 
 Calls block the calling thread (a greenthread, once eventlet has patched
 the process), so many may be in flight at once from many threads.
+
+Importing this module loads none of the agent's server side: no
+SQLAlchemy, no service, no ``green`` (``tests/unit/test_layers.py``).
+oslo.messaging itself still imports eventlet, unpatched, through
+oslo.service's default backend.
 """
 
 from __future__ import annotations
@@ -23,9 +28,8 @@ import oslo_messaging
 from oslo_config import cfg
 
 from compute_agent import exception
-from compute_agent.rpc import PUBLIC_ERRORS, TOPIC, VERSION
+from compute_agent.rpc import BINARY, PUBLIC_ERRORS, TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport
-from compute_agent.service import BINARY
 
 # Broker connection attempts before a send gives up (oslo's default, None,
 # retries for ever, which would make every timeout meaningless).

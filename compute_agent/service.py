@@ -16,11 +16,11 @@ from compute_agent.db.models import Service as ServiceRow
 from compute_agent.hub_monitor import HubLagMonitor, LagFigures
 from compute_agent.ownership import new_token
 from compute_agent.periodic import PeriodicRunner, PeriodicTask, TaskFigures
+from compute_agent.rpc import BINARY
 from compute_agent.utils import freeze_long_lived_objects
 
 LOG = logging.getLogger(__name__)
 
-BINARY = "compute-agent"
 HEARTBEAT = "heartbeat"
 # The share of report_interval a heartbeat waits for its write: the task
 # stays on schedule however slow the database is.

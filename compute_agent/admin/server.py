@@ -36,9 +36,7 @@ from typing import Any
 
 from compute_agent import exception, green
 from compute_agent.admin import protocol
-from compute_agent.cmd.common import Fatal
 from compute_agent.intake import RefusalLog
-from compute_agent.periodic import TaskStopped
 from compute_agent.states import ActionSource
 from compute_agent.utils import printable
 
@@ -76,6 +74,10 @@ MUTATING = frozenset(
         "reap_deleted_instances",
     }
 )
+
+
+class AdminSocketError(Exception):
+    """The socket cannot be bound: the entry point stops the agent with this one line."""
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,7 @@ class AdminSocketServer:
     # -- component life cycle ---------------------------------------------
 
     def listen(self) -> None:
-        """Bind the socket (once); refuse with Fatal if another agent answers on it.
+        """Bind the socket (once); AdminSocketError if it cannot, or another agent answers on it.
 
         The agent calls this before its service starts, so that a second
         agent on the host stops before it touches the service row, libvirt
@@ -194,7 +196,7 @@ class AdminSocketServer:
         try:
             os.makedirs(parent, mode=0o700, exist_ok=True)
         except OSError as exc:
-            raise Fatal(
+            raise AdminSocketError(
                 f"cannot create the directory of admin_socket {path}: {exc.strerror}"
             ) from None
         self._remove_stale(path)
@@ -206,7 +208,7 @@ class AdminSocketServer:
             sock.bind(path)
         except OSError as exc:
             sock.close()
-            raise Fatal(f"cannot bind admin_socket {path}: {exc.strerror}") from None
+            raise AdminSocketError(f"cannot bind admin_socket {path}: {exc.strerror}") from None
         finally:
             os.umask(old_umask)
         try:
@@ -216,7 +218,9 @@ class AdminSocketServer:
             sock.listen(16)
         except OSError as exc:
             sock.close()
-            raise Fatal(f"cannot listen on admin_socket {path}: {exc.strerror}") from None
+            raise AdminSocketError(
+                f"cannot listen on admin_socket {path}: {exc.strerror}"
+            ) from None
         return sock
 
     @staticmethod
@@ -227,9 +231,9 @@ class AdminSocketServer:
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise Fatal(f"cannot check admin_socket {path}: {exc.strerror}") from None
+            raise AdminSocketError(f"cannot check admin_socket {path}: {exc.strerror}") from None
         if not stat.S_ISSOCK(st.st_mode):
-            raise Fatal(
+            raise AdminSocketError(
                 f"admin_socket {path} exists and is not a socket; "
                 "remove it or set [DEFAULT] admin_socket"
             )
@@ -240,14 +244,14 @@ class AdminSocketServer:
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # nobody listens: a dead agent's socket
         except TimeoutError:
-            raise Fatal(
+            raise AdminSocketError(
                 f"admin_socket {path} is in use by another process (it accepts no connection); "
                 "is another compute-agent running?"
             ) from None
         except OSError as exc:
-            raise Fatal(f"cannot check admin_socket {path}: {exc.strerror}") from None
+            raise AdminSocketError(f"cannot check admin_socket {path}: {exc.strerror}") from None
         else:
-            raise Fatal(
+            raise AdminSocketError(
                 f"another compute-agent is already listening on admin_socket {path}; "
                 "stop it first, or give this one another state_path or admin_socket"
             )
@@ -418,10 +422,10 @@ class AdminSocketServer:
         """Run one request; always a reply, never an exception."""
         try:
             result = self.dispatcher.call(method, args, ActionSource.CLI, admin=True)
-        except exception.ComputeAgentError as exc:
-            return _error_reply(exc)
-        except TaskStopped as exc:
+        except exception.Stopping as exc:
             LOG.warning("admin request %s not completed: %s", method, exc)
+            return _error_reply(exc)
+        except exception.ComputeAgentError as exc:
             return _error_reply(exc)
         except Exception as exc:  # reported to the caller; never ends the server
             LOG.exception("admin request %s failed", method)
@@ -556,8 +560,7 @@ class _LineReader:
 
 
 def _error_reply(exc: BaseException) -> dict[str, Any]:
-    message = exc.message if isinstance(exc, exception.ComputeAgentError) else str(exc)
-    return protocol.error(type(exc).__name__, message or type(exc).__name__)
+    return protocol.error(*exception.operator_error(exc))
 
 
 def _too_long() -> exception.InvalidInput:

@@ -13,7 +13,7 @@ from collections.abc import Sequence  # noqa: E402
 import sqlalchemy as sa  # noqa: E402
 
 from compute_agent import exception, log, sdnotify  # noqa: E402
-from compute_agent.admin.server import AdminSocketServer  # noqa: E402
+from compute_agent.admin.server import AdminSocketError, AdminSocketServer  # noqa: E402
 from compute_agent.cmd.common import (  # noqa: E402
     EXIT_FAILED,
     EXIT_OK,
@@ -110,9 +110,9 @@ def claim_host(
         raise Fatal(f"cannot claim the service row: {exc}") from None
     try:
         admin.listen()
-    except Fatal:
+    except AdminSocketError as exc:
         service.release_claim()
-        raise
+        raise Fatal(str(exc)) from None
     if metrics is not None:
         try:
             metrics.listen()  # a taken port is a configuration error, found before start

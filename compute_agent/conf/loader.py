@@ -20,7 +20,7 @@ from oslo_config import cfg
 from compute_agent import __version__
 from compute_agent.conf.opts import list_opts
 from compute_agent.utils import URL_CREDENTIALS
-from compute_agent.virt.spec import DOMAIN_NAME_RE
+from compute_agent.virt.spec import DOMAIN_NAME_RE, render_domain_name
 
 LOG = logging.getLogger(__name__)
 
@@ -125,10 +125,6 @@ def unknown_options(conf: cfg.ConfigOpts) -> list[str]:
                 ):
                     found.append(f"{section}.{key}")
     return sorted(set(found))
-
-
-def render_domain_name(template: str, uuid: str) -> str:
-    return template % {"uuid": uuid}
 
 
 # sun_path of a UNIX socket address holds 108 bytes, the final NUL included.

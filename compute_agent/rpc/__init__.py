@@ -9,16 +9,14 @@ from __future__ import annotations
 
 from compute_agent import exception
 
+# The ``binary`` of the agent's service rows; the client finds hosts by it.
+BINARY = "compute-agent"
 TOPIC = "compute"
 VERSION = "1.0"
 
 # The module whose exceptions a caller may have rebuilt as real classes.
 EXCEPTION_MODULE = exception.__name__
 
-# The only error types a caller ever receives, most specific first.
-PUBLIC_ERRORS: tuple[type[exception.ComputeAgentError], ...] = (
-    exception.InstanceNotFound,
-    exception.InvalidInput,
-    exception.InstanceInvalidState,
-    exception.HypervisorUnavailable,
-)
+# The only error types a caller ever receives, most specific first
+# (``exception.public_error`` maps every other error to one of them).
+PUBLIC_ERRORS = exception.PUBLIC_ERRORS

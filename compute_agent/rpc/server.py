@@ -22,9 +22,9 @@ from oslo_messaging.rpc import server as oslo_rpc_server
 
 from compute_agent import exception, green
 from compute_agent.dispatch import Dispatcher
+from compute_agent.exception import public_error
 from compute_agent.intake import RefusalLog
-from compute_agent.periodic import TaskStopped
-from compute_agent.rpc import PUBLIC_ERRORS, TOPIC, VERSION
+from compute_agent.rpc import TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport, safe_url, transport_url_is_set
 from compute_agent.states import ActionSource
 from compute_agent.utils import freeze_long_lived_objects, printable, request_args
@@ -48,30 +48,6 @@ class _ClosingChannelNoise(logging.Filter):
 logging.getLogger("amqp").addFilter(_ClosingChannelNoise())
 
 
-def public_error(exc: BaseException, host: str, method: str) -> exception.ComputeAgentError:
-    """``exc`` as one of the four types a caller may receive.
-
-    Subclasses are sent as their public base (``InstanceExists`` as
-    ``InstanceInvalidState``), so a caller without the agent's exception
-    module still sees one of the four documented names.
-    """
-    if type(exc) in PUBLIC_ERRORS:
-        assert isinstance(exc, exception.ComputeAgentError)
-        return exc
-    if isinstance(exc, exception.InstanceInvalidState | exception.ForeignDomain):
-        return exception.InstanceInvalidState(str(exc))
-    if isinstance(exc, exception.InvalidInput):
-        return exception.InvalidInput(str(exc))
-    if isinstance(exc, exception.HypervisorUnavailable):
-        return exception.HypervisorUnavailable(str(exc))
-    if isinstance(exc, TaskStopped):
-        return exception.HypervisorUnavailable(f"host {host} is stopping: {exc}")
-    detail = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return exception.HypervisorUnavailable(
-        f"{method} failed on host {host}: {type(exc).__name__}" + (f": {detail}" if detail else "")
-    )
-
-
 def _expected(error: exception.ComputeAgentError) -> oslo_messaging.ExpectedException:
     """Wrap ``error`` so oslo replies with it without logging a traceback.
 
@@ -89,7 +65,7 @@ def _expected(error: exception.ComputeAgentError) -> oslo_messaging.ExpectedExce
 
 
 # What a request may be refused with in the normal course: no traceback logged.
-_REFUSALS = (*PUBLIC_ERRORS, exception.ForeignDomain, TaskStopped)
+_REFUSALS = exception.EXPECTED
 
 
 class _PublicMethodsOnly(oslo_messaging.RPCAccessPolicyBase):

@@ -32,6 +32,11 @@ def validate_domain_name(name: Any) -> str:
     return name
 
 
+def render_domain_name(template: str, uuid: str) -> str:
+    """The domain name ``instance_name_template`` gives ``uuid`` (checked by the caller)."""
+    return template % {"uuid": uuid}
+
+
 def validate_uuid(value: Any, what: str = "uuid") -> str:
     if not is_uuid(value):
         raise exception.InvalidInput(f"invalid {what} {str(value)[:80]!r}: not a UUID")

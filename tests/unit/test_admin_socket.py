@@ -20,8 +20,7 @@ from compute_agent.admin.client import (
     ClientError,
     RemoteError,
 )
-from compute_agent.admin.server import AdminSocketServer
-from compute_agent.cmd.common import Fatal
+from compute_agent.admin.server import AdminSocketError, AdminSocketServer
 from compute_agent.dispatch import Dispatcher
 from compute_agent.manager import ComputeManager
 from compute_agent.service import NodeService
@@ -220,7 +219,7 @@ def test_a_stale_socket_file_is_replaced(agent, sock_path):
 
 def test_a_second_server_refuses_and_the_first_keeps_serving(server, agent, sock_path):
     second = AdminSocketServer(sock_path, agent)
-    with pytest.raises(Fatal, match="another compute-agent is already listening"):
+    with pytest.raises(AdminSocketError, match="another compute-agent is already listening"):
         second.listen()
     second.stop()  # as the service would; must not remove the first one's socket
     assert AdminClient(sock_path).call("ping")["host"] == "test-host"
@@ -229,7 +228,7 @@ def test_a_second_server_refuses_and_the_first_keeps_serving(server, agent, sock
 def test_a_file_that_is_not_a_socket_is_left_alone(agent, sock_path):
     with open(sock_path, "w") as f:
         f.write("precious")
-    with pytest.raises(Fatal, match="is not a socket"):
+    with pytest.raises(AdminSocketError, match="is not a socket"):
         AdminSocketServer(sock_path, agent).listen()
     with open(sock_path) as f:
         assert f.read() == "precious"

@@ -239,7 +239,9 @@ def test_an_unreachable_database_is_a_typed_error(url):
     for error in (orm.value, core.value):
         assert str(error).startswith("database unavailable: ")
         assert "s3cret" not in str(error) and "\n" not in str(error)
-    assert isinstance(orm.value, exception.HypervisorUnavailable)  # what RPC callers know
+    # What RPC callers know: the front door's mapping, no longer the class's base.
+    public = exception.public_error(orm.value, "h1", "ping")
+    assert type(public) is exception.HypervisorUnavailable and str(public) == str(orm.value)
 
 
 def test_a_statement_error_is_not_an_outage(db):

@@ -1,0 +1,107 @@
+"""Layers point one way: the scheduler's client loads none of the server, nothing imports cmd."""
+
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import subprocess
+import sys
+
+import compute_agent
+
+PACKAGE = pathlib.Path(compute_agent.__file__).parent
+
+# What the client must never pull in: the server's stack and its database.
+SERVER_SIDE = (
+    "sqlalchemy",
+    "compute_agent.service",
+    "compute_agent.db",
+    "compute_agent.green",
+    "compute_agent.periodic",
+    "compute_agent.hub_monitor",
+    "compute_agent.manager",
+)
+
+
+def _loaded(code: str) -> dict[str, object]:
+    """Run ``code`` in a fresh interpreter; what it loaded, and whether eventlet patched it."""
+    probe = (
+        f"{code}\nimport json, sys\n"
+        "patched = 'eventlet.patcher' in sys.modules and "
+        "sys.modules['eventlet.patcher'].is_monkey_patched('socket')\n"
+        "print(json.dumps({'modules': sorted(sys.modules), 'patched': patched}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=PACKAGE.parent,
+        timeout=60,
+    ).stdout
+    return json.loads(out.splitlines()[-1])
+
+
+def test_rpcapi_loads_neither_the_server_nor_the_database():
+    loaded = _loaded("import compute_agent.rpcapi")
+    modules = set(loaded["modules"])
+    assert not [m for m in SERVER_SIDE if m in modules]
+    assert "compute_agent.rpcapi" in modules
+    assert not loaded["patched"]
+
+
+def test_rpcapi_loads_eventlet_only_if_oslo_messaging_itself_does():
+    """oslo.messaging 18.x imports oslo_service.service, whose default backend is eventlet.
+
+    So eventlet is loaded (never patched) in any process that imports
+    oslo.messaging; the agent's own modules must add no import of it.
+    """
+    ours = set(_loaded("import compute_agent.rpcapi")["modules"])
+    if "eventlet" in set(_loaded("import oslo_messaging")["modules"]):
+        assert "compute_agent.green" not in ours
+    else:
+        assert "eventlet" not in ours
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    """The absolute module names ``path`` imports (``from a import b`` gives a and a.b)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _module(path: pathlib.Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _importers_of(target: str, *, outside: str | None = None) -> list[str]:
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = _module(path)
+        if outside and (name == outside or name.startswith(outside + ".")):
+            continue
+        if any(i == target or i.startswith(target + ".") for i in _imports(path)):
+            found.append(name)
+    return found
+
+
+def test_only_the_entry_points_import_the_entry_points():
+    assert _importers_of("compute_agent.cmd", outside="compute_agent.cmd") == []
+
+
+def test_the_background_jobs_do_not_import_the_operations():
+    importers = _importers_of("compute_agent.operations")
+    assert "compute_agent.recovery" not in importers
+    assert "compute_agent.reaper" not in importers
+
+
+def test_only_the_entry_points_import_the_config_loader():
+    importers = _importers_of("compute_agent.conf.loader", outside="compute_agent.conf")
+    assert importers and all(n.startswith("compute_agent.cmd.") for n in importers)
