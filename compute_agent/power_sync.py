@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from compute_agent import exception, green, steady, sync_policy
-from compute_agent.db.api import Change, Database, InstanceRecord, action_rows, diff
+from compute_agent.db.api import AnyInstance, Change, Database, InstanceRecord, action_rows, diff
 from compute_agent.locks import KeyedLocks
 from compute_agent.metrics import figures
 from compute_agent.states import ActionSource, PowerState
@@ -60,10 +60,10 @@ class SyncSummary:
 class _Write:
     """A row write decided under the instance's lock, committed with others."""
 
-    inst: InstanceRecord
+    inst: AnyInstance
     values: dict[str, Any]
     expected: dict[str, Any]
-    changes: list
+    changes: list[Change]
     reason: str
     audit: list[dict[str, Any]]
 
@@ -126,7 +126,7 @@ class PowerSync:
         # it at the lifecycle handler, so that events cancel and coalesce it.
         self.recheck_later: Callable[[str, float], None] = self._recheck_later
         # Told of the row writes that won, once per batch: (the row as read, the values written).
-        self.on_changes: Callable[[list[tuple[InstanceRecord, dict[str, Any]]]], None] | None = None
+        self.on_changes: Callable[[list[tuple[AnyInstance, dict[str, Any]]]], None] | None = None
         self._rechecks: set[str] = set()
 
     def statistics(self) -> SyncStatistics:
@@ -276,7 +276,7 @@ class PowerSync:
 
     def _handle_locked(
         self,
-        inst: InstanceRecord,
+        inst: AnyInstance,
         prefetched: dict[str, PowerState | None] | None,
         call: _Call,
         source: ActionSource,
@@ -305,7 +305,7 @@ class PowerSync:
             return
         summary.checked += 1
 
-    def _read(self, inst: InstanceRecord) -> PowerState | None:
+    def _read(self, inst: AnyInstance) -> PowerState | None:
         return self.driver.power_state(inst)
 
     def _maybe_flush_writes(self, call: _Call) -> None:
@@ -329,7 +329,7 @@ class PowerSync:
             summary.errors += len(writes)
             summary.checked -= len(writes)
             return
-        won_writes: list[tuple[InstanceRecord, dict[str, Any]]] = []
+        won_writes: list[tuple[AnyInstance, dict[str, Any]]] = []
         for logged, (write, won) in enumerate(zip(writes, outcomes, strict=True), 1):
             if logged % LOG_BURST == 0:
                 green.yield_now()
@@ -354,7 +354,7 @@ class PowerSync:
 
     def _sync_locked(
         self,
-        inst: InstanceRecord,
+        inst: AnyInstance,
         prefetched: dict[str, PowerState | None] | None,
         call: _Call,
         source: ActionSource,
@@ -413,7 +413,7 @@ class PowerSync:
         call.writes.append(_Write(inst, values, expected, audited, reason, audit))
         return CHANGED
 
-    def _recheck_steady(self, inst: InstanceRecord) -> sync_policy.Decision:
+    def _recheck_steady(self, inst: AnyInstance) -> sync_policy.Decision:
         """Read again and decide with the steady rule; not steady yet: power_state
         only, and the instance is synced again once the state could count."""
         observed = self._read(inst)
@@ -432,7 +432,7 @@ class PowerSync:
         self.recheck_later(inst.uuid, after)
         return sync_policy.Decision(decision.power_state)
 
-    def _still_as_loaded(self, inst: InstanceRecord) -> bool:
+    def _still_as_loaded(self, inst: AnyInstance) -> bool:
         """Before touching a domain, make sure the row did not move since it was loaded."""
         try:
             fresh = self.db.instance_get(inst.uuid, host=self.host)

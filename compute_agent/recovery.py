@@ -16,8 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from compute_agent import exception, green
-from compute_agent.db.api import Database
-from compute_agent.db.models import Instance
+from compute_agent.db.api import Database, InstanceRecord
 from compute_agent.guest_ops import VM_STATE_OF, destroy_until_gone
 from compute_agent.locks import KeyedLocks
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
@@ -74,7 +73,7 @@ def recover_interrupted(
     return summary
 
 
-def _observe(driver: ComputeDriver, inst: Instance) -> PowerState | None:
+def _observe(driver: ComputeDriver, inst: InstanceRecord) -> PowerState | None:
     """A foreign domain counts as missing: recovery settles the row, never that domain."""
     try:
         return driver.power_state(inst)
@@ -83,7 +82,7 @@ def _observe(driver: ComputeDriver, inst: Instance) -> PowerState | None:
 
 
 def _recover_one(
-    db: Database, driver: ComputeDriver, inst: Instance, summary: RecoverySummary
+    db: Database, driver: ComputeDriver, inst: InstanceRecord, summary: RecoverySummary
 ) -> None:
     task = inst.task_state
     reason = f"{task} interrupted by an agent restart"

@@ -6,7 +6,7 @@ import datetime as dt
 import gc
 import re
 import uuid as uuidlib
-from typing import Any
+from typing import Any, TypeGuard
 
 from compute_agent import exception
 
@@ -57,7 +57,7 @@ def request_args(method: object, args: Any, what: str = "arguments") -> dict[str
     return args
 
 
-def is_uuid(value: object) -> bool:
+def is_uuid(value: object) -> TypeGuard[str]:
     """True for a canonical (hyphenated, any case) UUID string."""
     if not isinstance(value, str) or len(value) != 36:
         return False

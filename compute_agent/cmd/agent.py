@@ -11,6 +11,7 @@ import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
+from oslo_config import cfg  # noqa: E402
 
 from compute_agent import exception, log, sdnotify  # noqa: E402
 from compute_agent.admin.server import AdminSocketError, AdminSocketServer  # noqa: E402
@@ -42,7 +43,7 @@ PROG = "compute-agent"
 
 
 def build_service(
-    conf, *, owner: str | None = None, predecessor: tuple[str, ...] = ()
+    conf: cfg.ConfigOpts, *, owner: str | None = None, predecessor: tuple[str, ...] = ()
 ) -> tuple[NodeService, AdminSocketServer, MetricsServer | None]:
     try:
         check_transport_url(conf)
@@ -82,7 +83,7 @@ def build_service(
     return service, admin, metrics
 
 
-def take_host_lock(conf) -> HostLock:
+def take_host_lock(conf: cfg.ConfigOpts) -> HostLock:
     """Lock the state directory for this process's life, or stop with one line naming the holder."""
     lock = HostLock(conf.state_path)
     try:
@@ -122,7 +123,7 @@ def claim_host(
             raise Fatal(str(exc), EXIT_USAGE) from None
 
 
-def install_signal_handlers(service: NodeService, conf) -> None:
+def install_signal_handlers(service: NodeService, conf: cfg.ConfigOpts) -> None:
     """SIGTERM and SIGINT stop the agent, SIGHUP reopens the log and reloads options.
 
     The handler only hands the signal to a new greenthread: Python runs it
@@ -158,7 +159,7 @@ def hup_reopens_log_while_starting() -> None:
     signal.signal(signal.SIGHUP, on_hup)
 
 
-def reload(conf) -> None:
+def reload(conf: cfg.ConfigOpts) -> None:
     """SIGHUP: reopen the log file, re-read the config files, apply the mutable options."""
     LOG.info("SIGHUP received: reopening the log file and reloading the mutable options")
     log.reopen()

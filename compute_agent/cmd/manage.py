@@ -496,7 +496,7 @@ def _common_parents(columns: bool = True) -> list[argparse.ArgumentParser]:
     return [parent]
 
 
-def _add_parsers(subparsers: argparse._SubParsersAction) -> None:
+def _add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     subparsers.required = True
     subparsers.metavar = "COMMAND"
 
@@ -554,6 +554,7 @@ def _add_parsers(subparsers: argparse._SubParsersAction) -> None:
         help="only the instances in this power state",
     )
     listing.set_defaults(func=cmd_instances_list)
+    func: Callable[[cfg.ConfigOpts], int]
     for name, func, what in (
         ("show", cmd_instances_show, "show an instance (by UUID or name)"),
         ("stats", cmd_instances_stats, "show an instance's latest statistics sample"),

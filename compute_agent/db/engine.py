@@ -168,7 +168,7 @@ def _ping_deadline(engine: Engine, deadlines: Deadlines, counted: Callable[[], N
         finally:
             _set_read_deadline(dbapi_conn, deadlines.statement)
 
-    dialect.do_ping = do_ping  # type: ignore[method-assign]
+    dialect.do_ping = do_ping  # type: ignore[assignment]  # wrapped per engine, on purpose
 
 
 # Pure-Python drivers: their sockets are green once the agent is monkey-patched,

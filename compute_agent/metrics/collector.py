@@ -48,7 +48,9 @@ def _counter(name: str, doc: str, labels: list[str], family: Any) -> CounterMetr
     return metric
 
 
-def _gauge(name: str, doc: str, value: float | None = None, labels: list[str] | None = None):
+def _gauge(
+    name: str, doc: str, value: float | None = None, labels: list[str] | None = None
+) -> GaugeMetricFamily:
     metric = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
     if value is not None:
         metric.add_metric([], value)

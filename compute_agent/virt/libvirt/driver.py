@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import libvirt
 from oslo_config import cfg
@@ -32,6 +32,10 @@ from compute_agent.virt.libvirt.host import Host
 from compute_agent.virt.spec import DomainSpec, InstanceRef
 
 LOG = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# A call run on the libvirt thread: fn(raw_connection, domain_name, uuid).
+_Native = Callable[[Any, str, str], T]
 
 POWER_STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: PowerState.NOSTATE,
@@ -122,7 +126,8 @@ def _state_native(conn: Any, name: str, uuid: str) -> PowerState:
 
 
 def _count_native(conn: Any) -> int:
-    return conn.numOfDomains() + conn.numOfDefinedDomains()
+    count: int = conn.numOfDomains() + conn.numOfDefinedDomains()
+    return count
 
 
 def _list_native(conn: Any) -> list[DomainRef]:
@@ -201,7 +206,8 @@ def _spawn_native(conn: Any, xml: str) -> None:
 
 
 def _code(exc: libvirt.libvirtError) -> int | None:
-    return exc.get_error_code()
+    code: int | None = exc.get_error_code()
+    return code
 
 
 def _undefine(dom: Any) -> None:
@@ -292,7 +298,9 @@ def _power_on_native(conn: Any, name: str, uuid: str) -> None:
 def _starting_native(conn: Any, name: str, uuid: str) -> bool:
     """Whether QEMU is still starting the domain (paused until it runs)."""
     state, reason = _find_native(conn, name, uuid).state()
-    return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP
+    return bool(
+        state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_STARTING_UP
+    )
 
 
 def _running(dom: Any) -> bool:
@@ -325,7 +333,7 @@ class LibvirtDriver(ComputeDriver):
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         super().__init__()
         group = conf.libvirt
-        self._virt_type_opt = group.virt_type
+        self._virt_type_opt: str = group.virt_type
         self.virt_type = "test"
         self.host = Host(
             group.connection_uri,
@@ -375,7 +383,7 @@ class LibvirtDriver(ComputeDriver):
 
     # -- queries ----------------------------------------------------------
 
-    def _run(self, fn: Any, instance: InstanceRef) -> Any:
+    def _run(self, fn: _Native[T], instance: InstanceRef) -> T:
         return self.host.run(fn, instance.domain_name, instance.uuid)
 
     def instance_exists(self, instance: InstanceRef) -> bool:
@@ -385,7 +393,7 @@ class LibvirtDriver(ComputeDriver):
             return False
         return True
 
-    def _query(self, fn: Any, instance: InstanceRef) -> Any:
+    def _query(self, fn: _Native[T], instance: InstanceRef) -> T:
         """Run a read; a domain that vanished between lookup and read is not found."""
         try:
             return self._run(fn, instance)
@@ -451,7 +459,7 @@ class LibvirtDriver(ComputeDriver):
 
     # -- operations -------------------------------------------------------
 
-    def _act(self, fn: Any, instance: InstanceRef, what: str) -> Any:
+    def _act(self, fn: _Native[T], instance: InstanceRef, what: str) -> T:
         """Run an operation; a libvirt refusal becomes a typed error, never a raw one."""
         try:
             return self._run(fn, instance)
