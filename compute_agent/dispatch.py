@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from compute_agent import __version__, exception, green, servicegroup
 from compute_agent.intake import IntakeGate
@@ -20,6 +20,11 @@ from compute_agent.metrics import figures
 from compute_agent.rpc import BINARY
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import printable, request_args
+
+if TYPE_CHECKING:
+    from compute_agent.admin.server import AdminSocketServer
+    from compute_agent.manager import ComputeManager
+    from compute_agent.service import NodeService
 
 # A request's arguments, serialized, may not exceed this.
 MAX_ARGS_BYTES = 64 * 1024
@@ -49,12 +54,14 @@ class Dispatcher:
     max_concurrent_requests`` slots from the service's config.
     """
 
-    def __init__(self, manager: Any, service: Any, intake: IntakeGate | None = None) -> None:
+    def __init__(
+        self, manager: ComputeManager, service: NodeService, intake: IntakeGate | None = None
+    ) -> None:
         self.manager = manager
         self.service = service
         self.intake = intake if intake is not None else IntakeGate(_slots(service))
         # The admin socket server sets itself here; status shows its figures.
-        self.admin_socket: Any = None
+        self.admin_socket: AdminSocketServer | None = None
         self.methods: dict[str, Method] = {
             "ping": Method(self.ping),
             "get_host_state": Method(self.get_host_state),

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import oslo_messaging
 from oslo_config import cfg
@@ -30,6 +30,9 @@ from oslo_config import cfg
 from compute_agent import exception
 from compute_agent.rpc import BINARY, PUBLIC_ERRORS, TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport
+
+if TYPE_CHECKING:
+    from compute_agent.db.api import Database
 
 # Broker connection attempts before a send gives up (oslo's default, None,
 # retries for ever, which would make every timeout meaningless).
@@ -68,7 +71,7 @@ class ComputeAPI:
         transport: oslo_messaging.Transport | None = None,
         timeout: float | None = None,
         retry: int | None = DEFAULT_RETRY,
-        db: Any = None,
+        db: Database | None = None,
     ) -> None:
         self.conf = conf
         self._owns_transport = transport is None
@@ -110,33 +113,45 @@ class ComputeAPI:
         """Send ``method`` to ``host`` without waiting; its failure is only logged there."""
         self._prepare(host, None).cast({}, method, **kwargs)
 
-    def _call_or_cast(self, host: str, method: str, cast: bool, **kwargs: Any) -> Any:
+    def _call_or_cast(
+        self, host: str, method: str, cast: bool, **kwargs: Any
+    ) -> dict[str, Any] | None:
         if cast:
             self.cast(host, method, **kwargs)
             return None
-        return self.call(host, method, **kwargs)
+        reply: dict[str, Any] = self.call(host, method, **kwargs)
+        return reply
 
     # -- one method per RPC method ----------------------------------------
 
     def ping(self, host: str, *, timeout: float | None = None) -> dict[str, Any]:
         """``{"host", "version"}`` of the agent on ``host``."""
-        return self.call(host, "ping", timeout=timeout)
+        reply: dict[str, Any] = self.call(host, "ping", timeout=timeout)
+        return reply
 
     def get_host_state(self, host: str, *, timeout: float | None = None) -> dict[str, Any]:
-        return self.call(host, "get_host_state", timeout=timeout)
+        reply: dict[str, Any] = self.call(host, "get_host_state", timeout=timeout)
+        return reply
 
     def list_instances(self, host: str, *, timeout: float | None = None) -> list[dict[str, Any]]:
-        return self.call(host, "list_instances", timeout=timeout)
+        reply: list[dict[str, Any]] = self.call(host, "list_instances", timeout=timeout)
+        return reply
 
     def get_instance_info(
         self, host: str, instance_uuid: str, *, timeout: float | None = None
     ) -> dict[str, Any]:
-        return self.call(host, "get_instance_info", timeout=timeout, instance_uuid=instance_uuid)
+        reply: dict[str, Any] = self.call(
+            host, "get_instance_info", timeout=timeout, instance_uuid=instance_uuid
+        )
+        return reply
 
     def get_instance_stats(
         self, host: str, instance_uuid: str, *, timeout: float | None = None
     ) -> dict[str, Any]:
-        return self.call(host, "get_instance_stats", timeout=timeout, instance_uuid=instance_uuid)
+        reply: dict[str, Any] = self.call(
+            host, "get_instance_stats", timeout=timeout, instance_uuid=instance_uuid
+        )
+        return reply
 
     def build_instance(
         self, host: str, instance: dict[str, Any], *, cast: bool = False
@@ -175,7 +190,8 @@ class ComputeAPI:
     ) -> dict[str, Any]:
         """Sync ``host`` now (or one of its instances): checked, changed, skipped, errors."""
         kwargs = {} if instance_uuid is None else {"instance_uuid": instance_uuid}
-        return self.call(host, "sync_power_states", timeout=timeout, **kwargs)
+        reply: dict[str, Any] = self.call(host, "sync_power_states", timeout=timeout, **kwargs)
+        return reply
 
     # -- fan-out ----------------------------------------------------------
 
