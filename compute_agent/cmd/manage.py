@@ -496,7 +496,7 @@ def _common_parents(columns: bool = True) -> list[argparse.ArgumentParser]:
     return [parent]
 
 
-def _add_parsers(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     subparsers.required = True
     subparsers.metavar = "COMMAND"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -24,24 +24,34 @@ from prometheus_client.core import (
 from compute_agent import green
 from compute_agent.metrics import figures
 
+if TYPE_CHECKING:
+    from compute_agent.manager import ComputeManager
+    from compute_agent.service import NodeService
+
 PREFIX = "compute_agent_"
 
 
-def _histogram(name: str, doc: str, labels: list[str], family: Any) -> HistogramMetricFamily:
+def _histogram(
+    name: str, doc: str, labels: list[str], family: figures.HistogramFamily
+) -> HistogramMetricFamily:
     metric = HistogramMetricFamily(PREFIX + name, doc, labels=labels)
     for values, child in family.items():
         _add_histogram(metric, list(values), child)
     return metric
 
 
-def _add_histogram(metric: HistogramMetricFamily, values: list[str], child: Any) -> None:
+def _add_histogram(
+    metric: HistogramMetricFamily, values: list[str], child: figures.Histogram
+) -> None:
     buckets, _count, total = child.snapshot()
     metric.add_metric(
         values, [("+Inf" if math.isinf(b) else repr(b), n) for b, n in buckets], total
     )
 
 
-def _counter(name: str, doc: str, labels: list[str], family: Any) -> CounterMetricFamily:
+def _counter(
+    name: str, doc: str, labels: list[str], family: figures.CounterFamily
+) -> CounterMetricFamily:
     metric = CounterMetricFamily(PREFIX + name, doc, labels=labels)
     for values, n in family.items():
         metric.add_metric(list(values), n)
@@ -60,7 +70,7 @@ def _gauge(
 class AgentCollector:
     """A prometheus_client collector over one agent's service and manager."""
 
-    def __init__(self, service: Any, manager: Any) -> None:
+    def __init__(self, service: NodeService, manager: ComputeManager) -> None:
         self.service = service
         self.manager = manager
 
