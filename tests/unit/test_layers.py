@@ -67,7 +67,12 @@ def test_rpcapi_loads_eventlet_only_if_oslo_messaging_itself_does():
 def _imports(path: pathlib.Path) -> set[str]:
     """The absolute module names ``path`` imports (``from a import b`` gives a and a.b)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    # Imports under ``if TYPE_CHECKING:`` are for the type checker only: not followed.
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            node.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -105,3 +110,89 @@ def test_the_background_jobs_do_not_import_the_operations():
 def test_only_the_entry_points_import_the_config_loader():
     importers = _importers_of("compute_agent.conf.loader", outside="compute_agent.conf")
     assert importers and all(n.startswith("compute_agent.cmd.") for n in importers)
+
+
+# The layers, lowest first (README, "Architecture"). A module imports only
+# modules of its own layer or below; the client (rpcapi) only what it needs.
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "base",
+        (
+            "exception",
+            "states",
+            "utils",
+            "green",
+            "log",
+            "metrics.figures",
+            "metrics.instances",
+        ),
+    ),
+    ("resources", ("conf", "db", "virt", "rpc", "rpc.transport", "ownership", "sdnotify")),
+    (
+        "work",
+        (
+            "locks",
+            "steady",
+            "sync_policy",
+            "guest_ops",
+            "intake",
+            "operations",
+            "power_sync",
+            "lifecycle",
+            "recovery",
+            "reaper",
+            "resume",
+            "stats",
+            "periodic",
+            "hub_monitor",
+            "servicegroup",
+        ),
+    ),
+    ("node", ("service", "manager")),
+    ("front doors", ("dispatch", "rpc.server", "admin", "metrics.collector", "metrics.server")),
+    ("entry points", ("cmd",)),
+]
+CLIENT = ("rpcapi", ("exception", "rpc", "rpc.transport", "utils"))
+
+
+def _layer_of(module: str) -> int:
+    """The index in LAYERS of ``module`` (a name under compute_agent), by its longest prefix."""
+    best, found = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), index
+    assert found is not None, f"compute_agent.{module} has no layer: add it to LAYERS and README"
+    return found
+
+
+def _own_imports(path: pathlib.Path) -> set[str]:
+    """The compute_agent modules ``path`` imports, without the package prefix."""
+    found = set()
+    for name in _imports(path):
+        if name.startswith("compute_agent."):
+            short = name.removeprefix("compute_agent.")
+            # ``from compute_agent.x import Name`` also yields x.Name; keep real modules.
+            if (PACKAGE / short.replace(".", "/")).with_suffix(".py").exists() or (
+                PACKAGE / short.replace(".", "/")
+            ).is_dir():
+                found.add(short)
+    # ``from compute_agent.metrics import figures`` names the package too: keep the module.
+    return {m for m in found if not any(o.startswith(m + ".") for o in found)}
+
+
+def test_every_import_points_down_the_layers():
+    upward = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module(path).removeprefix("compute_agent").lstrip(".")
+        if not module or "migrations" in path.parts or path.name == "__init__.py":
+            continue
+        if module == CLIENT[0]:
+            extra = _own_imports(path) - set(CLIENT[1])
+            assert not extra, f"the client rpcapi imports {sorted(extra)}"
+            continue
+        mine = _layer_of(module)
+        for target in _own_imports(path):
+            if _layer_of(target) > mine:
+                upward.append(f"{module} ({LAYERS[mine][0]}) -> {target}")
+    assert upward == []
