@@ -109,7 +109,7 @@ class HubLagMonitor:
         self._tracer = SliceTracer()
         self._collections = CollectionTimer()
         self._previous_tracer: Any = None
-        self._thread: green.GreenThread | None = None
+        self._thread: green.Task | None = None
         self._stopping = False
 
     def start(self) -> None:
@@ -120,7 +120,7 @@ class HubLagMonitor:
     def stop(self) -> None:
         self._stopping = True
         if self._thread is not None:
-            green.kill(self._thread)
+            self._thread.cancel()
             self._thread = None
         green.set_switch_tracer(self._previous_tracer)
         if self._collections in gc.callbacks:

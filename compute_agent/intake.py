@@ -157,7 +157,7 @@ class RefusalLog:
         self._counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._last: dict[tuple[str, str, str], str] = {}
         self._levels: dict[tuple[str, str, str], int] = {}
-        self._flusher: green.GreenThread | None = None
+        self._flusher: green.Task | None = None
 
     def refused(
         self, kind: str, method: str, error: BaseException, level: int = logging.WARNING
@@ -175,7 +175,7 @@ class RefusalLog:
             self._counts[key] += 1
             self._last[key] = str(error)
         if self._flusher is None:
-            self._flusher = green.spawn_after(self.window, self.flush, name=self.name)
+            self._flusher = green.call_later(self.window, self.flush, name=self.name)
 
     def flush(self) -> None:
         """Log the counted refusals, one line per method and type, and start a new window."""
@@ -197,5 +197,5 @@ class RefusalLog:
     def stop(self) -> None:
         """Say what is still counted, now (the agent is stopping)."""
         if self._flusher is not None:
-            green.kill(self._flusher)
+            self._flusher.cancel()
             self.flush()

@@ -90,7 +90,7 @@ def test_only_green_module_imports_eventlet():
     for path in ROOT.rglob("*.py"):
         text = path.read_text()
         if re.search(r"^\s*(import|from)\s+(eventlet|greenlet)\b", text, re.M):
-            if path.name != "green.py":
+            if path.name != "_green_eventlet.py":  # the eventlet backend of green.py
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
 
