@@ -35,6 +35,7 @@ import greenlet  # noqa: E402
 T = TypeVar("T")
 
 BACKEND = "eventlet"
+HAS_HUB = True  # one thread runs every task, switching at I/O and sleeps
 Semaphore = eventlet.semaphore.Semaphore
 Pool = eventlet.greenpool.GreenPool
 QueueEmpty = eventlet.queue.Empty

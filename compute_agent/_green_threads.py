@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 BACKEND = "threads"
+HAS_HUB = False  # every task is its own thread: nothing to measure the lag of
 RPC_EXECUTOR = "threading"
 QueueEmpty = _queue.Empty
 

@@ -26,8 +26,13 @@ Invariants callers rely on:
 - Cancellation is cooperative: ``cancel()`` raises :data:`Cancelled` inside
   the task at its next switch point (``sleep``, ``yield_now``, a wait on an
   ``Event``/``Future``/``Task``, a ``Semaphore`` acquire). Catch
-  ``Cancelled`` only to clean up, and re-raise it. Under threads a task
-  blocked in a C call (``execute``) sees it only when the call returns.
+  ``Cancelled`` only to clean up, and re-raise it. Under eventlet ``cancel``
+  returns once the task has seen it; under threads it returns at once (wait
+  with ``result()`` to know the task ended), and a task blocked in a C call
+  (``execute``) sees it only when the call returns.
+- Under eventlet tasks start in the order spawned and run until they reach a
+  switch point; under threads they run in parallel (bar the GIL), in any
+  order.
 - Shared state touched by more than one task (dicts, sets, counters changed
   in several steps) is guarded by a ``native_lock()`` held briefly and never
   across a switch point. Under eventlet a task is never preempted between
