@@ -86,7 +86,7 @@ class Task(eventlet.greenthread.GreenThread):  # type: ignore[misc]
             self._exit_event.send(result)
             self._resolve_links()
 
-    def cancel(self) -> None:  # type: ignore[override]
+    def cancel(self) -> None:
         """Raise :data:`Cancelled` in the task now; a task not yet started never runs."""
         self.kill()
 
@@ -123,7 +123,7 @@ def _start(
 
 def spawn(fn: Callable[..., Any], *args: Any, name: str | None = None, **kwargs: Any) -> Task:
     """Start ``fn`` in a new greenthread, labelled so lag reports can name it."""
-    return _start(0, fn, args, kwargs, name or getattr(fn, "__name__", "greenthread"))
+    return _start(0, fn, args, kwargs, name or str(getattr(fn, "__name__", "greenthread")))
 
 
 def submit(fn: Callable[..., Any], *args: Any, name: str) -> Task:
@@ -133,7 +133,7 @@ def submit(fn: Callable[..., Any], *args: Any, name: str) -> Task:
 
 def call_later(seconds: float, fn: Callable[..., Any], *args: Any, name: str | None = None) -> Task:
     """Start ``fn`` after ``seconds``; ``cancel()`` before then and it never runs."""
-    return _start(seconds, fn, args, {}, name or getattr(fn, "__name__", "timer"))
+    return _start(seconds, fn, args, {}, name or str(getattr(fn, "__name__", "timer")))
 
 
 spawn_after = call_later
@@ -162,7 +162,7 @@ def greenlet_name(glet: Any) -> str:
     """The label given at spawn, or 'hub' / 'main' for eventlet's own greenlets."""
     name = getattr(glet, "task_name", None)
     if name:
-        return name
+        return str(name)
     # The calling thread's hub, if it has one: asking eventlet for it would
     # create one in a native thread that logs, say.
     hub = getattr(eventlet.hubs._threadlocal, "hub", None)
@@ -207,12 +207,13 @@ def exit_without_joining_native_threads() -> None:
 
 
 def native_threads() -> int:
-    return eventlet.tpool._nthreads
+    return int(eventlet.tpool._nthreads)
 
 
 def execute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking (C-level) call in the native thread pool, not on the hub."""
-    return eventlet.tpool.execute(fn, *args, **kwargs)
+    result: T = eventlet.tpool.execute(fn, *args, **kwargs)
+    return result
 
 
 def proxy(obj: Any, autowrap: tuple[type, ...] = ()) -> Any:
@@ -248,7 +249,7 @@ def native_event() -> Any:
 
 def native_thread_id() -> int:
     """Identity of the calling native thread, whatever greenthread runs on it."""
-    return _native_threading.get_ident()
+    return int(_native_threading.get_ident())
 
 
 def native_lock() -> Any:
@@ -324,7 +325,7 @@ class Event:
             self._ev.reset()
 
     def is_set(self) -> bool:
-        return self._ev.ready()
+        return bool(self._ev.ready())
 
     def wait(self, timeout: float | None = None) -> bool:
         """True if set, False if ``timeout`` passed first."""
@@ -348,7 +349,7 @@ class Future:
             self._ev.send_exception(exc)
 
     def done(self) -> bool:
-        return self._ev.ready()
+        return bool(self._ev.ready())
 
     def result(self, timeout: float | None = None) -> Any:
         """Wait for the result; raise the work's exception, or TimeoutError."""
@@ -366,7 +367,7 @@ def set_switch_tracer(tracer: Callable[[str, Any], None] | None) -> Any:
 
 def monotonic() -> float:
     """Monotonic clock that is never patched."""
-    return _native_time.monotonic()
+    return float(_native_time.monotonic())
 
 
 def native_socket_module() -> Any:

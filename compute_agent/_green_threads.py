@@ -168,7 +168,7 @@ class Task:
 
 def spawn(fn: Callable[..., Any], *args: Any, name: str | None = None, **kwargs: Any) -> Task:
     """Start ``fn`` in a new thread named ``name``."""
-    return Task(0, fn, args, kwargs, name or getattr(fn, "__name__", "task"))
+    return Task(0, fn, args, kwargs, name or str(getattr(fn, "__name__", "task")))
 
 
 def submit(fn: Callable[..., Any], *args: Any, name: str) -> Task:
@@ -178,7 +178,7 @@ def submit(fn: Callable[..., Any], *args: Any, name: str) -> Task:
 
 def call_later(seconds: float, fn: Callable[..., Any], *args: Any, name: str | None = None) -> Task:
     """Start ``fn`` after ``seconds``; ``cancel()`` before then and it never runs."""
-    return Task(seconds, fn, args, {}, name or getattr(fn, "__name__", "timer"))
+    return Task(seconds, fn, args, {}, name or str(getattr(fn, "__name__", "timer")))
 
 
 spawn_after = call_later
