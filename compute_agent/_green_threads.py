@@ -6,6 +6,12 @@ next switch point (``sleep``, ``yield_now``, a wait on an ``Event``,
 ``Future`` or ``Task``, a ``Semaphore`` acquire), where :class:`Cancelled`
 is raised. There is no hub: ``execute`` and ``proxy`` are direct calls,
 ``monkey_patch`` does nothing, and no switch tracer exists.
+
+Two scheduling promises of eventlet are kept approximately, because code
+that yields to be fair relies on them: ``yield_now`` in a task waits (at
+most ``_YIELD_WAIT_S``) until every other task that is not blocked in a
+wait has reached a switch point; and a new task starts a moment after its
+spawner went on (``_YIELD_S``), so a burst of spawns runs to its end first.
 """
 
 from __future__ import annotations
@@ -33,6 +39,25 @@ class Cancelled(BaseException):
 
 _local = threading.local()
 
+# time.sleep(0) releases the GIL but usually takes it straight back; a
+# sleep this short lets a thread waiting for the GIL run first.
+_YIELD_S = 0.0001
+# The longest a yield waits for the other tasks: one in a C call that is no
+# switch point (a socket read, say) is not waited for beyond this.
+_YIELD_WAIT_S = 0.01
+
+# Task states for fair yields, changed under _sched; tasks "blocked" in a
+# wait are not waited for by a yield, "running" and "yielding" ones are.
+_sched = threading.Condition(threading.Lock())
+_live: set[Task] = set()
+
+
+def _set_state(task: Task, state: str) -> None:
+    with _sched:
+        task._state = state
+        task._switches += 1
+        _sched.notify_all()
+
 
 def current_task() -> Task | None:
     """The Task running the caller, or None (the main thread, a library's thread)."""
@@ -44,6 +69,9 @@ def _wait(cond: threading.Condition, ready: Callable[[], bool], timeout: float |
     task = current_task()
     end = None if timeout is None else time.monotonic() + timeout
     if task is not None:
+        if ready() and not task._cancelling:
+            return True
+        _set_state(task, "blocked")
         task._blocker = cond
     try:
         while not ready():
@@ -57,6 +85,7 @@ def _wait(cond: threading.Condition, ready: Callable[[], bool], timeout: float |
     finally:
         if task is not None:
             task._blocker = None
+            task._state = "running"
 
 
 def _check_cancelled() -> None:
@@ -89,6 +118,8 @@ class Task:
         self._cancelling = False
         self._woken = threading.Event()  # set on cancel: ends a sleep early
         self._blocker: threading.Condition | None = None
+        self._state = "new"
+        self._switches = 0
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -100,9 +131,12 @@ class Task:
         _local.task = self
         fn, args, kwargs = self._call
         self._call = None  # type: ignore[assignment]
+        _set_state(self, "running")
+        with _sched:
+            _live.add(self)
         try:
-            if self._delay > 0:
-                sleep(self._delay)
+            # The spawner goes on first, as under eventlet (see the module docstring).
+            sleep(max(self._delay, _YIELD_S))
             _check_cancelled()
             value = fn(*args, **kwargs)
         except BaseException as exc:
@@ -113,6 +147,9 @@ class Task:
             self._finish(value, None)
 
     def _finish(self, value: Any, error: BaseException | None) -> None:
+        with _sched:
+            _live.discard(self)
+        _set_state(self, "done")
         with self._cond:
             self._value, self._error, self._finished = value, error, True
             callbacks, self._callbacks = self._callbacks, []
@@ -188,12 +225,6 @@ def kill(task: Task) -> None:
     task.cancel()
 
 
-# time.sleep(0) releases the GIL but usually takes it straight back; a
-# sleep this short lets a thread waiting for the GIL run first, as
-# ``sleep(0)`` under eventlet lets every ready greenthread run.
-_YIELD_S = 0.0001
-
-
 def sleep(seconds: float = 0) -> None:
     """Sleep this thread; a cancelled task wakes at once with Cancelled."""
     task = current_task()
@@ -202,9 +233,40 @@ def sleep(seconds: float = 0) -> None:
         return
     _check_cancelled()
     if seconds <= 0:
-        time.sleep(_YIELD_S)
-    elif task._woken.wait(seconds):
-        raise Cancelled()
+        _yield(task)
+        return
+    _set_state(task, "blocked")
+    try:
+        if task._woken.wait(seconds):
+            raise Cancelled()
+    finally:
+        task._state = "running"
+    _check_cancelled()
+
+
+def _yield(task: Task) -> None:
+    """Let every other task that can run reach its next switch point first (bounded)."""
+    with _sched:
+        task._state = "yielding"
+        task._switches += 1
+        _sched.notify_all()
+        others = [(t, t._switches) for t in _live if t is not task and t._state != "blocked"]
+    time.sleep(_YIELD_S)
+    if others:
+        end = time.monotonic() + _YIELD_WAIT_S
+        task._blocker = _sched
+        try:
+            with _sched:
+                while not task._cancelling and any(
+                    t._switches == n and t._state != "blocked" for t, n in others
+                ):
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    _sched.wait(left)
+        finally:
+            task._blocker = None
+    task._state = "running"
     _check_cancelled()
 
 
@@ -254,8 +316,15 @@ def native_threads() -> int:
 
 
 def execute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking call: in this backend, in the calling thread."""
-    return fn(*args, **kwargs)
+    """Run a blocking call: in this backend, in the calling thread (no yield waits for it)."""
+    task = current_task()
+    if task is None:
+        return fn(*args, **kwargs)
+    _set_state(task, "blocked")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        task._state = "running"
 
 
 def proxy(obj: Any, autowrap: tuple[type, ...] = ()) -> Any:

@@ -158,10 +158,11 @@ class LifecycleHandler:
             self._delayed[uuid] = green.call_later(after, self._delay_over, uuid, event)
 
     def _delay_over(self, uuid: str, event: LifecycleEvent) -> None:
+        # Submitted first: ``pending`` never reads zero in between.
+        self._submit(uuid, event)
         with self._guard:
             if self._delayed.get(uuid) is green.current_task():
                 del self._delayed[uuid]  # not a later event's delay
-        self._submit(uuid, event)
 
     def _submit(self, uuid: str, event: LifecycleEvent) -> None:
         with self._guard:
