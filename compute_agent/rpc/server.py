@@ -360,7 +360,7 @@ class RPCServer:
             self._starter.cancel()  # still trying to reach the broker
         if self.serving.is_set():
             self.server.stop()
-            drained = green.submit(self.server.wait, name="rpc-drain")  # type: ignore[union-attr]
+            drained = green.submit(self.server.wait, name="rpc-drain")
             try:
                 drained.result(self._grace)
             except TimeoutError:
