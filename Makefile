@@ -7,6 +7,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG := etc/compute-agent.conf
 PYTEST_ARGS ?=
+THREADS_TESTS := tests/unit/test_periodic.py tests/unit/test_locks.py tests/unit/test_lifecycle.py \
+	tests/unit/test_stats.py tests/unit/test_power_sync.py tests/unit/test_green.py
 
 .PHONY: run test setup host host-min libvirtd lint genconfig bench clean
 
@@ -18,6 +20,8 @@ test: host libvirtd $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	# The same concurrency API on native threads (compute_agent/green.py).
+	COMPUTE_AGENT_CONCURRENCY=threads $(BIN)/python -m pytest -p no:cacheprovider $(THREADS_TESTS)
 
 setup: host $(STAMP)
 

@@ -108,7 +108,7 @@ class Ticker:
             self.lateness.append(max(0.0, green.monotonic() - asked - self.period))
 
     def stop(self) -> list[float]:
-        green.kill(self._gt)
+        self._gt.cancel()
         return self.lateness
 
 

@@ -93,7 +93,7 @@ def _wait_ready(children: list[Child], timeout: float = 120) -> float:
     while len(results) < len(children) and green.monotonic() < deadline:
         green.sleep(0.1)
     for gt in threads:
-        green.kill(gt)
+        gt.cancel()
     failed = {k: v for k, v in results.items() if "ready" not in v}
     missing = [c.label for c in children if c.label not in results]
     if failed or missing:
@@ -248,7 +248,7 @@ def _run() -> dict:
         # The fan-out ping once more, while all 20 agents sync.
         syncing = green.spawn(_sync_all, api, hosts, name="sync-all")
         green.sleep(0.05)
-        loaded_fanout = _ping_rounds(api, hosts, 0, until=lambda: syncing.dead)
+        loaded_fanout = _ping_rounds(api, hosts, 0, until=syncing.done)
         _, loaded_wall = syncing.wait()
     finally:
         if api is not None:

@@ -1,331 +1,62 @@
-"""Green concurrency: the one module that talks to eventlet.
+"""Concurrency: the one API the agent spawns, waits, sleeps and locks through.
 
-Everything else in compute-agent spawns, sleeps, waits and runs blocking
-calls through these names, so that moving off eventlet later means rewriting
-this file rather than the agent.
+Two implementations, chosen once at import by ``COMPUTE_AGENT_CONCURRENCY``:
+``eventlet`` (the default, ``_green_eventlet``) and ``threads`` (native
+threads, ``_green_threads``; eventlet is then never imported). No other module
+imports either, nor relies on a behaviour of one of them.
+
+The API:
+
+- ``spawn(fn, *args, name=...)`` -> :class:`Task`; ``call_later(seconds, fn,
+  *args, name=...)`` -> Task, cancelled before it starts it never runs;
+  ``submit(fn, *args, name=...)`` -> Task whose outcome only ``result()``
+  reports. ``Task``: ``name``, ``cancel()``, ``done()``, ``result(timeout)``
+  (the return value; the work's exception, :data:`Cancelled`, or
+  ``TimeoutError``, after which the work goes on: "spawn + wait with a
+  deadline" is ``submit(...).result(timeout)``), ``add_done_callback(fn)``
+  (``fn(task)`` once), ``wait()``. ``kill``/``dead``/``spawn_after`` are
+  older names kept for tests and bench.
+- ``Event``, ``Future``, ``Semaphore`` (also the lock: ``Semaphore(1)``),
+  ``Pool``; ``sleep``, ``yield_now``; ``current_name``/``name_current``.
+- ``execute(fn)``/``proxy(obj)`` run blocking C calls (libvirt) off the hub,
+  and the ``native_*`` names give OS-level threads, locks and queues.
+
+Invariants callers rely on:
+
+- Cancellation is cooperative: ``cancel()`` raises :data:`Cancelled` inside
+  the task at its next switch point (``sleep``, ``yield_now``, a wait on an
+  ``Event``/``Future``/``Task``, a ``Semaphore`` acquire). Catch
+  ``Cancelled`` only to clean up, and re-raise it. Under eventlet ``cancel``
+  returns once the task has seen it; under threads it returns at once (wait
+  with ``result()`` to know the task ended), and a task blocked in a C call
+  (``execute``) sees it only when the call returns.
+- Under eventlet tasks start in the order spawned and run until they reach a
+  switch point; under threads they run in parallel (bar the GIL), in any
+  order.
+- Shared state touched by more than one task (dicts, sets, counters changed
+  in several steps) is guarded by a ``native_lock()`` held briefly and never
+  across a switch point. Under eventlet a task is never preempted between
+  switch points (I/O, the calls above), so such a lock is never contended
+  and never switches; under threads it is what makes the change atomic.
+- Never block the hub: a blocking C call goes through ``execute``/``proxy``
+  (under threads these are direct calls; blocking one thread is fine).
+- Under threads there is no hub: ``monkey_patch`` does nothing and the hub-lag
+  monitor's switch tracer is not available (``set_switch_tracer`` returns
+  None and installs nothing).
 """
 
 from __future__ import annotations
 
-import atexit
-import collections
-import threading
-import warnings
-from collections.abc import Callable
-from typing import Any, TypeVar
-
-# eventlet warns at import that it is in maintenance mode; operators should
-# read one clean log, so the notice is filtered before the first import.
-warnings.filterwarnings("ignore", message=r"\s*Eventlet is deprecated")
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"eventlet(\.|$)")
-warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"oslo_messaging(\.|$)")
-
-import eventlet  # noqa: E402
-import eventlet.event  # noqa: E402
-import eventlet.greenpool  # noqa: E402
-import eventlet.greenthread  # noqa: E402
-import eventlet.hubs  # noqa: E402
-import eventlet.patcher  # noqa: E402
-import eventlet.queue  # noqa: E402
-import eventlet.semaphore  # noqa: E402
-import eventlet.timeout  # noqa: E402
-import eventlet.tpool  # noqa: E402
-import greenlet  # noqa: E402
-
-T = TypeVar("T")
-
-GreenThread = eventlet.greenthread.GreenThread
-Timeout = eventlet.timeout.Timeout
-Semaphore = eventlet.semaphore.Semaphore
-Pool = eventlet.greenpool.GreenPool
-QueueEmpty = eventlet.queue.Empty
-GreenletExit = greenlet.GreenletExit
-
-_native_os = eventlet.patcher.original("os")
-_native_time = eventlet.patcher.original("time")
-_native_threading = eventlet.patcher.original("threading")
-_native_queue = eventlet.patcher.original("queue")
-_native_socket = eventlet.patcher.original("socket")
-_native_select = eventlet.patcher.original("select")
-_MAIN_THREAD = _native_threading.main_thread()
-
-
-# The oslo.messaging executor for the RPC server. Its "eventlet" executor is
-# deprecated; "threading" runs each request in a threading.Thread, which the
-# monkey patching below turns into a greenthread, so requests stay green.
-RPC_EXECUTOR = "threading"
-
-
-def monkey_patch() -> None:
-    """Patch the standard library for green I/O; entry points call this first."""
-    eventlet.monkey_patch()
-
-
-def spawn(
-    fn: Callable[..., Any], *args: Any, name: str | None = None, **kwargs: Any
-) -> GreenThread:
-    """Start ``fn`` in a new greenthread, labelled so lag reports can name it."""
-    gt = eventlet.spawn(fn, *args, **kwargs)
-    gt.task_name = name or getattr(fn, "__name__", "greenthread")
-    return gt
-
-
-def spawn_after(
-    seconds: float, fn: Callable[..., Any], *args: Any, name: str | None = None
-) -> GreenThread:
-    """Start ``fn`` after ``seconds``; ``cancel()`` on the result before then stops it."""
-    gt = eventlet.spawn_after(seconds, fn, *args)
-    gt.task_name = name or getattr(fn, "__name__", "timer")
-    return gt
-
-
-def sleep(seconds: float = 0) -> None:
-    """Green sleep; ``sleep(0)`` yields to every other ready greenthread."""
-    eventlet.sleep(seconds)
-
-
-def yield_now() -> None:
-    eventlet.sleep(0)
-
-
-def kill(gt: GreenThread) -> None:
-    gt.kill()
-
-
-def greenlet_name(glet: Any) -> str:
-    """The label given at spawn, or 'hub' / 'main' for eventlet's own greenlets."""
-    name = getattr(glet, "task_name", None)
-    if name:
-        return name
-    # The calling thread's hub, if it has one: asking eventlet for it would
-    # create one in a native thread that logs, say.
-    hub = getattr(eventlet.hubs._threadlocal, "hub", None)
-    if hub is not None and glet is hub.greenlet:
-        return "hub"
-    if glet.parent is None:
-        return "main" if _native_threading.current_thread() is _MAIN_THREAD else "native"
-    # A threading.Thread started by a library (oslo's listener, futurist's
-    # workers) is a greenthread once patched, known by its thread's name.
-    thread = threading._active.get(id(glet))  # type: ignore[attr-defined]
-    return f"thread {thread.name}" if thread is not None else "greenthread"
-
-
-def current_name() -> str:
-    return greenlet_name(greenlet.getcurrent())
-
-
-def name_current(name: str) -> None:
-    """Label the running greenthread, e.g. a pooled worker taking on a request."""
-    greenlet.getcurrent().task_name = name
-
-
-def set_native_threads(count: int) -> None:
-    """Size the native thread pool that runs blocking calls; call before the first one.
-
-    Every libvirt call (builds, syncs, events, stats) takes one of these
-    threads while it blocks, so the pool bounds how many run at once.
-    """
-    eventlet.tpool.set_num_threads(count)
-
-
-def exit_without_joining_native_threads() -> None:
-    """Let the process exit while a native thread is stuck in a C call.
-
-    eventlet's exit hook (``tpool.killall``) joins every pool thread with no
-    timeout, so one libvirt call that never returns (the first statistics
-    call to reach a SIGSTOPped QEMU) kept a stopped agent's process alive
-    until the guest thawed. The pool's threads are daemon threads: without
-    the hook they are left behind at exit, as a stuck call must be.
-    """
-    atexit.unregister(eventlet.tpool.killall)
-
-
-def native_threads() -> int:
-    return eventlet.tpool._nthreads
-
-
-def execute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking (C-level) call in the native thread pool, not on the hub."""
-    return eventlet.tpool.execute(fn, *args, **kwargs)
-
-
-def proxy(obj: Any, autowrap: tuple[type, ...] = ()) -> Any:
-    """Wrap ``obj`` so every method call runs in the native thread pool.
-
-    Objects of the ``autowrap`` types returned by a call are wrapped as well,
-    so that, e.g., a domain returned by a proxied connection is proxied too.
-    """
-    return eventlet.tpool.Proxy(obj, autowrap=autowrap)
-
-
-def unproxy(obj: Any) -> Any:
-    """The object behind a :func:`proxy` (or ``obj`` itself)."""
-    return obj._obj if isinstance(obj, eventlet.tpool.Proxy) else obj
-
-
-def native_sleep(seconds: float) -> None:
-    """Block the calling native thread, as a slow C call would."""
-    _native_time.sleep(seconds)
-
-
-def native_thread(fn: Callable[..., Any], *args: Any, name: str) -> Any:
-    """Start a daemon native (OS) thread, e.g. for a C library's event loop."""
-    t = _native_threading.Thread(target=fn, args=args, name=name, daemon=True)
-    t.start()
-    return t
-
-
-def native_event() -> Any:
-    """A threading.Event for native threads (waiting on it blocks the thread)."""
-    return _native_threading.Event()
-
-
-def native_thread_id() -> int:
-    """Identity of the calling native thread, whatever greenthread runs on it."""
-    return _native_threading.get_ident()
-
-
-def native_lock() -> Any:
-    """A lock that is safe between native threads and the hub (never switches)."""
-    return _native_threading.Lock()
-
-
-class NativeQueue:
-    """Items put by native threads, taken by greenthreads, through a self-pipe.
-
-    ``put`` is safe from any native thread (a libvirt callback, say) and never
-    touches the hub: it appends and writes one byte to a pipe. ``get`` waits
-    greenly for the pipe to become readable.
-    """
-
-    def __init__(self) -> None:
-        self._items: collections.deque[Any] = collections.deque()
-        self._rfd, self._wfd = _native_os.pipe()
-        _native_os.set_blocking(self._rfd, False)
-        _native_os.set_blocking(self._wfd, False)
-        self._closed = False
-
-    def put(self, item: Any) -> None:
-        self._items.append(item)
-        try:
-            _native_os.write(self._wfd, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full, so the reader is already due to wake
-        except OSError:
-            pass  # closed while a callback was in flight
-
-    def get(self, timeout: float | None = None) -> Any:
-        """The next item; raise QueueEmpty if none came within ``timeout``."""
-        while True:
-            try:
-                return self._items.popleft()
-            except IndexError:
-                pass
-            if self._closed:
-                raise QueueEmpty()
-            try:
-                eventlet.hubs.trampoline(
-                    self._rfd, read=True, timeout=timeout, timeout_exc=QueueEmpty
-                )
-            except eventlet.hubs.IOClosed:
-                raise QueueEmpty() from None
-            try:
-                while _native_os.read(self._rfd, 4096):
-                    pass
-            except BlockingIOError:
-                pass
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            _native_os.close(self._wfd)
-            eventlet.hubs.notify_close(self._rfd)
-            _native_os.close(self._rfd)
-
-
-class Event:
-    """A resettable flag a greenthread can wait on, with an optional timeout."""
-
-    def __init__(self) -> None:
-        self._ev = eventlet.event.Event()
-
-    def set(self) -> None:
-        if not self._ev.ready():
-            self._ev.send(True)
-
-    def clear(self) -> None:
-        if self._ev.ready():
-            self._ev.reset()
-
-    def is_set(self) -> bool:
-        return self._ev.ready()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """True if set, False if ``timeout`` passed first."""
-        if self._ev.ready():
-            return True
-        return bool(self._ev.wait(timeout))
-
-
-class Future:
-    """The result of work done by another greenthread, delivered once."""
-
-    def __init__(self) -> None:
-        self._ev = eventlet.event.Event()
-
-    def set_result(self, value: Any) -> None:
-        if not self._ev.ready():
-            self._ev.send(value)
-
-    def set_exception(self, exc: BaseException) -> None:
-        if not self._ev.ready():
-            self._ev.send_exception(exc)
-
-    def done(self) -> bool:
-        return self._ev.ready()
-
-    def result(self, timeout: float | None = None) -> Any:
-        """Wait for the result; raise the work's exception, or TimeoutError."""
-        if timeout is not None and not self._ev.ready():
-            with eventlet.timeout.Timeout(timeout, False):
-                return self._ev.wait()
-            raise TimeoutError(f"no result within {timeout} s")
-        return self._ev.wait()
-
-
-def set_switch_tracer(tracer: Callable[[str, Any], None] | None) -> Any:
-    """Install a greenlet switch tracer (used by the hub-lag monitor)."""
-    return greenlet.settrace(tracer)
-
-
-def monotonic() -> float:
-    """Monotonic clock that is never patched."""
-    return _native_time.monotonic()
-
-
-def native_socket_module() -> Any:
-    """The ``socket`` module as it was before patching: blocking calls block the calling thread.
-
-    For servers that run in a native thread and must not touch the hub.
-    """
-    return _native_socket
-
-
-def native_select_module() -> Any:
-    """The ``select`` module as it was before patching (``poll`` blocks the calling thread)."""
-    return _native_select
-
-
-def native_semaphore(count: int) -> Any:
-    """A bounded semaphore between native threads (never switches greenthreads)."""
-    return _native_threading.BoundedSemaphore(count)
-
-
-def native_local() -> Any:
-    """Per-native-thread storage (``threading.local`` as it was before patching)."""
-    return _native_threading.local()
-
-
-def native_queue() -> Any:
-    """An unbounded FIFO between native threads (``queue.SimpleQueue``, unpatched)."""
-    return _native_queue.SimpleQueue()
+import os
+from typing import TYPE_CHECKING
+
+BACKEND_VARIABLE = "COMPUTE_AGENT_CONCURRENCY"
+_CHOSEN = os.environ.get(BACKEND_VARIABLE, "eventlet")
+
+if _CHOSEN not in ("eventlet", "threads"):
+    raise ImportError(f"{BACKEND_VARIABLE}={_CHOSEN!r}: expected 'eventlet' or 'threads'")
+
+if _CHOSEN == "threads" and not TYPE_CHECKING:
+    from compute_agent._green_threads import *  # noqa: F403
+else:
+    from compute_agent._green_eventlet import *  # noqa: F403

@@ -5,6 +5,9 @@ asked it woke up. Any lag means some code ran on the hub without yielding.
 To name the culprit, a greenlet switch tracer times every uninterrupted run
 of every greenthread; when the lag passes the warning threshold, the log
 names the greenthread whose single run was longest since the last wake-up.
+
+With the threads backend (``green.HAS_HUB`` false) there is no hub and no
+switch to trace: the monitor does not start and its figures stay at zero.
 """
 
 from __future__ import annotations
@@ -109,10 +112,12 @@ class HubLagMonitor:
         self._tracer = SliceTracer()
         self._collections = CollectionTimer()
         self._previous_tracer: Any = None
-        self._thread: green.GreenThread | None = None
+        self._thread: green.Task | None = None
         self._stopping = False
 
     def start(self) -> None:
+        if not green.HAS_HUB:
+            return
         self._previous_tracer = green.set_switch_tracer(self._tracer)
         gc.callbacks.append(self._collections)
         self._thread = green.spawn(self._loop, name="hub-lag-monitor")
@@ -120,7 +125,7 @@ class HubLagMonitor:
     def stop(self) -> None:
         self._stopping = True
         if self._thread is not None:
-            green.kill(self._thread)
+            self._thread.cancel()
             self._thread = None
         green.set_switch_tracer(self._previous_tracer)
         if self._collections in gc.callbacks:

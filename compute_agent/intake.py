@@ -59,6 +59,8 @@ class IntakeGate:
         self.done = 0
         self.max_waiting = 0
         self.max_wait = 0.0
+        # Guards the counts and the queue (tasks may be threads); never held across a wait.
+        self._guard = green.native_lock()
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
@@ -74,36 +76,42 @@ class IntakeGate:
 
     def _acquire(self) -> None:
         started = green.monotonic()
-        if self.running < self.slots and not self._waiters:
-            self.running += 1
-        else:
-            ticket = green.Event()
-            self._waiters.append(ticket)
-            self.max_waiting = max(self.max_waiting, len(self._waiters))
+        ticket = None
+        with self._guard:
+            if self.running < self.slots and not self._waiters:
+                self.running += 1
+            else:
+                ticket = green.Event()
+                self._waiters.append(ticket)
+                self.max_waiting = max(self.max_waiting, len(self._waiters))
+        if ticket is not None:
             try:
                 ticket.wait()
             except BaseException:
                 self._abandon(ticket)
                 raise
-        self.admitted += 1
-        self.max_wait = max(self.max_wait, green.monotonic() - started)
+        with self._guard:
+            self.admitted += 1
+            self.max_wait = max(self.max_wait, green.monotonic() - started)
 
     def _abandon(self, ticket: green.Event) -> None:
         """A waiter killed in the queue: drop its ticket, or pass on the slot it got."""
-        if ticket.is_set():
-            self._release(count=False)
-        else:
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(ticket)
+        with self._guard:
+            if not ticket.is_set():
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(ticket)
+                return
+        self._release(count=False)
 
     def _release(self, count: bool = True) -> None:
-        if count:
-            self.done += 1
-        if self._waiters:
-            # The slot passes straight to the oldest waiter: running stays the same.
-            self._waiters.popleft().set()
-        else:
-            self.running -= 1
+        with self._guard:
+            if count:
+                self.done += 1
+            if self._waiters:
+                # The slot passes straight to the oldest waiter: running stays the same.
+                self._waiters.popleft().set()
+            else:
+                self.running -= 1
 
     @property
     def waiting(self) -> int:
@@ -157,31 +165,36 @@ class RefusalLog:
         self._counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._last: dict[tuple[str, str, str], str] = {}
         self._levels: dict[tuple[str, str, str], int] = {}
-        self._flusher: green.GreenThread | None = None
+        self._flusher: green.Task | None = None
+        self._guard = green.native_lock()  # the counts; never held while logging
 
     def refused(
         self, kind: str, method: str, error: BaseException, level: int = logging.WARNING
     ) -> None:
         """Count one refused ``kind`` ("cast" or "call") of ``method``; log it if first."""
-        self.total += 1
         key = (kind, method, type(error).__name__)
-        if self._flusher is None or key not in self._last:
+        with self._guard:
+            self.total += 1
+            first = self._flusher is None or key not in self._last
+            if first:
+                self._last[key] = ""
+                self._levels[key] = level
+            else:
+                self._counts[key] += 1
+                self._last[key] = str(error)
+            if self._flusher is None:
+                self._flusher = green.call_later(self.window, self.flush, name=self.name)
+        if first:
             # The first of its kind in this window: in full, at once.
-            self._last[key] = ""
-            self._levels[key] = level
             fields = {"kind": kind, "method": method, "type": key[2], "error": error}
             self.logger.log(level, self.first, fields)
-        else:
-            self._counts[key] += 1
-            self._last[key] = str(error)
-        if self._flusher is None:
-            self._flusher = green.spawn_after(self.window, self.flush, name=self.name)
 
     def flush(self) -> None:
         """Log the counted refusals, one line per method and type, and start a new window."""
-        self._flusher = None
-        counts, last, levels = self._counts, self._last, self._levels
-        self._counts, self._last, self._levels = collections.Counter(), {}, {}
+        with self._guard:
+            self._flusher = None
+            counts, last, levels = self._counts, self._last, self._levels
+            self._counts, self._last, self._levels = collections.Counter(), {}, {}
         for key, n in sorted(counts.items()):
             kind, method, error_type = key
             fields = {
@@ -196,6 +209,7 @@ class RefusalLog:
 
     def stop(self) -> None:
         """Say what is still counted, now (the agent is stopping)."""
-        if self._flusher is not None:
-            green.kill(self._flusher)
+        flusher = self._flusher
+        if flusher is not None:
+            flusher.cancel()
             self.flush()

@@ -98,9 +98,12 @@ class LifecycleHandler:
         self.stopped_delay = stopped_delay
         self._is_stopping = is_stopping
         self._slots = green.Semaphore(max(1, concurrency))
-        self._delayed: dict[str, green.GreenThread] = {}
+        self._delayed: dict[str, green.Task] = {}
         self._queued: set[str] = set()
-        self._workers: set[green.GreenThread] = set()
+        self._workers: set[green.Task] = set()
+        # Guards the three above: event callbacks, delayed calls and workers
+        # may be different threads (held briefly, never across a switch).
+        self._guard = green.native_lock()
         self.figures = EventFigures()
 
     def statistics(self) -> EventStatistics:
@@ -117,9 +120,10 @@ class LifecycleHandler:
             return
         uuid = event.uuid.lower()
         LOG.debug("lifecycle event %s for %s (%s)", event.transition, event.name, uuid)
-        pending = self._delayed.pop(uuid, None)
+        with self._guard:
+            pending = self._delayed.pop(uuid, None)
         if pending is not None:
-            green.kill(pending)
+            pending.cancel()
             self.figures.cancelled += 1
             LOG.info(
                 "instance %s: pending stop event cancelled by a later %s event",
@@ -130,9 +134,10 @@ class LifecycleHandler:
             self._watch.event(uuid, STATE_AFTER.get(event.transition))
         if event.transition in DELAYED and self.stopped_delay > 0:
             self.figures.delayed += 1
-            self._delayed[uuid] = green.spawn_after(
-                self.stopped_delay, self._delay_over, uuid, event
-            )
+            with self._guard:
+                self._delayed[uuid] = green.call_later(
+                    self.stopped_delay, self._delay_over, uuid, event
+                )
             return
         self._submit(uuid, event)
 
@@ -143,30 +148,46 @@ class LifecycleHandler:
         sync already pending for the instance serves the same purpose.
         """
         uuid = uuid.lower()
-        if uuid in self._delayed or self._is_stopping():
+        if self._is_stopping():
             return
-        self.figures.rechecks += 1
         event = LifecycleEvent(uuid, uuid, Transition.STOPPED, "re-check")
-        self._delayed[uuid] = green.spawn_after(after, self._delay_over, uuid, event)
+        with self._guard:
+            if uuid in self._delayed:
+                return
+            self.figures.rechecks += 1
+            self._delayed[uuid] = green.call_later(after, self._delay_over, uuid, event)
 
     def _delay_over(self, uuid: str, event: LifecycleEvent) -> None:
-        self._delayed.pop(uuid, None)
+        # Submitted first: ``pending`` never reads zero in between.
         self._submit(uuid, event)
+        with self._guard:
+            if self._delayed.get(uuid) is green.current_task():
+                del self._delayed[uuid]  # not a later event's delay
 
     def _submit(self, uuid: str, event: LifecycleEvent) -> None:
-        if uuid in self._queued:
-            self.figures.coalesced += 1
-            return
-        self._queued.add(uuid)
-        worker = green.spawn(self._sync, uuid, event, name=f"event-{uuid[:8]}")
-        self._workers.add(worker)
-        worker.link(lambda gt, *_: self._workers.discard(gt))
+        with self._guard:
+            if uuid in self._queued:
+                self.figures.coalesced += 1
+                return
+            self._queued.add(uuid)
+        self._start_worker(self._sync, uuid, event, name=f"event-{uuid[:8]}")
+
+    def _start_worker(self, fn: Callable[..., None], *args: Any, name: str) -> None:
+        with self._guard:
+            worker = green.spawn(fn, *args, name=name)
+            self._workers.add(worker)
+        worker.add_done_callback(self._worker_done)
+
+    def _worker_done(self, worker: green.Task) -> None:
+        with self._guard:
+            self._workers.discard(worker)
 
     def _sync(self, uuid: str, event: LifecycleEvent) -> None:
         with self._slots:
             # From here, a new event for this instance needs a sync of its own:
             # this one may have read the hypervisor before the change.
-            self._queued.discard(uuid)
+            with self._guard:
+                self._queued.discard(uuid)
             if self._is_stopping():
                 self.figures.ignored += 1
                 return
@@ -187,9 +208,7 @@ class LifecycleHandler:
 
     def _stop_outside_slots(self, uuid: str) -> None:
         self.figures.stops += 1
-        worker = green.spawn(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
-        self._workers.add(worker)
-        worker.link(lambda gt, *_: self._workers.discard(gt))
+        self._start_worker(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
 
     def _enforce(self, uuid: str) -> None:
         """Sync again, stopping the domain inline; the per-instance lock still rules."""
@@ -209,6 +228,8 @@ class LifecycleHandler:
     def stop(self) -> None:
         """Drop delayed events. Queued syncs give up once they see the agent
         stopping (``is_stopping``); running ones finish."""
-        for gt in list(self._delayed.values()):
-            green.kill(gt)
-        self._delayed.clear()
+        with self._guard:
+            delayed = list(self._delayed.values())
+            self._delayed.clear()
+        for task in delayed:
+            task.cancel()

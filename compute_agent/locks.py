@@ -9,26 +9,33 @@ from compute_agent import green
 
 
 class KeyedLocks:
-    """One green lock per key, created on demand and dropped when unused."""
+    """One green lock per key, created on demand and dropped when unused.
+
+    The table is changed under a native lock held for the update only, so
+    tasks on different threads agree on each key's lock and its users.
+    """
 
     def __init__(self) -> None:
         self._locks: dict[str, tuple[green.Semaphore, int]] = {}
+        self._guard = green.native_lock()
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        sem, users = self._locks.get(key, (None, 0))
-        if sem is None:
-            sem = green.Semaphore(1)
-        self._locks[key] = (sem, users + 1)
+        with self._guard:
+            sem, users = self._locks.get(key, (None, 0))
+            if sem is None:
+                sem = green.Semaphore(1)
+            self._locks[key] = (sem, users + 1)
         try:
             with sem:
                 yield
         finally:
-            sem, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (sem, users - 1)
+            with self._guard:
+                sem, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (sem, users - 1)
 
     def busy(self, key: str) -> bool:
         """Whether someone holds or waits for ``key``'s lock now."""

@@ -108,7 +108,7 @@ class ComputeManager:
         self.service: NodeService | None = None
         self.started_at = utcnow()
         self._recovered = False
-        self._recovery: green.GreenThread | None = None
+        self._recovery: green.Task | None = None
         self._again = False  # a reconnection came while the recovery thread ran
         compute = conf.compute
         # The one "really stopped" rule, shared by the sync, events and operations.
@@ -231,14 +231,13 @@ class ComputeManager:
         thread = self._recovery
         # Recovery alone is left as before (the process ends without it);
         # a pass sees the stop within a poll and ends.
-        if thread is None or thread.dead or not self.resume.running:
+        if thread is None or thread.done() or not self.resume.running:
             return
         try:
-            with green.Timeout(self.conf.graceful_shutdown_timeout):
-                thread.wait()
-        except green.Timeout:
+            thread.result(self.conf.graceful_shutdown_timeout)
+        except TimeoutError:
             LOG.warning("start-up recovery/resume still running at stop; cancelling it")
-            green.kill(thread)
+            thread.cancel()
 
     def _power_sync(self) -> SyncSummary:
         """The periodic sync, after the resume pass: it would record resumable guests stopped."""
@@ -286,7 +285,7 @@ class ComputeManager:
         while the thread still runs (a failed pass waiting for starts in
         flight) has it go round once more instead: nothing else would.
         """
-        if self._recovery is not None and not self._recovery.dead:
+        if self._recovery is not None and not self._recovery.done():
             self._again = True
             return
         if self._recovered and not self.resume.due:

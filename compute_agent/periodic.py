@@ -75,7 +75,7 @@ class PeriodicTask:
         self._wake = green.Event()
         self._pending: list[green.Future] = []
         self._stopping = False
-        self._thread: green.GreenThread | None = None
+        self._thread: green.Task | None = None
         self._next_due: float | None = None
         self.running = False
         self.runs = 0
@@ -124,13 +124,12 @@ class PeriodicTask:
         if thread is None:
             return
         try:
-            with green.Timeout(grace):
-                thread.wait()
-        except green.Timeout:
+            thread.result(grace)
+        except TimeoutError:
             LOG.warning(
                 "task %s did not finish within %.1f s of stop; cancelling", self.name, grace
             )
-            green.kill(thread)
+            thread.cancel()
         finally:
             self._fail_pending(TaskStopped(f"task {self.name} stopped"))
 
@@ -165,7 +164,7 @@ class PeriodicTask:
         result: Any = None
         try:
             result = self.fn()
-        except green.GreenletExit:
+        except green.Cancelled:
             self._fail_waiters(waiters, TaskStopped(f"task {self.name} cancelled"))
             raise
         except Exception as exc:  # noqa: BLE001 - a task's failure must not end its loop

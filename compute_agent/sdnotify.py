@@ -106,7 +106,7 @@ class NotifyLoop:
         self.notifier = notifier
         self.status = status
         self.interval = notifier.watchdog_interval or status_interval
-        self._thread: green.GreenThread | None = None
+        self._thread: green.Task | None = None
 
     def start(self) -> None:
         if not self.notifier.enabled:
@@ -127,5 +127,5 @@ class NotifyLoop:
 
     def stop(self) -> None:
         if self._thread is not None:
-            green.kill(self._thread)
+            self._thread.cancel()
             self._thread = None

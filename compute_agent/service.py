@@ -76,7 +76,7 @@ class NodeService:
         self.stopping = False
         self._stop_requested = green.Event()
         self._stopped = False
-        self._heartbeat_write: green.Future | None = None
+        self._heartbeat_write: green.Task | None = None
         self._heartbeat_started = 0.0
         # The token this process claims the service row with (ownership.py),
         # and the one its lock file inherited from the last agent on it.
@@ -195,17 +195,11 @@ class NodeService:
                 f"database unavailable: the heartbeat written {self._since_write():.1f} s ago "
                 "is still waiting for an answer"
             )
-        write = green.Future()
-        self._heartbeat_write, self._heartbeat_started = write, green.monotonic()
-
-        def run() -> None:
-            try:
-                row_id = self.row.id  # type: ignore[union-attr]
-                write.set_result(self.db.service_heartbeat(row_id, self.owner))
-            except Exception as exc:  # noqa: BLE001 - handed to the waiting run
-                write.set_exception(exc)
-
-        green.spawn(run, name="heartbeat-write")
+        self._heartbeat_started = green.monotonic()
+        write = green.submit(
+            self.db.service_heartbeat, self.row.id, self.owner, name="heartbeat-write"
+        )
+        self._heartbeat_write = write
         wait = self.conf.report_interval * HEARTBEAT_WAIT
         try:
             write.result(wait)

@@ -180,6 +180,8 @@ class StatsSampler:
         self.concurrency = max(1, concurrency)
         self.store = StatsStore(unresponsive_after)
         self._stuck: set[str] = set()  # keys of calls past their deadline
+        self._in_flight = 0  # calls not yet returned nor past their deadline
+        self._stuck_guard = green.native_lock()  # both change on several tasks
         self._cycles = 0
         # Told of each cycle's instance list and when it was read (the metrics' index).
         self.on_instances: Callable[[list[Instance], float], None] | None = None
@@ -296,28 +298,34 @@ class StatsSampler:
 
         Raises TimeoutError when the deadline passes or too many calls are stuck.
         """
-        if len(self._stuck) >= MAX_STUCK_CALLS:
-            raise TimeoutError(f"{len(self._stuck)} statistics calls still hung; not adding more")
-        future: green.Future = green.Future()
+        with self._stuck_guard:
+            # Once calls hang, those in flight may hang too: count them, so
+            # that concurrent samplers cannot start more than the limit.
+            stuck = len(self._stuck)
+            if stuck >= MAX_STUCK_CALLS or (stuck and stuck + self._in_flight >= MAX_STUCK_CALLS):
+                raise TimeoutError(f"{stuck} statistics calls still hung; not adding more")
+            self._in_flight += 1
 
-        def work() -> None:
-            try:
-                future.set_result(fn(*args))
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
-                future.set_exception(exc)
-            finally:
-                if key in self._stuck:
-                    self._stuck.discard(key)
-                    LOG.info("a statistics call past its deadline returned (%s)", key)
+        def returned(_: green.Task) -> None:
+            with self._stuck_guard:
+                if key not in self._stuck:
+                    return
+                self._stuck.discard(key)
+            LOG.info("a statistics call past its deadline returned (%s)", key)
 
-        green.spawn(work, name=f"stats-call-{key[:8]}")
+        task = green.submit(fn, *args, name=f"stats-call-{key[:8]}")
         try:
-            return future.result(self.call_timeout)
+            return task.result(self.call_timeout)  # type: ignore[no-any-return]
         except TimeoutError:
-            self._stuck.add(key)
+            with self._stuck_guard:
+                self._stuck.add(key)
+            task.add_done_callback(returned)
             LOG.error(
                 "statistics call (%s) still running after %.0f s; going on without it",
                 key,
                 self.call_timeout,
             )
             raise
+        finally:
+            with self._stuck_guard:
+                self._in_flight -= 1

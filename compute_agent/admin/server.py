@@ -135,7 +135,7 @@ class AdminSocketServer:
         dispatcher.admin_socket = self
         self._sock: socket.socket | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our file
-        self._accepter: green.GreenThread | None = None
+        self._accepter: green.Task | None = None
         self._conns: set[_Connection] = set()
         self._closing = False
         self.requests = 0
@@ -171,7 +171,7 @@ class AdminSocketServer:
             return
         self._closing = True
         if self._accepter is not None:
-            green.kill(self._accepter)
+            self._accepter.cancel()
         if self._sock is not None:
             self._sock.close()
         self._unlink_if_ours()
@@ -184,7 +184,7 @@ class AdminSocketServer:
             LOG.warning("closing %d admin connection(s) with a request still in flight", left)
         for conn in list(self._conns):
             if conn.thread is not None:
-                green.kill(conn.thread)
+                conn.thread.cancel()
             conn.sock.close()  # a thread killed before it ran never closes it
         LOG.info("admin socket closed")
 
@@ -328,7 +328,7 @@ class AdminSocketServer:
     def _drop(self, record: _Connection) -> None:
         self._conns.discard(record)
         if record.thread is not None:
-            green.kill(record.thread)
+            record.thread.cancel()
         record.sock.close()
 
     def _refuse(self, conn: socket.socket) -> None:
@@ -440,8 +440,7 @@ class AdminSocketServer:
         watch: Callable[..., tuple[int, int] | None],
     ) -> dict[str, Any]:
         """Run the call in its own greenthread and report its progress meanwhile."""
-        future = green.Future()
-        green.spawn(lambda: future.set_result(self._call(method, args)), name=f"admin-{method}")
+        future = green.submit(self._call, method, args, name=f"admin-{method}")
         last: tuple[int, int] | None = None
         listening = True
         sent_at = green.monotonic()
@@ -502,7 +501,7 @@ class _Connection:
         self.sock = sock
         self.since = since
         self.peer = "peer unknown"
-        self.thread: green.GreenThread | None = None
+        self.thread: green.Task | None = None
         self.busy = False
 
 

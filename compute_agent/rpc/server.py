@@ -252,7 +252,7 @@ class RPCServer:
         self.transport: oslo_messaging.Transport | None = None
         self.server: oslo_rpc_server.RPCServer | None = None
         self.serving = green.Event()
-        self._starter: green.GreenThread | None = None
+        self._starter: green.Task | None = None
         self._grace: float = conf.graceful_shutdown_timeout
         self.refusals: RefusalLog | None = None
         self._service: Any = None
@@ -356,21 +356,11 @@ class RPCServer:
         """Stop taking requests, let those in flight finish (bounded), disconnect."""
         if self.server is None:
             return
-        if self._starter is not None and not self._starter.dead:
-            green.kill(self._starter)  # still trying to reach the broker
+        if self._starter is not None and not self._starter.done():
+            self._starter.cancel()  # still trying to reach the broker
         if self.serving.is_set():
             self.server.stop()
-            drained = green.Future()
-
-            def drain() -> None:
-                try:
-                    self.server.wait()  # type: ignore[union-attr]
-                except Exception as exc:  # noqa: BLE001 - reported below
-                    drained.set_exception(exc)
-                else:
-                    drained.set_result(None)
-
-            green.spawn(drain, name="rpc-drain")
+            drained = green.submit(self.server.wait, name="rpc-drain")
             try:
                 drained.result(self._grace)
             except TimeoutError:

@@ -8,6 +8,8 @@ import pytest
 from compute_agent import green
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "compute_agent"
+# Tests of the hub itself; the rest run under both backends (`make test`).
+eventlet_only = pytest.mark.skipif(green.BACKEND != "eventlet", reason="needs the eventlet hub")
 
 
 def _ticker(stop_after: float) -> list[float]:
@@ -31,6 +33,7 @@ def test_execute_runs_blocking_calls_off_the_hub():
     assert max(lates) < 0.03
 
 
+@eventlet_only
 def test_blocking_on_the_hub_is_visible():
     # The control: the same call made on the hub stalls every greenthread.
     lates, gt = _ticker(0.5)
@@ -90,7 +93,7 @@ def test_only_green_module_imports_eventlet():
     for path in ROOT.rglob("*.py"):
         text = path.read_text()
         if re.search(r"^\s*(import|from)\s+(eventlet|greenlet)\b", text, re.M):
-            if path.name != "green.py":
+            if path.name != "_green_eventlet.py":  # the eventlet backend of green.py
                 offenders.append(str(path.relative_to(ROOT)))
     assert offenders == []
 
@@ -108,6 +111,7 @@ print("stuck", flush=True)
 """
 
 
+@eventlet_only
 @pytest.mark.parametrize("abandon", [True, False])
 def test_a_stuck_native_call_does_not_keep_the_process_alive(abandon):
     """A libvirt call to a frozen QEMU never returns; a stopped agent must still exit."""
@@ -129,3 +133,125 @@ def test_a_stuck_native_call_does_not_keep_the_process_alive(abandon):
         out, _ = proc.communicate()
     assert out == "stuck\n"
     assert rc == (0 if abandon else None)
+
+
+def test_call_later_cancelled_before_its_start_never_runs():
+    ran = []
+    task = green.call_later(0.05, ran.append, 1, name="late")
+    task.cancel()
+    green.sleep(0.1)
+    assert ran == [] and task.done()
+    with pytest.raises(green.Cancelled):
+        task.result(1)
+
+
+def test_result_timeout_leaves_the_work_running():
+    release = green.Event()
+    task = green.submit(lambda: release.wait(5) and "finished", name="slow")
+    with pytest.raises(TimeoutError):
+        task.result(0.05)
+    assert not task.done()
+    release.set()
+    assert task.result(1) == "finished"
+
+
+def test_result_raises_the_work_exception():
+    def fail():
+        raise ValueError("boom")
+
+    task = green.submit(fail, name="failing")
+    with pytest.raises(ValueError, match="boom"):
+        task.result(1)
+    assert task.done()
+
+
+def test_done_callbacks_run_once_even_when_added_late():
+    seen = []
+    task = green.spawn(lambda: 5, name="quick")
+    task.add_done_callback(seen.append)
+    assert task.result(1) == 5
+    green.sleep(0.01)
+    task.add_done_callback(seen.append)  # already done: called at once
+    green.sleep(0.01)
+    assert seen == [task, task]
+    assert task.name == "quick"
+
+
+def test_cancel_raises_cancelled_inside_the_task_at_its_next_wait():
+    entered, cleaned = green.Event(), []
+    never = green.Event()
+
+    def work():
+        entered.set()
+        try:
+            never.wait()
+        except green.Cancelled:
+            cleaned.append(green.current_name())
+            raise
+
+    task = green.spawn(work, name="doomed")
+    assert entered.wait(1)
+    task.cancel()
+    with pytest.raises(green.Cancelled):
+        task.result(1)
+    assert cleaned == ["doomed"]
+
+
+def test_a_cancelled_sleep_and_semaphore_acquire_end_at_once():
+    sem = green.Semaphore(1)
+    sem.acquire()
+    sleeper = green.spawn(green.sleep, 30, name="sleeper")
+    waiter = green.spawn(sem.acquire, name="waiter")
+    green.sleep(0.02)
+    started = green.monotonic()
+    for task in (sleeper, waiter):
+        task.cancel()
+        with pytest.raises(green.Cancelled):
+            task.result(2)
+    assert green.monotonic() - started < 1
+    sem.release()
+
+
+THREADS_IMPORT = """
+import logging, sys
+from compute_agent import green, periodic, locks, lifecycle, stats, power_sync, log
+assert green.BACKEND == "threads", green.BACKEND
+done = green.Event()
+green.native_thread(lambda: (logging.getLogger("t").warning("from a native thread"), done.set()),
+                    name="native")
+assert done.wait(5)
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("eventlet", "greenlet")))
+"""
+
+
+def test_the_threads_backend_never_imports_eventlet():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, COMPUTE_AGENT_CONCURRENCY="threads")
+    out = subprocess.run(
+        [sys.executable, "-c", THREADS_IMPORT],
+        capture_output=True,
+        text=True,
+        cwd=ROOT.parent,
+        env=env,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert out == "[]\n"
+
+
+@eventlet_only
+def test_naming_a_native_thread_creates_no_hub_in_it():
+    """A log line from a native thread (libvirt's loop, the pool) reads the task name."""
+    import eventlet.hubs
+
+    seen = []
+
+    def native():
+        seen.append(green.current_name())
+        seen.append(getattr(eventlet.hubs._threadlocal, "hub", None))
+
+    green.native_thread(native, name="n").join(5)
+    assert seen == ["native", None]

@@ -144,8 +144,8 @@ class Host:
         self._current: _Connection | None = None
         self._generation = 0
         self._events = green.NativeQueue()
-        self._dispatcher: green.GreenThread | None = None
-        self._reconnector: green.GreenThread | None = None
+        self._dispatcher: green.Task | None = None
+        self._reconnector: green.Task | None = None
         self._stopping = False
         self.last_error: str | None = None
         # Set before start() to receive domain lifecycle events.
@@ -167,7 +167,7 @@ class Host:
         self._stopping = True
         for gt in (self._reconnector, self._dispatcher):
             if gt is not None:
-                green.kill(gt)
+                gt.cancel()
         current, self._current = self._current, None
         if current is not None:
             self._close_when_idle(current, drain)

@@ -1,0 +1,549 @@
+"""The native-threads backend of :mod:`compute_agent.green` (``COMPUTE_AGENT_CONCURRENCY=threads``).
+
+Import :mod:`compute_agent.green`, never this module. Each task is a daemon
+``threading.Thread``; cancelling one sets a flag that the task sees at its
+next switch point (``sleep``, ``yield_now``, a wait on an ``Event``,
+``Future`` or ``Task``, a ``Semaphore`` acquire), where :class:`Cancelled`
+is raised. There is no hub: ``execute`` and ``proxy`` are direct calls,
+``monkey_patch`` does nothing, and no switch tracer exists.
+
+Two scheduling promises of eventlet are kept approximately, because code
+that yields to be fair relies on them: ``yield_now`` in a task waits (at
+most ``_YIELD_WAIT_S``) until every other task that is not blocked in a
+wait has reached a switch point; and a new task starts a moment after its
+spawner went on (``_YIELD_S``), so a burst of spawns runs to its end first.
+"""
+
+from __future__ import annotations
+
+import collections
+import queue as _queue
+import select as _select
+import socket as _socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+BACKEND = "threads"
+HAS_HUB = False  # every task is its own thread: nothing to measure the lag of
+RPC_EXECUTOR = "threading"
+QueueEmpty = _queue.Empty
+
+
+class Cancelled(BaseException):
+    """Raised inside a task at its next switch point once it is cancelled."""
+
+
+_local = threading.local()
+
+# time.sleep(0) releases the GIL but usually takes it straight back; a
+# sleep this short lets a thread waiting for the GIL run first.
+_YIELD_S = 0.0001
+# The longest a yield waits for the other tasks: one in a C call that is no
+# switch point (a socket read, say) is not waited for beyond this.
+_YIELD_WAIT_S = 0.01
+
+# Task states for fair yields, changed under _sched; tasks "blocked" in a
+# wait are not waited for by a yield, "running" and "yielding" ones are.
+_sched = threading.Condition(threading.Lock())
+_live: set[Task] = set()
+
+
+def _set_state(task: Task, state: str) -> None:
+    with _sched:
+        task._state = state
+        task._switches += 1
+        _sched.notify_all()
+
+
+def current_task() -> Task | None:
+    """The Task running the caller, or None (the main thread, a library's thread)."""
+    return getattr(_local, "task", None)
+
+
+def _wait(cond: threading.Condition, ready: Callable[[], bool], timeout: float | None) -> bool:
+    """Wait (``cond`` held) until ``ready()``; False on timeout; Cancelled if the task is."""
+    task = current_task()
+    end = None if timeout is None else time.monotonic() + timeout
+    if task is not None:
+        if ready() and not task._cancelling:
+            return True
+        _set_state(task, "blocked")
+        task._blocker = cond
+    try:
+        while not ready():
+            if task is not None and task._cancelling:
+                raise Cancelled()
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            cond.wait(left)
+        return True
+    finally:
+        if task is not None:
+            task._blocker = None
+            task._state = "running"
+
+
+def _check_cancelled() -> None:
+    task = current_task()
+    if task is not None and task._cancelling:
+        raise Cancelled()
+
+
+class Task:
+    """A call running (or due to run) in its own daemon thread."""
+
+    def __init__(
+        self,
+        delay: float,
+        fn: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        name: str,
+        quiet: bool = False,
+    ) -> None:
+        self.task_name = name
+        self._delay = delay
+        self._call = (fn, args, kwargs)
+        self._quiet = quiet
+        self._cond = threading.Condition(threading.Lock())
+        self._finished = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Task], Any]] = []
+        self._cancelling = False
+        self._woken = threading.Event()  # set on cancel: ends a sleep early
+        self._blocker: threading.Condition | None = None
+        self._state = "new"
+        self._switches = 0
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def name(self) -> str:
+        return self.task_name
+
+    def _run(self) -> None:
+        _local.task = self
+        fn, args, kwargs = self._call
+        self._call = None  # type: ignore[assignment]
+        _set_state(self, "running")
+        with _sched:
+            _live.add(self)
+        try:
+            # The spawner goes on first, as under eventlet (see the module docstring).
+            sleep(max(self._delay, _YIELD_S))
+            _check_cancelled()
+            value = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._finish(None, exc)
+            if not (self._quiet or isinstance(exc, Cancelled)):
+                raise  # printed by threading.excepthook, as the hub prints it
+        else:
+            self._finish(value, None)
+
+    def _finish(self, value: Any, error: BaseException | None) -> None:
+        with _sched:
+            _live.discard(self)
+        _set_state(self, "done")
+        with self._cond:
+            self._value, self._error, self._finished = value, error, True
+            callbacks, self._callbacks = self._callbacks, []
+            self._cond.notify_all()
+        for fn in callbacks:
+            fn(self)
+
+    def cancel(self) -> None:
+        """Raise :class:`Cancelled` in the task at its next switch point (unstarted: never runs)."""
+        if self._finished:
+            return
+        self._cancelling = True
+        self._woken.set()
+        blocker = self._blocker
+        if blocker is not None:
+            with blocker:
+                blocker.notify_all()
+
+    kill = cancel
+
+    def done(self) -> bool:
+        return self._finished
+
+    @property
+    def dead(self) -> bool:
+        return self._finished
+
+    def result(self, timeout: float | None = None) -> Any:
+        """The call's return value; raise its exception, ``Cancelled``, or TimeoutError.
+
+        On timeout the call goes on running: cancel it to stop it.
+        """
+        with self._cond:
+            if not _wait(self._cond, lambda: self._finished, timeout):
+                raise TimeoutError(f"{self.task_name}: no result within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+    def wait(self) -> Any:
+        return self.result()
+
+    def add_done_callback(self, fn: Callable[[Task], Any]) -> None:
+        """Call ``fn(task)`` once the task ends (at once, if it has)."""
+        with self._cond:
+            if not self._finished:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    link = add_done_callback
+
+
+def spawn(fn: Callable[..., Any], *args: Any, name: str | None = None, **kwargs: Any) -> Task:
+    """Start ``fn`` in a new thread named ``name``."""
+    return Task(0, fn, args, kwargs, name or str(getattr(fn, "__name__", "task")))
+
+
+def submit(fn: Callable[..., Any], *args: Any, name: str) -> Task:
+    """Start ``fn`` whose outcome only its :meth:`Task.result` reports (no traceback printed)."""
+    return Task(0, fn, args, {}, name, quiet=True)
+
+
+def call_later(seconds: float, fn: Callable[..., Any], *args: Any, name: str | None = None) -> Task:
+    """Start ``fn`` after ``seconds``; ``cancel()`` before then and it never runs."""
+    return Task(seconds, fn, args, {}, name or str(getattr(fn, "__name__", "timer")))
+
+
+spawn_after = call_later
+
+
+def kill(task: Task) -> None:
+    task.cancel()
+
+
+def sleep(seconds: float = 0) -> None:
+    """Sleep this thread; a cancelled task wakes at once with Cancelled."""
+    task = current_task()
+    if task is None:
+        time.sleep(max(seconds, _YIELD_S))
+        return
+    _check_cancelled()
+    if seconds <= 0:
+        _yield(task)
+        return
+    _set_state(task, "blocked")
+    try:
+        if task._woken.wait(seconds):
+            raise Cancelled()
+    finally:
+        task._state = "running"
+    _check_cancelled()
+
+
+def _yield(task: Task) -> None:
+    """Let every other task that can run reach its next switch point first (bounded)."""
+    with _sched:
+        task._state = "yielding"
+        task._switches += 1
+        _sched.notify_all()
+        others = [(t, t._switches) for t in _live if t is not task and t._state != "blocked"]
+    time.sleep(_YIELD_S)
+    if others:
+        end = time.monotonic() + _YIELD_WAIT_S
+        task._blocker = _sched
+        try:
+            with _sched:
+                while not task._cancelling and any(
+                    t._switches == n and t._state != "blocked" for t, n in others
+                ):
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    _sched.wait(left)
+        finally:
+            task._blocker = None
+    task._state = "running"
+    _check_cancelled()
+
+
+def yield_now() -> None:
+    sleep(0)
+
+
+def monkey_patch() -> None:
+    """Nothing to patch: the standard library already blocks only the calling thread."""
+
+
+def greenlet_name(thread: Any) -> str:
+    return str(getattr(thread, "name", "thread"))
+
+
+def current_name() -> str:
+    task = current_task()
+    if task is not None:
+        return task.task_name
+    thread = threading.current_thread()
+    return "main" if thread is threading.main_thread() else thread.name
+
+
+def name_current(name: str) -> None:
+    """Label the running task or thread, e.g. a pooled worker taking on a request."""
+    task = current_task()
+    if task is not None:
+        task.task_name = name
+    threading.current_thread().name = name
+
+
+_pool_size = 20
+
+
+def set_native_threads(count: int) -> None:
+    """Recorded only: blocking calls run in the calling thread."""
+    global _pool_size
+    _pool_size = count
+
+
+def exit_without_joining_native_threads() -> None:
+    """Nothing to do: every thread started here is a daemon thread."""
+
+
+def native_threads() -> int:
+    return _pool_size
+
+
+def execute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking call: in this backend, in the calling thread (no yield waits for it)."""
+    task = current_task()
+    if task is None:
+        return fn(*args, **kwargs)
+    _set_state(task, "blocked")
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        task._state = "running"
+
+
+def proxy(obj: Any, autowrap: tuple[type, ...] = ()) -> Any:
+    return obj
+
+
+def unproxy(obj: Any) -> Any:
+    return obj
+
+
+def native_sleep(seconds: float) -> None:
+    """Block the calling thread, as a slow C call would (not a switch point)."""
+    time.sleep(seconds)
+
+
+def native_thread(fn: Callable[..., Any], *args: Any, name: str) -> Any:
+    t = threading.Thread(target=fn, args=args, name=name, daemon=True)
+    t.start()
+    return t
+
+
+def native_event() -> Any:
+    return threading.Event()
+
+
+def native_thread_id() -> int:
+    return threading.get_ident()
+
+
+def native_lock() -> Any:
+    return threading.Lock()
+
+
+def native_semaphore(count: int) -> Any:
+    return threading.BoundedSemaphore(count)
+
+
+def native_local() -> Any:
+    return threading.local()
+
+
+def native_queue() -> Any:
+    return _queue.SimpleQueue()
+
+
+def native_socket_module() -> Any:
+    return _socket
+
+
+def native_select_module() -> Any:
+    return _select
+
+
+def monotonic() -> float:
+    return time.monotonic()
+
+
+def set_switch_tracer(tracer: Callable[[str, Any], None] | None) -> Any:
+    """No hub, no switches to trace: installs nothing (the hub-lag monitor is idle)."""
+    return None
+
+
+class NativeQueue:
+    """Items put by any thread, taken by tasks; ``get`` is a switch point."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Any] = collections.deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+
+    def put(self, item: Any) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._items.append(item)
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item; raise QueueEmpty if none came within ``timeout``."""
+        with self._cond:
+            if not _wait(self._cond, lambda: bool(self._items) or self._closed, timeout):
+                raise QueueEmpty()
+            if self._items:
+                return self._items.popleft()
+            raise QueueEmpty()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Event:
+    """A resettable flag a task can wait on, with an optional timeout."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._flag = False
+
+    def set(self) -> None:
+        with self._cond:
+            self._flag = True
+            self._cond.notify_all()
+
+    def clear(self) -> None:
+        with self._cond:
+            self._flag = False
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True if set, False if ``timeout`` passed first."""
+        with self._cond:
+            return _wait(self._cond, lambda: self._flag, timeout)
+
+
+class Future:
+    """The result of work done by another task, delivered once."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._done = False
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def set_result(self, value: Any) -> None:
+        with self._cond:
+            if not self._done:
+                self._value, self._done = value, True
+                self._cond.notify_all()
+
+    def set_exception(self, exc: BaseException) -> None:
+        with self._cond:
+            if not self._done:
+                self._error, self._done = exc, True
+                self._cond.notify_all()
+
+    def done(self) -> bool:
+        return self._done
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Wait for the result; raise the work's exception, or TimeoutError."""
+        with self._cond:
+            if not _wait(self._cond, lambda: self._done, timeout):
+                raise TimeoutError(f"no result within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class Semaphore:
+    """A counting semaphore whose acquire is a (cancellable) switch point."""
+
+    def __init__(self, value: int = 1) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self.counter = value
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        with self._cond:
+            if not blocking and self.counter <= 0:
+                return False
+            if not _wait(self._cond, lambda: self.counter > 0, timeout):
+                return False
+            self.counter -= 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self.counter += 1
+            self._cond.notify()
+
+    def locked(self) -> bool:
+        return self.counter <= 0
+
+    def __enter__(self) -> Semaphore:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Pool:
+    """At most ``size`` tasks at once: ``spawn`` waits for room, ``waitall`` for all."""
+
+    def __init__(self, size: int = 1000) -> None:
+        self._room = Semaphore(size)
+        self._running: set[Task] = set()
+        self._lock = threading.Lock()
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> Task:
+        self._room.acquire()
+        name = current_name()
+
+        def run() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                self._room.release()
+
+        task = spawn(run, name=f"{name}-pool")
+        with self._lock:
+            self._running.add(task)
+        task.add_done_callback(self._discard)
+        return task
+
+    def _discard(self, task: Task) -> None:
+        with self._lock:
+            self._running.discard(task)
+
+    def waitall(self) -> None:
+        while True:
+            with self._lock:
+                left = list(self._running)
+            if not left:
+                return
+            for task in left:
+                try:
+                    task.result()
+                except Exception:  # noqa: BLE001 - as GreenPool.waitall: errors were printed
+                    pass
