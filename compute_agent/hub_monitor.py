@@ -145,7 +145,7 @@ class HubLagMonitor:
                     culprit,
                     time.thread_time() - cpu,
                     self._collections.take(),
-                    queued.read() - waited if waited is not None else None,
+                    _difference(queued.read(), waited),
                 )
         finally:
             queued.close()
@@ -249,3 +249,8 @@ def _percentile(ordered: list[float], q: float) -> float:
         return 0.0
     rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
     return ordered[rank]
+
+
+def _difference(now: float | None, before: float | None) -> float | None:
+    """``now - before``, or None when either reading is unknown."""
+    return None if now is None or before is None else now - before

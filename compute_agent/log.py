@@ -152,7 +152,7 @@ def reopen_handler(handler: logging.Handler) -> None:
     except OSError as exc:
         # Keep logging somewhere: a directory made unwritable must not
         # silence the agent. The next record retries the open.
-        handler.stream = None  # type: ignore[assignment]
+        handler.stream = None
         print(f"compute-agent: cannot reopen {handler.baseFilename}: {exc}", file=sys.stderr)
     finally:
         handler.release()

@@ -24,14 +24,14 @@ from typing import Any
 from oslo_config import cfg
 
 from compute_agent import exception, green, servicegroup, steady
-from compute_agent.db.api import Database
+from compute_agent.db.api import AnyInstance, Database
 from compute_agent.db.models import Instance
 from compute_agent.lifecycle import EventStatistics, LifecycleHandler
 from compute_agent.locks import KeyedLocks
 from compute_agent.metrics.instances import InstanceIndex
 from compute_agent.operations import BuildStatistics, InstanceOperations
 from compute_agent.power_sync import PowerSync, SyncStatistics, SyncSummary
-from compute_agent.reaper import DeletedGuestReaper, ReaperStatistics
+from compute_agent.reaper import DeletedGuestReaper, ReaperStatistics, ReapSummary
 from compute_agent.recovery import recover_interrupted
 from compute_agent.resume import BootResume, ResumeStatistics
 from compute_agent.rpc import BINARY
@@ -83,7 +83,7 @@ def action_dict(row: Any) -> dict[str, Any]:
     }
 
 
-def instance_dict(inst: Instance) -> dict[str, Any]:
+def instance_dict(inst: AnyInstance) -> dict[str, Any]:
     """An instance as RPC and the admin CLI show it."""
     return {
         "uuid": inst.uuid,
@@ -432,6 +432,8 @@ class ComputeManager:
             self.db.service_set_disabled(row_id, False, None)
             LOG.info("service enabled by the operator")
         row = self.db.service_get(self.host, BINARY)
+        if row is None:
+            raise exception.ServiceNotFound(f"service row of {self.host} is gone")
         return servicegroup.describe(row, self.conf.service_down_time)
 
     def statistics(self) -> ManagerStatistics:
@@ -490,4 +492,5 @@ class ComputeManager:
         It joins the periodic task's queue, as a forced power sync does.
         """
         assert self.service is not None
-        return self.service.runner.run_now(REAPER).result(timeout).as_dict()
+        summary: ReapSummary = self.service.runner.run_now(REAPER).result(timeout)
+        return summary.as_dict()

@@ -81,6 +81,32 @@ class _Call:
     since: float = 0.0
     # Given, a domain to stop is handed to it instead of being stopped here.
     defer_stop: Callable[[str], None] | None = None
+    # The run's workers share the summary and the writes: under native threads
+    # (green.py) a count or a list swap must not interleave with another's.
+    lock: Any = field(default_factory=green.native_lock)
+
+    def count(self, **deltas: int) -> None:
+        """Add ``deltas`` to the summary's counters, atomically."""
+        with self.lock:
+            for name, delta in deltas.items():
+                setattr(self.summary, name, getattr(self.summary, name) + delta)
+
+    def add_write(self, write: _Write) -> None:
+        with self.lock:
+            if not self.writes:
+                self.since = green.monotonic()
+            self.writes.append(write)
+
+    def take_writes(self, *, only_if_due: bool = False) -> list[_Write]:
+        """The pending writes, now the caller's; with ``only_if_due``, only a full or old batch."""
+        with self.lock:
+            due = len(self.writes) >= WRITE_BATCH or (
+                bool(self.writes) and green.monotonic() - self.since >= WRITE_DELAY_S
+            )
+            if only_if_due and not due:
+                return []
+            writes, self.writes = self.writes, []
+            return writes
 
 
 @dataclass(frozen=True)
@@ -128,6 +154,7 @@ class PowerSync:
         # Told of the row writes that won, once per batch: (the row as read, the values written).
         self.on_changes: Callable[[list[tuple[AnyInstance, dict[str, Any]]]], None] | None = None
         self._rechecks: set[str] = set()
+        self._rechecks_lock = green.native_lock()
 
     def statistics(self) -> SyncStatistics:
         count, names, checked_at = self.unknown
@@ -186,10 +213,11 @@ class PowerSync:
 
     def _recheck_later(self, uuid: str, after: float) -> None:
         """Sync ``uuid`` again once a passing state could count (no events)."""
-        if uuid in self._rechecks:
-            return
-        self._rechecks.add(uuid)
-        green.spawn_after(after, self._recheck, uuid, name=f"recheck-{uuid[:8]}")
+        with self._rechecks_lock:
+            if uuid in self._rechecks:
+                return
+            self._rechecks.add(uuid)
+        green.call_later(after, self._recheck, uuid, name=f"recheck-{uuid[:8]}")
 
     def _recheck(self, uuid: str) -> None:
         self._rechecks.discard(uuid)
@@ -243,8 +271,9 @@ class PowerSync:
                 if summary.aborted is None:
                     summary.aborted = exc.described()
             finally:
-                done += 1
-                self.progress = (done, self.progress[1])
+                with call.lock:
+                    done += 1
+                    self.progress = (done, self.progress[1])
                 self._maybe_flush_writes(call)
                 green.yield_now()
 
@@ -269,7 +298,7 @@ class PowerSync:
         """Sync one instance under its lock. ``wait=False`` skips an instance
         whose lock is taken: an operation holds it and writes the state itself."""
         if inst.task_state is not None or (not wait and self.locks.busy(inst.uuid)):
-            call.summary.skipped += 1
+            call.count(skipped=1)
             return
         with self.locks.lock(inst.uuid):
             self._handle_locked(inst, prefetched, call, source)
@@ -281,43 +310,39 @@ class PowerSync:
         call: _Call,
         source: ActionSource,
     ) -> None:
-        summary = call.summary
         if inst.task_state is not None:
-            summary.skipped += 1
+            call.count(skipped=1)
             return
         try:
             outcome = self._sync_locked(inst, prefetched, call, source)
         except exception.Unavailable:
             raise
         except exception.ForeignDomain as exc:
-            summary.errors += 1
-            summary.foreign += 1
+            call.count(errors=1, foreign=1)
             LOG.error("instance %s: %s", inst.uuid, exc)
             return
         except Exception as exc:  # noqa: BLE001 - one instance must never abort the run
-            summary.errors += 1
+            call.count(errors=1)
             LOG.warning(
                 "power sync of instance %s failed: %s: %s", inst.uuid, type(exc).__name__, exc
             )
             return
         if outcome == SKIPPED:
-            summary.skipped += 1
+            call.count(skipped=1)
             return
-        summary.checked += 1
+        call.count(checked=1)
 
     def _read(self, inst: AnyInstance) -> PowerState | None:
         return self.driver.power_state(inst)
 
     def _maybe_flush_writes(self, call: _Call) -> None:
-        if call.writes and (
-            len(call.writes) >= WRITE_BATCH or green.monotonic() - call.since >= WRITE_DELAY_S
-        ):
-            self._flush_writes(call)
+        self._commit(call, call.take_writes(only_if_due=True))
 
     def _flush_writes(self, call: _Call) -> None:
+        self._commit(call, call.take_writes())
+
+    def _commit(self, call: _Call, writes: list[_Write]) -> None:
         """Commit the decided writes; each wins only if its row is unchanged since read."""
-        summary = call.summary
-        writes, call.writes = call.writes, []
         if not writes:
             return
         try:
@@ -326,8 +351,7 @@ class PowerSync:
             )
         except Exception as exc:  # noqa: BLE001 - counted; the next sync writes them again
             LOG.error("could not write %d power-sync updates: %s", len(writes), exc)
-            summary.errors += len(writes)
-            summary.checked -= len(writes)
+            call.count(errors=len(writes), checked=-len(writes))
             return
         won_writes: list[tuple[AnyInstance, dict[str, Any]]] = []
         for logged, (write, won) in enumerate(zip(writes, outcomes, strict=True), 1):
@@ -338,10 +362,9 @@ class PowerSync:
                     "instance %s changed while being synced; left for the next sync",
                     write.inst.uuid,
                 )
-                summary.checked -= 1
-                summary.skipped += 1
+                call.count(checked=-1, skipped=1)
                 continue
-            summary.changed += 1
+            call.count(changed=1)
             won_writes.append((write.inst, write.values))
             LOG.info(
                 "instance %s: %s (%s)",
@@ -383,7 +406,7 @@ class PowerSync:
             )
             suspended = decision.power_state is PowerState.SUSPENDED
             self.driver.power_off(inst, timeout=0 if suspended else self.shutdown_timeout)
-            call.summary.domains_stopped += 1
+            call.count(domains_stopped=1)
             before = decision.power_state
             observed = self._read(inst)
             decision = sync_policy.Decision(
@@ -404,13 +427,11 @@ class PowerSync:
         # The row's updated_at is its version: every writer bumps it, so the
         # write loses to any change made since this sync read the row.
         expected = {"task_state": None, "updated_at": inst.updated_at}
-        if not call.writes:
-            call.since = green.monotonic()
         audited = changes
         if audit_stop is not None and all(c.field != "power_state" for c in changes):
             audited = [audit_stop, *changes]
         audit = action_rows(inst.uuid, audited, "power_sync", source, reason, utcnow())
-        call.writes.append(_Write(inst, values, expected, audited, reason, audit))
+        call.add_write(_Write(inst, values, expected, audited, reason, audit))
         return CHANGED
 
     def _recheck_steady(self, inst: AnyInstance) -> sync_policy.Decision:

@@ -25,8 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
 from compute_agent import exception, green
-from compute_agent.db.api import Database
-from compute_agent.db.models import Instance
+from compute_agent.db.api import Database, InstanceRecord
 from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver, DomainStats
 
@@ -184,7 +183,7 @@ class StatsSampler:
         self._stuck_guard = green.native_lock()  # both change on several tasks
         self._cycles = 0
         # Told of each cycle's instance list and when it was read (the metrics' index).
-        self.on_instances: Callable[[list[Instance], float], None] | None = None
+        self.on_instances: Callable[[list[InstanceRecord], float], None] | None = None
 
     def run(self) -> StatsSummary:
         """One cycle: sample every instance of this host."""
@@ -233,7 +232,7 @@ class StatsSampler:
 
     # -- one cycle --------------------------------------------------------
 
-    def _bulk(self, instances: list[Instance], summary: StatsSummary) -> None:
+    def _bulk(self, instances: list[InstanceRecord], summary: StatsSummary) -> None:
         taken_mono, taken_at = green.monotonic(), utcnow()
         summary.calls += 1
         try:
@@ -249,10 +248,10 @@ class StatsSampler:
                 continue
             self._keep(inst.uuid, stats, taken_mono, taken_at, summary)
 
-    def _per_instance(self, instances: list[Instance], summary: StatsSummary) -> None:
+    def _per_instance(self, instances: list[InstanceRecord], summary: StatsSummary) -> None:
         slots = green.Semaphore(self.concurrency)
 
-        def one(inst: Instance) -> None:
+        def one(inst: InstanceRecord) -> None:
             with slots:
                 taken_mono, taken_at = green.monotonic(), utcnow()
                 summary.calls += 1

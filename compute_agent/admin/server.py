@@ -446,7 +446,7 @@ class AdminSocketServer:
         sent_at = green.monotonic()
         while True:
             try:
-                reply = future.result(timeout=self.progress_interval)
+                reply: dict[str, Any] = future.result(timeout=self.progress_interval)
                 break
             except TimeoutError:
                 pass

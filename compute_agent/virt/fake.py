@@ -92,6 +92,7 @@ class FakeDriver(ComputeDriver):
         old, dom.state = dom.state, state
         if not emit or old == state:
             return
+        transition: Transition | None
         if old == PowerState.PAUSED and state == PowerState.RUNNING:
             transition = Transition.RESUMED
         else:
@@ -155,9 +156,10 @@ class FakeDriver(ComputeDriver):
             hook(name)
 
     def _hang(self) -> None:
-        if self._release is None:
-            self._release = green.native_event()
-        green.execute(self._release.wait, HANG_LIMIT_S)
+        release = self._release
+        if release is None:
+            release = self._release = green.native_event()
+        green.execute(release.wait, HANG_LIMIT_S)
 
     def _lookup(self, instance: InstanceRef) -> FakeDomain:
         dom = self.domains.get(instance.domain_name)

@@ -122,6 +122,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "states",
             "utils",
             "green",
+            "_green_eventlet",
+            "_green_threads",
             "log",
             "metrics.figures",
             "metrics.instances",

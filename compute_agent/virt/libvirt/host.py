@@ -208,7 +208,8 @@ class Host:
         current.enter()  # left by the pool thread once the call returns
         started = green.monotonic()
         try:
-            return green.execute(current.call, fn, *args)
+            result: T = green.execute(current.call, fn, *args)
+            return result
         except libvirt.libvirtError as exc:
             if is_connection_error(exc):
                 self._lost(f"{exc.get_error_message()}", current.generation)
