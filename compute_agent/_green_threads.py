@@ -278,8 +278,8 @@ def monkey_patch() -> None:
     """Nothing to patch: the standard library already blocks only the calling thread."""
 
 
-def greenlet_name(thread: Any) -> str:
-    return str(getattr(thread, "name", "thread"))
+def greenlet_name(glet: Any) -> str:
+    return str(getattr(glet, "name", "thread"))
 
 
 def current_name() -> str:

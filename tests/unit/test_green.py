@@ -1,5 +1,7 @@
 """The green-concurrency module, and that it is the only one touching eventlet."""
 
+import ast
+import inspect
 import pathlib
 import re
 
@@ -255,3 +257,38 @@ def test_naming_a_native_thread_creates_no_hub_in_it():
 
     green.native_thread(native, name="n").join(5)
     assert seen == ["native", None]
+
+
+def _names_used_through_green() -> set[str]:
+    """Every ``green.<name>`` the package, its tests and bench use."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    used: set[str] = set()
+    for folder in ("compute_agent", "tests", "bench"):
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and node.value.id == "green"
+                ):
+                    used.add(node.attr)
+    return used
+
+
+@eventlet_only  # it imports both backends; the threads run must not load eventlet
+def test_both_backends_provide_every_name_the_agent_uses():
+    """One API: whatever code reaches through ``green`` exists in both implementations."""
+    import compute_agent._green_eventlet as eventlet_backend
+    import compute_agent._green_threads as threads_backend
+
+    used = _names_used_through_green() - {"BACKEND", "BACKEND_VARIABLE"}
+    assert len(used) > 30
+    for backend in (eventlet_backend, threads_backend):
+        assert sorted(n for n in used if not hasattr(backend, n)) == [], backend.__name__
+    # Same call shapes: a name that is a function in one is a function in the other.
+    for name in sorted(used):
+        a, b = getattr(eventlet_backend, name), getattr(threads_backend, name)
+        if inspect.isfunction(a) and inspect.isfunction(b):
+            assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters), (
+                name
+            )
