@@ -35,6 +35,8 @@ T = TypeVar("T")
 # Calls past their deadline that may still hold a native thread. Beyond
 # this many, no new call is made: hung calls must not eat the thread pool.
 MAX_STUCK_CALLS = 4
+# How often a call waiting for one in flight to answer (or be left behind) looks again.
+STUCK_POLL_S = 0.01
 
 
 @dataclass
@@ -297,13 +299,18 @@ class StatsSampler:
 
         Raises TimeoutError when the deadline passes or too many calls are stuck.
         """
-        with self._stuck_guard:
-            # Once calls hang, those in flight may hang too: count them, so
-            # that concurrent samplers cannot start more than the limit.
-            stuck = len(self._stuck)
-            if stuck >= MAX_STUCK_CALLS or (stuck and stuck + self._in_flight >= MAX_STUCK_CALLS):
-                raise TimeoutError(f"{stuck} statistics calls still hung; not adding more")
-            self._in_flight += 1
+        while True:
+            with self._stuck_guard:
+                stuck = len(self._stuck)
+                if stuck >= MAX_STUCK_CALLS:
+                    raise TimeoutError(f"{stuck} statistics calls still hung; not adding more")
+                # Once calls hang, those in flight may hang too: wait (at most
+                # about a deadline) until they answer or are left behind, so
+                # that concurrent samplers never start more than the limit.
+                if not stuck or stuck + self._in_flight < MAX_STUCK_CALLS:
+                    self._in_flight += 1
+                    break
+            green.sleep(STUCK_POLL_S)
 
         def returned(_: green.Task) -> None:
             with self._stuck_guard:

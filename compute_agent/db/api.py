@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from compute_agent import exception, green
 from compute_agent.db.engine import Deadlines, create_engine, normalize_url, unreachable_as_typed
 from compute_agent.db.models import Instance, InstanceAction, Service
-from compute_agent.utils import mask_url_password, utcnow
+from compute_agent.utils import utcnow
 
 # Work done on the hub between two pauses for a server database (SQLite's
 # runs in a native thread and needs none): rows turned into records when
@@ -114,7 +114,9 @@ class Database:
     def __init__(self, url: str, pool_size: int = 5, deadlines: Deadlines | None = None) -> None:
         self.url = normalize_url(url)
         self.deadlines = deadlines or Deadlines()
-        self.safe_url = mask_url_password(self.url.render_as_string(hide_password=False))
+        # SQLAlchemy hides the password it parsed, whatever its characters (a
+        # space, left unquoted, would end the text masking's URL early).
+        self.safe_url = self.url.render_as_string(hide_password=True)
         self.statements = 0
         self.engine: Engine = create_engine(self.url, pool_size, self.deadlines, self._count_one)
         event.listen(self.engine, "before_cursor_execute", self._count)

@@ -53,7 +53,7 @@ TYPED_ERRORS = (
     exception.InstanceNotFound,
     exception.InstanceInvalidState,
     exception.InvalidInput,
-    exception.HypervisorUnavailable,
+    exception.Unavailable,  # hypervisor or database: both typed, "retry later"
 )
 # An error of these types means the agent refused the request as asked:
 # nothing was done, so it is not something the user got.

@@ -249,3 +249,20 @@ def test_a_statement_error_is_not_an_outage(db):
     with pytest.raises(sa.exc.DBAPIError) as raised, db.transaction() as s:
         s.execute(sa.text("SELECT no_such_column FROM instances"))
     assert not isinstance(raised.value, exception.DatabaseUnavailable)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:pa ss@127.0.0.1:1/d",  # SQLAlchemy renders a space unquoted
+        "mysql+pymysql://root:s3cret@127.0.0.1:1/d",
+    ],
+)
+def test_safe_url_hides_any_password(url):
+    """What the CLI prints (``db sync``) hides the password whatever its characters."""
+    db = Database(url)
+    try:
+        assert "***@" in db.safe_url
+        assert "pa ss" not in db.safe_url and "s3cret" not in db.safe_url
+    finally:
+        db.dispose()

@@ -164,3 +164,21 @@ def test_the_manager_samples_in_its_own_periodic_task(conf, sqlite_db):
             manager.get_instance_stats("x; rm -rf /")
     finally:
         service.stop()
+
+
+def test_one_hung_call_does_not_fail_the_healthy_calls(sqlite_db):
+    """One call left behind must not turn healthy instances' calls into timeouts.
+
+    Only calls past their deadline count against MAX_STUCK_CALLS; calls in
+    flight that answer in time are no reason to refuse the next ones.
+    """
+    sampler, driver, insts = setup(sqlite_db, 8, bulk=False)
+    hung = insts[0]
+    driver.inject_fault("get_stats", "hang", names={hung.domain_name})
+    driver.method_latency["get_stats"] = 0.02  # healthy calls are in flight together
+    try:
+        assert sampler.run().timed_out == 1  # the hung one
+        summary = sampler.run()
+        assert (summary.timed_out, summary.missing, summary.sampled) == (0, 1, 7)
+    finally:
+        driver.clear_faults()

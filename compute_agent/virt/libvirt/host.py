@@ -195,8 +195,13 @@ class Host:
 
     @property
     def inflight(self) -> int:
-        """Calls now running through :meth:`run` on the current connection."""
-        return 0 if self._current is None else self._current.inflight
+        """Calls now running through :meth:`run` on the current connection.
+
+        Read once: the metrics scrape calls this from a native thread while
+        the hub may drop the connection.
+        """
+        current = self._current
+        return 0 if current is None else current.inflight
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(raw_connection, *args)`` in the thread pool, in one trip.
