@@ -220,11 +220,11 @@ def test_a_burst_of_spawns_starts_in_the_order_spawned():
         arrived: list[int] = []
         release = green.Event()
 
-        def arrive(i: int) -> None:
+        def arrive(i: int, arrived: list[int], release: green.Event) -> None:
             arrived.append(i)
             release.wait()
 
-        tasks = [green.spawn(arrive, i) for i in range(8)]
+        tasks = [green.spawn(arrive, i, arrived, release) for i in range(8)]
         green.sleep(0.1)
         assert arrived == list(range(8))
         release.set()
@@ -238,13 +238,13 @@ def test_cancel_returns_once_the_task_has_cleaned_up():
         cleaned: list[str] = []
         never = green.Event()
 
-        def work() -> None:
+        def work(cleaned: list[str], never: green.Event) -> None:
             try:
                 never.wait()
             finally:
                 cleaned.append("done")
 
-        task = green.spawn(work)
+        task = green.spawn(work, cleaned, never)
         green.sleep(0.01)
         task.cancel()
         assert cleaned == ["done"]
