@@ -64,7 +64,18 @@ def _set_state(task: Task, state: str) -> None:
     with _sched:
         task._state = state
         task._switches += 1
+        task._stuck = False
         _sched.notify_all()
+
+
+def _waited_for(task: Task) -> bool:
+    """Whether a yield waits for ``task`` (``_sched`` held).
+
+    Not when it is blocked in a wait, nor when it sat out a whole yield
+    without a switch point (blocked in a C call that is none: an accept, a
+    socket read), until its next switch point.
+    """
+    return task._state != "blocked" and not task._stuck
 
 
 def current_task() -> Task | None:
@@ -130,6 +141,7 @@ class Task:
         self._blocker: threading.Condition | None = None
         self._parked = False  # waiting at a switch point (not in a C call)
         self._in_call = False  # in execute(): a cancel does not wait for it
+        self._stuck = False  # reached no switch point during a whole yield
         self._switches = 0
         self._begun_at: int | None = None  # _switches when fn was called
         global _last_spawned
@@ -174,8 +186,11 @@ class Task:
                 begun = before._begun_at
                 if before._state == "done" or (begun is not None and before._switches > begun):
                     break
+                if before._stuck:
+                    break
                 left = end - time.monotonic()
                 if left <= 0:
+                    before._stuck = True
                     break
                 _sched.wait(left)
             self._state = "running"
@@ -311,8 +326,9 @@ def _yield(task: Task | None) -> None:
         if task is not None:
             task._state = "yielding"
             task._switches += 1
+            task._stuck = False
             _sched.notify_all()
-        others = [(t, t._switches) for t in _live if t is not task and t._state != "blocked"]
+        others = [(t, t._switches) for t in _live if t is not task and _waited_for(t)]
     time.sleep(_YIELD_S)
     if others:
         end = time.monotonic() + _YIELD_WAIT_S
@@ -321,10 +337,13 @@ def _yield(task: Task | None) -> None:
         try:
             with _sched:
                 while not (task is not None and task._cancelling) and any(
-                    t._switches == n and t._state != "blocked" for t, n in others
+                    t._switches == n and _waited_for(t) for t, n in others
                 ):
                     left = end - time.monotonic()
                     if left <= 0:
+                        for t, n in others:
+                            if t._switches == n:
+                                t._stuck = True
                         break
                     _sched.wait(left)
         finally:

@@ -337,3 +337,17 @@ def test_both_backends_provide_every_name_the_agent_uses():
             assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters), (
                 name
             )
+
+
+@pytest.mark.skipif(green.BACKEND != "threads", reason="a native call in a task blocks the hub")
+def test_a_task_stuck_in_a_native_call_is_not_waited_for_by_every_yield():
+    # A plain accept or socket read is no switch point: once a yield found it
+    # stuck, later yields and spawns no longer wait for it (their order holds).
+    stuck = green.spawn(green.native_sleep, 1.0, name="stuck")
+    green.sleep(0.05)
+    started = green.monotonic()
+    for _ in range(50):
+        green.yield_now()
+    assert green.monotonic() - started < 0.25
+    test_a_burst_of_spawns_starts_in_the_order_spawned()
+    stuck.wait()
