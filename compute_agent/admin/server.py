@@ -175,6 +175,9 @@ class AdminSocketServer:
         if self._accepter is not None:
             self._accepter.cancel()
         if self._sock is not None:
+            # A thread blocked in accept() (the threads backend) wakes only on a shutdown.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
         self._unlink_if_ours()
         self.refusals.stop()

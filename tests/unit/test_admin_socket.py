@@ -306,3 +306,18 @@ def test_client_gives_up_on_a_slow_reply(server, sock_path, agent, monkeypatch):
     monkeypatch.setattr(agent.manager, "list_instances", lambda: green.sleep(1) or [])
     with pytest.raises(AgentTimeout, match=r"no answer from the agent on .* after 0\.\d s"):
         AdminClient(sock_path, timeout=0.1).call("list_instances")
+
+
+def test_stop_ends_the_accepting_task(agent, sock_path):
+    # Under threads a task blocked in accept() never saw the cancel nor the close.
+    srv = AdminSocketServer(sock_path, agent, grace=0.5)
+    srv.start()
+    assert AdminClient(sock_path).call("ping")["host"] == "test-host"
+    accepter = srv._accepter
+    assert accepter is not None
+    green.sleep(0.2)  # back in accept()
+    srv.stop()
+    deadline = green.monotonic() + 2
+    while not accepter.done() and green.monotonic() < deadline:
+        green.sleep(0.01)
+    assert accepter.done()
