@@ -1,5 +1,6 @@
 """The admin socket in-process: mode, framing, bad input, concurrency, ownership."""
 
+import contextlib
 import json
 import logging
 import os
@@ -69,12 +70,18 @@ def raw(path, *lines, timeout=5.0):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        for line in lines:
-            s.sendall(line)
-        s.shutdown(socket.SHUT_WR)
+        # A server that closes first (a refused line) may do so while the rest is sent
+        # (under threads it reads in parallel): its replies are still there to read.
+        try:
+            for line in lines:
+                s.sendall(line)
+            s.shutdown(socket.SHUT_WR)
+        except BrokenPipeError:
+            pass
         data = b""
-        while chunk := s.recv(65536):
-            data += chunk
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                data += chunk
     return [json.loads(x) for x in data.splitlines()]
 
 
