@@ -26,13 +26,15 @@ Invariants callers rely on:
 - Cancellation is cooperative: ``cancel()`` raises :data:`Cancelled` inside
   the task at its next switch point (``sleep``, ``yield_now``, a wait on an
   ``Event``/``Future``/``Task``, a ``Semaphore`` acquire). Catch
-  ``Cancelled`` only to clean up, and re-raise it. Under eventlet ``cancel``
-  returns once the task has seen it; under threads it returns at once (wait
-  with ``result()`` to know the task ended), and a task blocked in a C call
-  (``execute``) sees it only when the call returns.
+  ``Cancelled`` only to clean up, and re-raise it. ``cancel`` returns once
+  the task has seen it and run to its next switch point (under threads
+  within a bounded wait; not at all for a task blocked in a C call, which
+  sees it only when the call returns: wait with ``result()`` to know the
+  task ended).
 - Under eventlet tasks start in the order spawned and run until they reach a
-  switch point; under threads they run in parallel (bar the GIL), in any
-  order.
+  switch point; under threads they also start in the order spawned (each
+  once the one before reached a switch point, within a bounded wait), then
+  run in parallel (bar the GIL), in any order.
 - Shared state touched by more than one task (dicts, sets, counters changed
   in several steps) is guarded by a ``native_lock()`` held briefly and never
   across a switch point. Under eventlet a task is never preempted between

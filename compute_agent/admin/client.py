@@ -121,8 +121,7 @@ class AdminClient:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         wait = min(self.connect_timeout, clock.left())
         try:
-            _arm(sock, wait)
-            sock.connect(self.path)
+            _connect_within(sock, self.path, wait)
         except (FileNotFoundError, NotADirectoryError):
             sock.close()
             raise AgentUnreachable(
@@ -216,6 +215,29 @@ class _Deadline:
 
     def waited(self) -> float:
         return time.monotonic() - self.started
+
+
+# How often a connect is retried while the agent's listen backlog is full.
+_BACKLOG_RETRY_S = 0.01
+
+
+def _connect_within(sock: socket.socket, path: str, wait: float) -> None:
+    """Connect within ``wait`` s, retrying while the listen backlog is full.
+
+    A UNIX socket's full backlog fails a connect with a timeout at once
+    (EAGAIN), not when the timeout ends: a burst of clients (or an agent
+    whose accepting thread has not run yet) is not an agent that is hung.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        _arm(sock, deadline - time.monotonic())
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            if time.monotonic() + _BACKLOG_RETRY_S >= deadline:
+                raise
+        time.sleep(_BACKLOG_RETRY_S)
 
 
 def _arm(sock: socket.socket, left: float) -> None:

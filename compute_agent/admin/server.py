@@ -137,6 +137,8 @@ class AdminSocketServer:
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our file
         self._accepter: green.Task | None = None
         self._conns: set[_Connection] = set()
+        # Under threads the accept loop and every connection change _conns at once.
+        self._conns_lock = green.native_lock()
         self._closing = False
         self.requests = 0
         self.errors = 0
@@ -173,16 +175,19 @@ class AdminSocketServer:
         if self._accepter is not None:
             self._accepter.cancel()
         if self._sock is not None:
+            # A thread blocked in accept() (the threads backend) wakes only on a shutdown.
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
             self._sock.close()
         self._unlink_if_ours()
         self.refusals.stop()
         deadline = green.monotonic() + self.grace
-        while any(c.busy for c in self._conns) and green.monotonic() < deadline:
+        while any(c.busy for c in self._open()) and green.monotonic() < deadline:
             green.sleep(0.05)
-        left = sum(1 for c in self._conns if c.busy)
+        left = sum(1 for c in self._open() if c.busy)
         if left:
             LOG.warning("closing %d admin connection(s) with a request still in flight", left)
-        for conn in list(self._conns):
+        for conn in self._open():
             if conn.thread is not None:
                 conn.thread.cancel()
             conn.sock.close()  # a thread killed before it ran never closes it
@@ -290,8 +295,9 @@ class AdminSocketServer:
             if not self._make_room(conn):
                 continue
             record = _Connection(conn, green.monotonic())
-            self._conns.add(record)
-            self.max_open = max(self.max_open, len(self._conns))
+            with self._conns_lock:
+                self._conns.add(record)
+                self.max_open = max(self.max_open, len(self._conns))
             record.thread = green.spawn(self._serve, record, name="admin-connection")
             # Let it read what its client already sent before the next accept:
             # a flood of new connections then cannot push a quick client out.
@@ -306,7 +312,7 @@ class AdminSocketServer:
         """
         if len(self._conns) < self.max_connections:
             return True
-        waiting = [c for c in self._conns if not c.busy]
+        waiting = [c for c in self._open() if not c.busy]
         if waiting:
             oldest = min(waiting, key=lambda c: c.since)
             self.evicted += 1
@@ -325,8 +331,14 @@ class AdminSocketServer:
         self._refuse(conn)
         return False
 
+    def _open(self) -> list[_Connection]:
+        """The open connections, a snapshot another thread cannot change under the caller."""
+        with self._conns_lock:
+            return list(self._conns)
+
     def _drop(self, record: _Connection) -> None:
-        self._conns.discard(record)
+        with self._conns_lock:
+            self._conns.discard(record)
         if record.thread is not None:
             record.thread.cancel()
         record.sock.close()
@@ -375,11 +387,12 @@ class AdminSocketServer:
         except OSError as exc:
             LOG.debug("admin connection (%s) lost: %s", peer, exc)
         finally:
-            self._conns.discard(record)
+            with self._conns_lock:
+                self._conns.discard(record)
             conn.close()
 
     def statistics(self) -> SocketStatistics:
-        conns = list(self._conns)
+        conns = self._open()
         return SocketStatistics(
             open=len(conns),
             busy=sum(1 for c in conns if c.busy),

@@ -14,7 +14,7 @@ import pytest
 
 from compute_agent import green
 from compute_agent.admin import protocol
-from compute_agent.admin.client import AdminClient, AgentTimeout, RemoteError
+from compute_agent.admin.client import AdminClient, AgentTimeout, RemoteError, _Deadline
 from compute_agent.admin.server import AdminSocketServer
 from tests.unit.test_admin_socket import agent, sock_path  # noqa: F401 - fixtures
 
@@ -286,3 +286,38 @@ def test_a_refusal_is_reported_even_when_the_send_breaks(sock_path):
             AdminClient(sock_path, timeout=5).call("ping", {"pad": "x" * 4_000_000})
     finally:
         fake.close()
+
+
+def test_a_full_listen_backlog_is_waited_out_not_reported_at_once(sock_path):
+    """A UNIX socket fails a timed connect at once (EAGAIN) while the backlog is full:
+    a burst of clients (20 pings under the threads backend) was told "no agent"."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(sock_path)
+    listener.listen(1)
+    queued = []
+    while True:  # fill the backlog with connections nobody accepts yet
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(sock_path)
+        except BlockingIOError:
+            s.close()
+            break
+        queued.append(s)
+
+    def accept_later():
+        time.sleep(0.3)
+        for _ in range(len(queued) + 1):
+            listener.accept()[0].close()
+
+    acceptor = green.native_thread(accept_later, name="acceptor")
+    try:
+        sock, took = timed(AdminClient(sock_path, timeout=5)._connect, _Deadline(5, 5))
+        assert isinstance(sock, socket.socket), sock
+        sock.close()
+        assert 0.2 < took < SLACK
+    finally:
+        acceptor.join(5)
+        for s in queued:
+            s.close()
+        listener.close()

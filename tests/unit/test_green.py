@@ -214,6 +214,51 @@ def test_a_cancelled_sleep_and_semaphore_acquire_end_at_once():
     sem.release()
 
 
+def test_a_burst_of_spawns_starts_in_the_order_spawned():
+    # Code queueing on arrival (the intake gate) relies on it under both backends.
+    for _ in range(5):
+        arrived: list[int] = []
+        release = green.Event()
+
+        def arrive(i: int, arrived: list[int], release: green.Event) -> None:
+            arrived.append(i)
+            release.wait()
+
+        tasks = [green.spawn(arrive, i, arrived, release) for i in range(8)]
+        green.sleep(0.1)
+        assert arrived == list(range(8))
+        release.set()
+        for task in tasks:
+            task.wait()
+
+
+def test_cancel_returns_once_the_task_has_cleaned_up():
+    # Under eventlet the killed task runs to its next switch point before kill() returns.
+    for _ in range(20):
+        cleaned: list[str] = []
+        never = green.Event()
+
+        def work(cleaned: list[str], never: green.Event) -> None:
+            try:
+                never.wait()
+            finally:
+                cleaned.append("done")
+
+        task = green.spawn(work, cleaned, never)
+        green.sleep(0.01)
+        task.cancel()
+        assert cleaned == ["done"]
+
+
+def test_a_yield_outside_any_task_lets_a_spawned_task_run():
+    ticks: list[None] = []
+    task = green.spawn(lambda: [ticks.append(green.yield_now()) for _ in range(100)])
+    for _ in range(5):
+        green.yield_now()
+    task.cancel()
+    assert len(ticks) >= 4
+
+
 THREADS_IMPORT = """
 import logging, sys
 from compute_agent import green, periodic, locks, lifecycle, stats, power_sync, log
@@ -292,3 +337,17 @@ def test_both_backends_provide_every_name_the_agent_uses():
             assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters), (
                 name
             )
+
+
+@pytest.mark.skipif(green.BACKEND != "threads", reason="a native call in a task blocks the hub")
+def test_a_task_stuck_in_a_native_call_is_not_waited_for_by_every_yield():
+    # A plain accept or socket read is no switch point: once a yield found it
+    # stuck, later yields and spawns no longer wait for it (their order holds).
+    stuck = green.spawn(green.native_sleep, 1.0, name="stuck")
+    green.sleep(0.05)
+    started = green.monotonic()
+    for _ in range(50):
+        green.yield_now()
+    assert green.monotonic() - started < 0.25
+    test_a_burst_of_spawns_starts_in_the_order_spawned()
+    stuck.wait()
