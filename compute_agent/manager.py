@@ -110,6 +110,9 @@ class ComputeManager:
         self._recovered = False
         self._recovery: green.Task | None = None
         self._again = False  # a reconnection came while the recovery thread ran
+        self._recovering = False  # the recovery thread runs (or is about to)
+        # _again and _recovering are one decision: "go round once more" or "done".
+        self._recovery_guard = green.native_lock()
         compute = conf.compute
         # The one "really stopped" rule, shared by the sync, events and operations.
         delay = conf.libvirt.lifecycle_event_delay
@@ -285,11 +288,13 @@ class ComputeManager:
         while the thread still runs (a failed pass waiting for starts in
         flight) has it go round once more instead: nothing else would.
         """
-        if self._recovery is not None and not self._recovery.done():
-            self._again = True
-            return
-        if self._recovered and not self.resume.due:
-            return
+        with self._recovery_guard:
+            if self._recovering:
+                self._again = True
+                return
+            if self._recovered and not self.resume.due:
+                return
+            self._recovering = True
         self.resume.prepare()
         self._recovery = green.spawn(self._recover, name="startup-recovery")
 
@@ -302,11 +307,14 @@ class ComputeManager:
         """
         try:
             while not self._stopping():
-                self._again = False
+                with self._recovery_guard:
+                    self._again = False
                 if self._recover_once():
-                    if self._again and self.driver.connected:
-                        continue  # the hypervisor came back while this ran
-                    return
+                    with self._recovery_guard:
+                        if not (self._again and self.driver.connected):
+                            self._finish_recovery()
+                            return
+                    continue  # the hypervisor came back while this ran
                 LOG.warning(
                     "database unavailable: recovery/resume tried again in %s s", RESUME_RETRY_S
                 )
@@ -314,7 +322,14 @@ class ComputeManager:
                 while green.monotonic() < end and not self._stopping():
                     green.sleep(min(0.2, RESUME_RETRY_S))
         finally:
-            self.resume.release()
+            with self._recovery_guard:
+                if self._recovering:
+                    self._finish_recovery()
+
+    def _finish_recovery(self) -> None:
+        """Under the guard: open the gate and let the next reconnection start a run."""
+        self.resume.release()
+        self._recovering = False
 
     def _recover_once(self) -> bool:
         """One attempt; False if the database failed it and it is worth another."""
