@@ -170,7 +170,10 @@ class LifecycleHandler:
                 self.figures.coalesced += 1
                 return
             self._queued.add(uuid)
-        self._start_worker(self._sync, uuid, event, name=f"event-{uuid[:8]}")
+            # Spawned in the same hold (spawning never switches): one lock per event.
+            worker = green.spawn(self._sync, uuid, event, name=f"event-{uuid[:8]}")
+            self._workers.add(worker)
+        worker.add_done_callback(self._worker_done)
 
     def _start_worker(self, fn: Callable[..., None], *args: Any, name: str) -> None:
         with self._guard:
