@@ -99,6 +99,8 @@ class _Call:
 
     def take_writes(self, *, only_if_due: bool = False) -> list[_Write]:
         """The pending writes, now the caller's; with ``only_if_due``, only a full or old batch."""
+        if not self.writes:
+            return []  # the common case, without the lock; a write added now waits one turn
         with self.lock:
             due = len(self.writes) >= WRITE_BATCH or (
                 bool(self.writes) and green.monotonic() - self.since >= WRITE_DELAY_S
