@@ -151,6 +151,7 @@ class ComputeManager:
             concurrency=compute.max_concurrent_builds,
             should_stop=self._stopping,
         )
+        self.power_sync.resume_due = lambda: self.resume.due
         self.events: LifecycleHandler | None = None
         if compute.handle_lifecycle_events:
             self.events = LifecycleHandler(
@@ -188,12 +189,14 @@ class ComputeManager:
 
     def start(self, service: NodeService) -> None:
         self.service = service
+        # First: the sync holds stops while a resume is due, so it must be known due
+        # before anything (a connection, an event) can start a sync.
+        self.resume.check_boot()
         self.driver.add_connection_listener(self._on_connection)
         if self.events is not None:
             self.driver.set_event_listener(self.events.on_event)
         else:
             LOG.info("lifecycle events are off: changes are seen by the periodic sync only")
-        self.resume.check_boot()
         try:
             self.driver.init_host(self.host)
         except exception.HypervisorUnavailable as exc:

@@ -22,7 +22,7 @@ from compute_agent import exception, green, steady, sync_policy
 from compute_agent.db.api import AnyInstance, Change, Database, InstanceRecord, action_rows, diff
 from compute_agent.locks import KeyedLocks
 from compute_agent.metrics import figures
-from compute_agent.states import ActionSource, PowerState
+from compute_agent.states import ActionSource, PowerState, VmState
 from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver
 
@@ -155,6 +155,9 @@ class PowerSync:
         self.recheck_later: Callable[[str, float], None] = self._recheck_later
         # Told of the row writes that won, once per batch: (the row as read, the values written).
         self.on_changes: Callable[[list[tuple[AnyInstance, dict[str, Any]]]], None] | None = None
+        # True while a resume after a host boot is due (pending, under way, or
+        # to be tried again): the manager points it at ``BootResume.due``.
+        self.resume_due: Callable[[], bool] = lambda: False
         self._rechecks: set[str] = set()
         self._rechecks_lock = green.native_lock()
 
@@ -392,6 +395,8 @@ class PowerSync:
         decision = sync_policy.decide(inst.vm_state, observed, self.action)
         if decision.recheck:
             decision = self._recheck_steady(inst)
+        if decision.vm_state is VmState.STOPPED and self.resume_due():
+            decision = self._held_for_resume(inst, decision)
         reason = f"hypervisor reports {decision.power_state}"
         audit_stop: Change | None = None
         if decision.stop_domain:
@@ -453,6 +458,26 @@ class PowerSync:
             after,
         )
         self.recheck_later(inst.uuid, after)
+        return sync_policy.Decision(decision.power_state)
+
+    @staticmethod
+    def _held_for_resume(inst: AnyInstance, decision: sync_policy.Decision) -> sync_policy.Decision:
+        """power_state only: the resume after a host boot starts the guests it finds active.
+
+        Recorded stopped (or stopped) now, the pass would refuse it as no
+        longer active and the guest would stay off. Checked under the
+        instance's lock right before the decision, with no gate to pass:
+        ``due`` is set before any sync can run and, once cleared by a
+        complete pass, never set again, so a stop decided while it was clear
+        cannot land during a pass. The sync that follows the pass decides.
+        """
+        LOG.info(
+            "instance %s is %s in the database and %s on the hypervisor: left so, "
+            "the resume after host boot is due",
+            inst.uuid,
+            inst.vm_state,
+            decision.power_state,
+        )
         return sync_policy.Decision(decision.power_state)
 
     def _still_as_loaded(self, inst: AnyInstance) -> bool:

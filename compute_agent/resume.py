@@ -22,6 +22,9 @@ lock, task_state ``powering-on``, and ``instance_actions`` rows. At most
 ``max_concurrent_builds`` run at once (0: no limit). The power sync waits
 for the pass (``wait_done``), since it would otherwise record the guests
 stopped; that wait, like the pass, gives way as soon as the agent stops.
+The wait alone cannot keep them safe (a sync already past it, a re-check, an
+event), so while ``due`` no sync records an instance stopped
+(``PowerSync.resume_due``): the sync after the pass does.
 """
 
 from __future__ import annotations
@@ -214,8 +217,7 @@ class BootResume:
         """Wait for a pass under way; False if the agent began stopping meanwhile.
 
         Each wait is short, so a stop is seen within POLL_S; after ``limit``
-        the caller goes on anyway (and a guest not yet started then is
-        recorded as stopped, then refused by the pass as no longer active).
+        the caller goes on anyway (recording no guest stopped while ``due``).
         """
         if self._done.is_set():
             return True

@@ -18,6 +18,7 @@ from compute_agent.resume import BOOT_ID_FILE, BootResume, load_recorded, save_r
 from compute_agent.service import NodeService
 from compute_agent.states import ActionSource
 from compute_agent.states import PowerState as P
+from compute_agent.virt.events import Transition
 from compute_agent.virt.fake import FakeDriver
 from tests.helpers import create_instance, wait_until
 
@@ -538,3 +539,106 @@ def test_status_answers_while_every_start_of_the_pass_hangs(conf, boot, make_age
     )
     assert green.monotonic() - started < 5
     assert status["resume"]["state"] == "running" and status["resume"]["max_in_flight"] == 2
+
+
+# -- no sync records a guest stopped while the resume is due -------------------
+
+
+class HookedDb:
+    """The agent's database as one component sees it; ``hook`` runs before the first
+    ``instance_get_all_by_host`` it is given for."""
+
+    def __init__(self, db, hook) -> None:
+        self.db, self.hook = db, hook
+
+    def __getattr__(self, name):
+        real = getattr(self.db, name)
+        if name != "instance_get_all_by_host" or self.hook is None:
+            return real
+
+        def call(*args, **kwargs):
+            hook, self.hook = self.hook, None
+            hook()
+            return real(*args, **kwargs)
+
+        return call
+
+
+def test_a_sync_past_the_open_gate_records_no_guest_stopped(conf, boot, make_agent):
+    """libvirtd up after the agent: the start-up sync passed the gate, still open, and
+    only then did the reconnection close it and start the pass; the sync read the
+    hypervisor after the reconnection, saw the guests off and recorded them stopped
+    before the pass read them, which then had nothing to resume."""
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    driver = AbsentAtStart()
+    agent = make_agent(driver)
+    uids = guests_after_boot(agent.db, driver, 2)
+    sync_done = green.Event()
+    power_sync = agent.manager.power_sync
+    real_run = power_sync.run
+
+    def run():
+        try:
+            return real_run()
+        finally:
+            sync_done.set()
+
+    power_sync.run = run  # shadows the method on this instance
+    # The sync reconnects between its gate and its hypervisor read; the pass reads its
+    # candidates only once that sync has ended, so it sees what the sync wrote.
+    power_sync.db = HookedDb(agent.db, driver.reconnect)
+    agent.manager.resume.db = HookedDb(agent.db, lambda: sync_done.wait(20))
+    agent.service.start()
+    assert wait_until(lambda: agent.figures.state == "done" and agent.sync_runs() >= 2, 20)
+    for uid in uids:
+        row = agent.row(uid)
+        assert (row.vm_state, row.power_state) == ("active", "running"), uid
+    assert agent.figures.resumed == 2
+
+
+@pytest.mark.parametrize("path", ["recheck", "event", "forced"])
+def test_no_single_instance_sync_records_a_guest_stopped_before_the_pass(
+    conf, boot, make_agent, path
+):
+    """The steady rule's re-check, a lifecycle event's sync and a forced sync never wait
+    for the gate: one that ran before the pass read its candidates recorded the guest
+    stopped, and the pass then refused it as no longer active."""
+    conf.set_override("resume_guests_state_on_host_boot", True, group="compute")
+    driver = FakeDriver()
+    agent = make_agent(driver)
+    target, other = guests_after_boot(agent.db, driver, 2)
+    synced = green.Event()
+    manager = agent.manager
+    real_sync_one = manager.power_sync.sync_one
+
+    def sync_one(*args, **kwargs):
+        try:
+            return real_sync_one(*args, **kwargs)
+        finally:
+            synced.set()
+
+    manager.power_sync.sync_one = sync_one  # what the re-check calls
+    if manager.events is not None:
+        manager.events._sync_one = sync_one
+    in_pass = green.Event()
+
+    def hold_the_pass():
+        in_pass.set()
+        assert synced.wait(20)
+
+    manager.resume.db = HookedDb(agent.db, hold_the_pass)
+    agent.service.start()
+    assert wait_until(in_pass.is_set, 10)  # the gate is shut, the pass about to read
+    if path == "recheck":
+        manager.power_sync._recheck_later(target, 0.01)
+    elif path == "event":
+        driver.emit(f"instance-{target}", Transition.STOPPED)
+    else:
+        green.spawn(manager.power_sync.sync_one, target)
+    assert wait_until(lambda: agent.figures.state == "done" and settled(agent), 20)
+    assert synced.is_set()
+    for uid in (target, other):
+        row = agent.row(uid)
+        assert (row.vm_state, row.power_state) == ("active", "running"), (uid, row.vm_state)
+        assert driver.domains[f"instance-{uid}"].state is P.RUNNING
+    assert agent.figures.resumed == 2
