@@ -181,6 +181,11 @@ class LifecycleHandler:
             self._workers.add(worker)
         worker.add_done_callback(self._worker_done)
 
+    def _count(self, name: str) -> None:
+        """One more ``name`` in the figures, from a worker (under threads, one of several)."""
+        with self._guard:
+            setattr(self.figures, name, getattr(self.figures, name) + 1)
+
     def _worker_done(self, worker: green.Task) -> None:
         with self._guard:
             self._workers.discard(worker)
@@ -192,25 +197,27 @@ class LifecycleHandler:
             with self._guard:
                 self._queued.discard(uuid)
             if self._is_stopping():
-                self.figures.ignored += 1
+                self._count("ignored")
                 return
             try:
                 self._sync_one(uuid, ActionSource.EVENT, defer_stop=self._stop_outside_slots)
             except exception.InstanceNotFound:
-                self.figures.not_ours += 1
+                self._count("not_ours")
                 LOG.debug(
                     "%s event for domain %s: no instance of this host", event.transition, event.name
                 )
                 return
             except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
-                self.figures.errors += 1
+                self._count("errors")
                 LOG.warning("sync after %s event for %s failed: %s", event.transition, uuid, exc)
                 return
-            self.figures.synced += 1
-            self.figures.last_latency_s = round(green.monotonic() - event.received, 4)
+            latency = round(green.monotonic() - event.received, 4)
+            with self._guard:  # workers may be threads: counts are read-modify-write
+                self.figures.synced += 1
+                self.figures.last_latency_s = latency
 
     def _stop_outside_slots(self, uuid: str) -> None:
-        self.figures.stops += 1
+        self._count("stops")
         self._start_worker(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
 
     def _enforce(self, uuid: str) -> None:
@@ -220,7 +227,7 @@ class LifecycleHandler:
         try:
             self._sync_one(uuid, ActionSource.EVENT)
         except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
-            self.figures.errors += 1
+            self._count("errors")
             LOG.warning("stopping %s after an event failed: %s", uuid, exc)
 
     @property

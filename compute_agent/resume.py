@@ -156,6 +156,9 @@ class BootResume:
         self._boot_id: str | None = None
         self._stopping = False
         self._in_flight = 0
+        # The pass's guests run as tasks (threads, under the threads backend):
+        # their counts and _in_flight are changed under this, never across a switch.
+        self._guard = green.native_lock()
         # The last pass ended because the database went away: retried soon.
         self.db_lost = False
         self._idle = green.Event()
@@ -272,8 +275,9 @@ class BootResume:
                     if slots is not None:
                         slots.release()
                     break
-                self._in_flight += 1  # counted from here, so the drain below sees it
-                fig.max_in_flight = max(fig.max_in_flight, self._in_flight)
+                with self._guard:
+                    self._in_flight += 1  # counted from here, so the drain below sees it
+                    fig.max_in_flight = max(fig.max_in_flight, self._in_flight)
                 green.spawn(self._one, inst, slots, lost, name="resume-guest")
                 green.yield_now()
             self._drain()
@@ -321,44 +325,50 @@ class BootResume:
             self._idle.clear()
 
     def _one(self, inst: Any, slots: Any, lost: list[str]) -> None:
-        fig = self.figures
         claimed = False  # from here on, the operation audits its own failure
         try:
             state = self.driver.power_state(inst)
             if state not in OFF_STATES:
-                fig.skipped += 1  # it runs (or is paused or suspended): nothing to resume
+                self._count("skipped")  # it runs (or is paused or suspended): nothing to resume
                 return
             claimed = True
             result = self.operations.resume(inst.uuid, ActionSource.STARTUP, WHY)
             if result.vm_state == VmState.ACTIVE:
-                fig.resumed += 1
+                self._count("resumed")
                 LOG.info("instance %s resumed after host boot", inst.uuid)
             else:
-                fig.failed += 1
+                self._count("failed")
                 LOG.error(
                     "instance %s: resume after host boot left it %s", inst.uuid, result.vm_state
                 )
         except exception.Unavailable as exc:  # the hypervisor or the database
-            fig.failed += 1
+            self._count("failed")
             self.db_lost = self.db_lost or isinstance(exc, exception.DatabaseUnavailable)
             lost.append(f"{type(exc).__name__}: {exc}")
         except exception.InstanceInvalidState as exc:
-            fig.skipped += 1  # changed meanwhile (an operator's request): theirs to settle
+            self._count("skipped")  # changed meanwhile (an operator's request): theirs to settle
             LOG.info("instance %s: not resumed: %s", inst.uuid, exc)
         except exception.InstanceNotFound as exc:
-            fig.skipped += 1  # deleted meanwhile
+            self._count("skipped")  # deleted meanwhile
             LOG.info("instance %s: not resumed: %s", inst.uuid, exc)
         except Exception as exc:  # noqa: BLE001 - one guest must not end the pass
-            fig.failed += 1
+            self._count("failed")
             LOG.error("instance %s: resume after host boot failed: %s", inst.uuid, exc)
             if not claimed:
                 self._audit_failure(inst.uuid, exc)
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
+            with self._guard:
+                self._in_flight -= 1
+                idle = self._in_flight == 0
+            if idle:
                 self._idle.set()
             if slots is not None:
                 slots.release()
+
+    def _count(self, name: str) -> None:
+        """One more ``name`` in the pass's figures; its guests may be threads."""
+        with self._guard:
+            setattr(self.figures, name, getattr(self.figures, name) + 1)
 
     def _audit_failure(self, uuid: str, exc: Exception) -> None:
         """An instance_actions row for a failure met before the operation took over."""

@@ -361,7 +361,7 @@ class AdminSocketServer:
                 try:
                     line = reader.line(record.since + self.request_timeout)
                 except _TooSlow:
-                    self.timed_out += 1
+                    self._count("timed_out")
                     self.refusals.refused(
                         "connection",
                         "dropped",
@@ -410,16 +410,21 @@ class AdminSocketServer:
         """What ``status`` shows of the socket: :meth:`statistics` as a dict."""
         return asdict(self.statistics())
 
+    def _count(self, name: str) -> None:
+        """One more ``name``; connections are tasks (threads, under the threads backend)."""
+        with self._conns_lock:
+            setattr(self, name, getattr(self, name) + 1)
+
     def _request(self, conn: socket.socket, line: bytes, peer: str) -> None:
         try:
             method, args = protocol.parse_request(line)
         except exception.InvalidInput as exc:
-            self.errors += 1
+            self._count("errors")
             # A flood of junk lines is one log line per burst, not one each.
             self.refusals.refused("request", "rejected", exception.InvalidInput(f"{exc} ({peer})"))
             self._send(conn, _error_reply(exc))
             return
-        self.requests += 1
+        self._count("requests")
         level = logging.INFO if method in MUTATING else logging.DEBUG
         LOG.log(level, "admin request %s %s (%s)", printable(method), _brief(args), peer)
         watch = self._progress_source(method, args)
@@ -428,7 +433,7 @@ class AdminSocketServer:
         else:
             reply = self._call_with_progress(conn, method, args, watch)
         if not reply["ok"]:
-            self.errors += 1
+            self._count("errors")
         self._send(conn, reply)
 
     def _call(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
