@@ -1,15 +1,23 @@
 """A real agent on the native-threads backend (``COMPUTE_AGENT_CONCURRENCY=threads``).
 
-The agent runs on ``test:///default`` and SQLite without a message bus; the
-CLI talks to it over the admin socket, and SIGTERM stops it within its
+The agent runs on ``test:///default`` and SQLite; the CLI talks to it over the
+admin socket, a scheduler over RPC on the shared RabbitMQ (its own exchange
+and host name, ``tests.functional.rabbit``), and SIGTERM stops it within its
 shutdown timeout.
 """
 
 from __future__ import annotations
 
 import json
+import uuid as uuidlib
+from concurrent.futures import ThreadPoolExecutor
 
+import pytest
+
+from compute_agent import __version__, exception
+from compute_agent.rpcapi import ComputeAPI
 from tests.functional.agent_process import REPO, AgentProcess, manage, manage_all
+from tests.functional.rabbit import RabbitRun
 
 
 def test_an_agent_on_native_threads_serves_the_cli_and_stops_cleanly(tmp_path):
@@ -43,4 +51,65 @@ def test_an_agent_on_native_threads_serves_the_cli_and_stops_cleanly(tmp_path):
     assert rc == 0, agent.output
     assert took < 10, agent.output
     assert "compute-agent stopped" in agent.output
+    assert "Traceback" not in agent.output, agent.output
+
+
+def test_an_agent_on_native_threads_serves_rpc_and_stops_cleanly(tmp_path):
+    run = RabbitRun()
+    host = run.host("threads-rpc")
+    conf = tmp_path / "threads-rpc.conf"
+    conf.write_text(
+        run.conf_text()
+        + f"[DEFAULT]\nstate_path = {tmp_path}/state\nhost = {host}\nreport_interval = 1\n"
+        "periodic_fuzzy_delay = 0\n[compute]\nstats_interval = 1\nshutdown_timeout = 10\n"
+    )
+    files = [REPO / "etc" / "compute-agent.conf", conf]
+    synced = manage("db", "sync", config_files=files)
+    assert synced.returncode == 0, synced.stderr
+    agent = AgentProcess(files, extra_env={"COMPUTE_AGENT_CONCURRENCY": "threads"})
+    api = None
+    try:
+        agent.wait_for("RPC serving")
+        api = ComputeAPI(run.conf(), timeout=15)
+        assert api.ping(host) == {"host": host, "version": __version__}
+        request = {"uuid": str(uuidlib.uuid4()), "name": "t-rpc", "vcpus": 1, "memory_mb": 64}
+        built = api.build_instance(host, request)
+        assert built is not None and built["host"] == host
+        assert (built["vm_state"], built["task_state"], built["power_state"]) == (
+            "active",
+            None,
+            "running",
+        )
+        assert api.get_instance_info(host, request["uuid"]) == built
+        stopped = api.stop_instance(host, request["uuid"])
+        assert stopped is not None
+        assert (stopped["vm_state"], stopped["power_state"]) == ("stopped", "shutdown")
+        started = api.start_instance(host, request["uuid"])
+        assert started is not None
+        assert (started["vm_state"], started["power_state"]) == ("active", "running")
+        summary = api.sync_power_states(host)
+        assert (summary["checked"], summary["changed"], summary["errors"]) == (1, 0, 0)
+        deleted = api.delete_instance(host, request["uuid"])
+        assert deleted is not None and deleted["vm_state"] == "deleted"
+        with pytest.raises(exception.InstanceNotFound):
+            api.get_instance_info(host, request["uuid"])
+        # Several calls in flight at once, as a scheduler sends them.
+        requests = [{**request, "uuid": str(uuidlib.uuid4()), "name": f"t-{i}"} for i in range(4)]
+        with ThreadPoolExecutor(4) as pool:
+            built_all = list(pool.map(lambda r: api.build_instance(host, r), requests))
+            assert all(b is not None and b["vm_state"] == "active" for b in built_all)
+            assert api.sync_power_states(host)["checked"] == 4
+            uuids = [r["uuid"] for r in requests]
+            gone = list(pool.map(lambda u: api.delete_instance(host, u), uuids))
+            assert all(g is not None and g["vm_state"] == "deleted" for g in gone)
+        assert api.list_instances(host) == []
+        rc, took = agent.terminate(timeout=15)
+    finally:
+        agent.kill()
+        if api is not None:
+            api.close()
+        run.cleanup()
+    assert rc == 0, agent.output
+    assert took < 5, agent.output
+    assert "RPC stopped" in agent.output and "compute-agent stopped" in agent.output
     assert "Traceback" not in agent.output, agent.output
