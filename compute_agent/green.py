@@ -2,7 +2,8 @@
 
 Two implementations, chosen once at import by ``COMPUTE_AGENT_CONCURRENCY``:
 ``eventlet`` (the default, ``_green_eventlet``) and ``threads`` (native
-threads, ``_green_threads``; eventlet is then never imported). No other module
+threads, ``_green_threads``; the agent then never imports eventlet, though
+oslo.messaging's oslo.service still does, without patching). No other module
 imports either, nor relies on a behaviour of one of them.
 
 The API:
