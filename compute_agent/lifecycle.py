@@ -32,6 +32,7 @@ from typing import Any
 
 from compute_agent import exception, green, steady
 from compute_agent.states import ActionSource, PowerState
+from compute_agent.utils import add_counts
 from compute_agent.virt.events import LifecycleEvent, Transition
 
 LOG = logging.getLogger(__name__)
@@ -181,11 +182,6 @@ class LifecycleHandler:
             self._workers.add(worker)
         worker.add_done_callback(self._worker_done)
 
-    def _count(self, name: str) -> None:
-        """One more ``name`` in the figures, from a worker (under threads, one of several)."""
-        with self._guard:
-            setattr(self.figures, name, getattr(self.figures, name) + 1)
-
     def _worker_done(self, worker: green.Task) -> None:
         with self._guard:
             self._workers.discard(worker)
@@ -197,18 +193,18 @@ class LifecycleHandler:
             with self._guard:
                 self._queued.discard(uuid)
             if self._is_stopping():
-                self._count("ignored")
+                add_counts(self._guard, self.figures, ignored=1)
                 return
             try:
                 self._sync_one(uuid, ActionSource.EVENT, defer_stop=self._stop_outside_slots)
             except exception.InstanceNotFound:
-                self._count("not_ours")
+                add_counts(self._guard, self.figures, not_ours=1)
                 LOG.debug(
                     "%s event for domain %s: no instance of this host", event.transition, event.name
                 )
                 return
             except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
-                self._count("errors")
+                add_counts(self._guard, self.figures, errors=1)
                 LOG.warning("sync after %s event for %s failed: %s", event.transition, uuid, exc)
                 return
             latency = round(green.monotonic() - event.received, 4)
@@ -217,7 +213,7 @@ class LifecycleHandler:
                 self.figures.last_latency_s = latency
 
     def _stop_outside_slots(self, uuid: str) -> None:
-        self._count("stops")
+        add_counts(self._guard, self.figures, stops=1)
         self._start_worker(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
 
     def _enforce(self, uuid: str) -> None:
@@ -227,7 +223,7 @@ class LifecycleHandler:
         try:
             self._sync_one(uuid, ActionSource.EVENT)
         except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
-            self._count("errors")
+            add_counts(self._guard, self.figures, errors=1)
             LOG.warning("stopping %s after an event failed: %s", uuid, exc)
 
     @property

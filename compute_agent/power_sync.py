@@ -23,7 +23,7 @@ from compute_agent.db.api import AnyInstance, Change, Database, InstanceRecord, 
 from compute_agent.locks import KeyedLocks
 from compute_agent.metrics import figures
 from compute_agent.states import ActionSource, PowerState, VmState
-from compute_agent.utils import utcnow
+from compute_agent.utils import add_counts, utcnow
 from compute_agent.virt.driver import ComputeDriver
 
 LOG = logging.getLogger(__name__)
@@ -87,9 +87,7 @@ class _Call:
 
     def count(self, **deltas: int) -> None:
         """Add ``deltas`` to the summary's counters, atomically."""
-        with self.lock:
-            for name, delta in deltas.items():
-                setattr(self.summary, name, getattr(self.summary, name) + delta)
+        add_counts(self.lock, self.summary, **deltas)
 
     def add_write(self, write: _Write) -> None:
         with self.lock:

@@ -41,7 +41,7 @@ from compute_agent import exception, green
 from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.operations import InstanceOperations
 from compute_agent.states import ActionSource, PowerState, VmState
-from compute_agent.utils import utcnow
+from compute_agent.utils import add_counts, utcnow
 from compute_agent.virt.driver import ComputeDriver
 
 LOG = logging.getLogger(__name__)
@@ -329,30 +329,32 @@ class BootResume:
         try:
             state = self.driver.power_state(inst)
             if state not in OFF_STATES:
-                self._count("skipped")  # it runs (or is paused or suspended): nothing to resume
+                # It runs (or is paused or suspended): nothing to resume.
+                add_counts(self._guard, self.figures, skipped=1)
                 return
             claimed = True
             result = self.operations.resume(inst.uuid, ActionSource.STARTUP, WHY)
             if result.vm_state == VmState.ACTIVE:
-                self._count("resumed")
+                add_counts(self._guard, self.figures, resumed=1)
                 LOG.info("instance %s resumed after host boot", inst.uuid)
             else:
-                self._count("failed")
+                add_counts(self._guard, self.figures, failed=1)
                 LOG.error(
                     "instance %s: resume after host boot left it %s", inst.uuid, result.vm_state
                 )
         except exception.Unavailable as exc:  # the hypervisor or the database
-            self._count("failed")
+            add_counts(self._guard, self.figures, failed=1)
             self.db_lost = self.db_lost or isinstance(exc, exception.DatabaseUnavailable)
             lost.append(f"{type(exc).__name__}: {exc}")
         except exception.InstanceInvalidState as exc:
-            self._count("skipped")  # changed meanwhile (an operator's request): theirs to settle
+            # Changed meanwhile (an operator's request): theirs to settle.
+            add_counts(self._guard, self.figures, skipped=1)
             LOG.info("instance %s: not resumed: %s", inst.uuid, exc)
         except exception.InstanceNotFound as exc:
-            self._count("skipped")  # deleted meanwhile
+            add_counts(self._guard, self.figures, skipped=1)  # deleted meanwhile
             LOG.info("instance %s: not resumed: %s", inst.uuid, exc)
         except Exception as exc:  # noqa: BLE001 - one guest must not end the pass
-            self._count("failed")
+            add_counts(self._guard, self.figures, failed=1)
             LOG.error("instance %s: resume after host boot failed: %s", inst.uuid, exc)
             if not claimed:
                 self._audit_failure(inst.uuid, exc)
@@ -364,11 +366,6 @@ class BootResume:
                 self._idle.set()
             if slots is not None:
                 slots.release()
-
-    def _count(self, name: str) -> None:
-        """One more ``name`` in the pass's figures; its guests may be threads."""
-        with self._guard:
-            setattr(self.figures, name, getattr(self.figures, name) + 1)
 
     def _audit_failure(self, uuid: str, exc: Exception) -> None:
         """An instance_actions row for a failure met before the operation took over."""

@@ -6,6 +6,7 @@ import datetime as dt
 import gc
 import re
 import uuid as uuidlib
+from contextlib import AbstractContextManager
 from typing import Any, TypeGuard
 
 from compute_agent import exception
@@ -79,3 +80,14 @@ def freeze_long_lived_objects() -> None:
     the RPC server serves: its driver (kombu, amqp) is imported only then.
     """
     gc.freeze()
+
+
+def add_counts(lock: AbstractContextManager[Any], target: object, **deltas: int) -> None:
+    """Add ``deltas`` to ``target``'s counters under ``lock``.
+
+    Counters changed by several tasks: under the threads backend a ``+=``
+    there is a read-modify-write another thread can interleave.
+    """
+    with lock:
+        for name, delta in deltas.items():
+            setattr(target, name, getattr(target, name) + delta)

@@ -38,7 +38,7 @@ from compute_agent import exception, green
 from compute_agent.admin import protocol
 from compute_agent.intake import RefusalLog
 from compute_agent.states import ActionSource
-from compute_agent.utils import printable
+from compute_agent.utils import add_counts, printable
 
 LOG = logging.getLogger(__name__)
 
@@ -361,7 +361,7 @@ class AdminSocketServer:
                 try:
                     line = reader.line(record.since + self.request_timeout)
                 except _TooSlow:
-                    self._count("timed_out")
+                    add_counts(self._conns_lock, self, timed_out=1)
                     self.refusals.refused(
                         "connection",
                         "dropped",
@@ -410,21 +410,16 @@ class AdminSocketServer:
         """What ``status`` shows of the socket: :meth:`statistics` as a dict."""
         return asdict(self.statistics())
 
-    def _count(self, name: str) -> None:
-        """One more ``name``; connections are tasks (threads, under the threads backend)."""
-        with self._conns_lock:
-            setattr(self, name, getattr(self, name) + 1)
-
     def _request(self, conn: socket.socket, line: bytes, peer: str) -> None:
         try:
             method, args = protocol.parse_request(line)
         except exception.InvalidInput as exc:
-            self._count("errors")
+            add_counts(self._conns_lock, self, errors=1)
             # A flood of junk lines is one log line per burst, not one each.
             self.refusals.refused("request", "rejected", exception.InvalidInput(f"{exc} ({peer})"))
             self._send(conn, _error_reply(exc))
             return
-        self._count("requests")
+        add_counts(self._conns_lock, self, requests=1)
         level = logging.INFO if method in MUTATING else logging.DEBUG
         LOG.log(level, "admin request %s %s (%s)", printable(method), _brief(args), peer)
         watch = self._progress_source(method, args)
@@ -433,7 +428,7 @@ class AdminSocketServer:
         else:
             reply = self._call_with_progress(conn, method, args, watch)
         if not reply["ok"]:
-            self._count("errors")
+            add_counts(self._conns_lock, self, errors=1)
         self._send(conn, reply)
 
     def _call(self, method: str, args: dict[str, Any]) -> dict[str, Any]:
