@@ -106,6 +106,26 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def synced_config(
+    root: pathlib.Path, host: str, *, default: str = "", rest: str = "", head: str = ""
+) -> list[pathlib.Path]:
+    """The repo's config then this test's, its database synced.
+
+    The test's file gives the agent ``root/state`` and ``host``, no start-up
+    fuzz, then ``default`` (more [DEFAULT] lines) and ``rest`` (other
+    sections); ``head`` goes first (a broker's settings, say).
+    """
+    path = root / f"{host}.conf"
+    path.write_text(
+        f"{head}[DEFAULT]\nstate_path = {root}/state\nhost = {host}\n"
+        f"periodic_fuzzy_delay = 0\n{default}{rest}"
+    )
+    files = [REPO / "etc" / "compute-agent.conf", path]
+    synced = manage("db", "sync", config_files=files)
+    assert synced.returncode == 0, synced.stderr
+    return files
+
+
 def manage(*args: str, config_files: list[pathlib.Path]) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "compute_agent.cmd.manage"]
     for path in config_files:

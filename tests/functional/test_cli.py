@@ -17,11 +17,11 @@ import pytest
 from compute_agent.db.api import Database
 from compute_agent.service import BINARY
 from tests.functional.agent_process import (
-    REPO,
     AgentProcess,
     manage,
     manage_all,
     manage_on_terminal,
+    synced_config,
 )
 
 PREFIX = "compute-agent-manage: error: "
@@ -44,14 +44,9 @@ class Env:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    conf = root / "cli.conf"
-    conf.write_text(
-        f"[DEFAULT]\nstate_path = {root}/state\nhost = cli-host\nreport_interval = 1\n"
-        "periodic_fuzzy_delay = 0\n[compute]\nstats_interval = 1\n"
+    files = synced_config(
+        root, "cli-host", default="report_interval = 1\n", rest="[compute]\nstats_interval = 1\n"
     )
-    files = [REPO / "etc" / "compute-agent.conf", conf]
-    synced = manage("db", "sync", config_files=files)
-    assert synced.returncode == 0, synced.stderr
     agent = AgentProcess(files)
     try:
         agent.wait_for("admin socket listening")

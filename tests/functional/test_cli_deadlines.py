@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.functional.agent_process import REPO, AgentProcess, manage, manage_all
+from tests.functional.agent_process import AgentProcess, manage, manage_all, synced_config
 
 PREFIX = "compute-agent-manage: error: "
 # A CLI process spends about a second importing; a loaded machine more.
@@ -22,14 +22,7 @@ SLACK = 15.0
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("deadlines")
-    conf = root / "deadlines.conf"
-    conf.write_text(
-        f"[DEFAULT]\nstate_path = {root}/state\nhost = deadline-host\n"
-        "periodic_fuzzy_delay = 0\n[compute]\nstats_interval = 0\n"
-    )
-    files = [REPO / "etc" / "compute-agent.conf", conf]
-    synced = manage("db", "sync", config_files=files)
-    assert synced.returncode == 0, synced.stderr
+    files = synced_config(root, "deadline-host", rest="[compute]\nstats_interval = 0\n")
     agent = AgentProcess(files)
     try:
         agent.wait_for("admin socket listening")

@@ -16,19 +16,15 @@ import pytest
 
 from compute_agent import __version__, exception
 from compute_agent.rpcapi import ComputeAPI
-from tests.functional.agent_process import REPO, AgentProcess, manage, manage_all
+from tests.functional.agent_process import AgentProcess, manage, manage_all, synced_config
 from tests.functional.rabbit import RabbitRun
+
+THREADS_DEFAULT = "report_interval = 1\n"
+THREADS_COMPUTE = "[compute]\nstats_interval = 1\nshutdown_timeout = 10\n"
 
 
 def test_an_agent_on_native_threads_serves_the_cli_and_stops_cleanly(tmp_path):
-    conf = tmp_path / "threads.conf"
-    conf.write_text(
-        f"[DEFAULT]\nstate_path = {tmp_path}/state\nhost = threads-host\nreport_interval = 1\n"
-        "periodic_fuzzy_delay = 0\n[compute]\nstats_interval = 1\nshutdown_timeout = 10\n"
-    )
-    files = [REPO / "etc" / "compute-agent.conf", conf]
-    synced = manage("db", "sync", config_files=files)
-    assert synced.returncode == 0, synced.stderr
+    files = synced_config(tmp_path, "threads-host", default=THREADS_DEFAULT, rest=THREADS_COMPUTE)
     agent = AgentProcess(files, extra_env={"COMPUTE_AGENT_CONCURRENCY": "threads"})
     try:
         agent.wait_for("heartbeat 3")
@@ -57,15 +53,9 @@ def test_an_agent_on_native_threads_serves_the_cli_and_stops_cleanly(tmp_path):
 def test_an_agent_on_native_threads_serves_rpc_and_stops_cleanly(tmp_path):
     run = RabbitRun()
     host = run.host("threads-rpc")
-    conf = tmp_path / "threads-rpc.conf"
-    conf.write_text(
-        run.conf_text()
-        + f"[DEFAULT]\nstate_path = {tmp_path}/state\nhost = {host}\nreport_interval = 1\n"
-        "periodic_fuzzy_delay = 0\n[compute]\nstats_interval = 1\nshutdown_timeout = 10\n"
+    files = synced_config(
+        tmp_path, host, head=run.conf_text(), default=THREADS_DEFAULT, rest=THREADS_COMPUTE
     )
-    files = [REPO / "etc" / "compute-agent.conf", conf]
-    synced = manage("db", "sync", config_files=files)
-    assert synced.returncode == 0, synced.stderr
     agent = AgentProcess(files, extra_env={"COMPUTE_AGENT_CONCURRENCY": "threads"})
     api = None
     try:
