@@ -227,6 +227,11 @@ class Dispatcher:
                 "connected": agent.connected,
                 "uri": driver.uri if driver is not None else None,
                 "last_error": driver.last_error if driver is not None else None,
+                "connections": (
+                    asdict(driver.connections)
+                    if driver is not None and driver.connections is not None
+                    else None
+                ),
             },
             "periodic_tasks": [asdict(t) for t in service.tasks],
             "hub_lag": asdict(service.hub_lag),

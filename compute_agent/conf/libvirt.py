@@ -52,6 +52,32 @@ opts = [
         min=1,
         help="Unanswered keepalives after which the libvirt connection is closed.",
     ),
+    cfg.IntOpt(
+        "connection_pool_size",
+        default=4,
+        min=1,
+        help="libvirt connections that carry the agent's calls, each one call at a time "
+        "(libvirt's client crashes when several threads wait on one connection that its "
+        "keepalive closes). More calls than this wait for a free connection. Events "
+        "have a connection of their own. On a node file of libvirt's test driver "
+        "(test:///path.xml) one connection carries everything, since each connection "
+        "holds its own copy of that host.",
+    ),
+    cfg.FloatOpt(
+        "stuck_call_timeout",
+        default=10.0,
+        min=0.1,
+        help="Seconds after which a call still running in libvirt (a hung QEMU monitor, "
+        "a frozen libvirtd) has its connection set aside, so that a new connection "
+        "carries the other calls; the set-aside one is closed when its call returns.",
+    ),
+    cfg.IntOpt(
+        "max_stuck_connections",
+        default=8,
+        min=0,
+        help="At most this many connections set aside at once; past it, calls wait "
+        "for a connection to free. Each holds a native thread until its call returns.",
+    ),
     cfg.FloatOpt(
         "lifecycle_event_delay",
         default=15.0,

@@ -27,6 +27,7 @@ from compute_agent.metrics import figures
 if TYPE_CHECKING:
     from compute_agent.manager import ComputeManager
     from compute_agent.service import NodeService
+    from compute_agent.virt.driver import DriverStatistics
 
 PREFIX = "compute_agent_"
 
@@ -125,6 +126,7 @@ class AgentCollector:
             "1 while the agent holds a connection to libvirt.",
             1.0 if agent.connected else 0.0,
         )
+        yield from self._connections(agent.driver)
         yield _histogram(
             "libvirt_call_duration_seconds",
             "Calls the driver sent to the native thread pool, by call, waiting included.",
@@ -144,6 +146,29 @@ class AgentCollector:
         builds = agent.builds
         yield _gauge("builds_in_progress", "Builds running now.", builds.running)
         yield _gauge("builds_queued", "Builds waiting for a build slot.", builds.queued)
+
+    @staticmethod
+    def _connections(driver: DriverStatistics | None) -> Iterator[Metric]:
+        """The connections carrying libvirt calls (one call each), when the driver has them."""
+        pool = driver.connections if driver is not None else None
+        if pool is None:
+            return
+        states = _gauge(
+            "libvirt_connections",
+            "libvirt connections that carry calls, by state: idle, busy (one call each), "
+            "and stuck (set aside: a call ran past [libvirt] stuck_call_timeout).",
+            labels=["state"],
+        )
+        states.add_metric(["idle"], pool.open - pool.busy)
+        states.add_metric(["busy"], pool.busy - pool.stuck)
+        states.add_metric(["stuck"], pool.stuck)
+        yield states
+        set_aside = CounterMetricFamily(
+            PREFIX + "libvirt_connections_set_aside",
+            "libvirt connections set aside because a call in them ran past the deadline.",
+        )
+        set_aside.add_metric([], pool.stuck_total)
+        yield set_aside
 
     def _requests(self) -> Iterator[Metric]:
         yield _counter(

@@ -65,13 +65,26 @@ class DomainRef:
 
 
 @dataclass(frozen=True)
+class ConnectionStatistics:
+    """The connections that carry a driver's calls, each one call at a time."""
+
+    size: int  # at most this many carry calls
+    open: int  # opened and not yet closed: idle, busy and set aside
+    busy: int  # carrying a call now (set-aside ones included)
+    stuck: int  # set aside now: a call ran past the stuck deadline in them
+    stuck_total: int  # set aside since start
+    opened_total: int  # opened since start
+
+
+@dataclass(frozen=True)
 class DriverStatistics:
     """What ``status`` shows of the driver's hypervisor connection."""
 
     uri: str
     connected: bool
     last_error: str | None  # why the connection was last lost or refused
-    in_flight: int  # calls running on the current connection
+    in_flight: int  # calls running now
+    connections: ConnectionStatistics | None = None
 
 
 class ComputeDriver(abc.ABC):
@@ -167,6 +180,16 @@ class ComputeDriver(abc.ABC):
                 pass
             green.yield_now()
         return states
+
+    def power_states_each(self, instances: Iterable[InstanceRef]) -> dict[str, PowerState | None]:
+        """The reads a batch can get in one trip to the driver's native thread.
+
+        Each instance still has its own lookup and read (as :meth:`power_state`),
+        by UUID; what is left out (a foreign domain, a failed read) the caller
+        reads on its own. The default leaves every instance out: a driver
+        without such a trip gains nothing from reading ahead.
+        """
+        return {}
 
     # -- statistics -------------------------------------------------------
 

@@ -33,6 +33,8 @@ FAMILIES = {
     "compute_agent_requests_total": "counter",
     "compute_agent_request_duration_seconds": "histogram",
     "compute_agent_libvirt_connected": "gauge",
+    "compute_agent_libvirt_connections": "gauge",
+    "compute_agent_libvirt_connections_set_aside_total": "counter",
     "compute_agent_libvirt_call_duration_seconds": "histogram",
     "compute_agent_instances": "gauge",
     "compute_agent_builds_in_progress": "gauge",

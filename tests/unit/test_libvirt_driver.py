@@ -243,36 +243,47 @@ def test_unreachable_libvirt_keeps_retrying(tmp_path):
     drv.cleanup_host()
 
 
-def test_lost_connection_is_closed_only_after_its_calls_drain(driver, monkeypatch):
-    from compute_agent.virt.libvirt.host import Host
+def _record_closes(driver, monkeypatch) -> list:
+    """The raw connections the pool closes from now on."""
+    closed: list = []
+    pool = driver.host.pool
+    real = pool._close_raw
 
-    closed = []
-    monkeypatch.setattr(Host, "_close_raw", staticmethod(lambda raw, _lid=None: closed.append(raw)))
-    slow = green.spawn(driver.host.run, lambda raw: green.native_sleep(0.3))
+    def close(connection):
+        closed.append(connection.raw)
+        real(connection)
+
+    monkeypatch.setattr(pool, "_close_raw", close)
+    return closed
+
+
+def test_lost_connection_is_closed_only_after_its_calls_drain(driver, monkeypatch):
+    closed = _record_closes(driver, monkeypatch)
+    slow = green.spawn(driver.host.run, lambda raw: green.native_sleep(0.3) or raw)
     green.sleep(0.05)
     assert driver.host.inflight == 1
-    driver.host._lost("test: connection dropped", driver.host._generation)
+    driver.host._lost("test: connection dropped", driver.host.generation)
     green.sleep(0.1)
     assert closed == []  # a call is still running on it
-    slow.wait()
-    green.sleep(0.05)
-    assert len(closed) == 1
+    raw = slow.wait()
+    for _ in range(100):
+        if closed:
+            break
+        green.sleep(0.02)
+    assert closed == [raw]  # closed by the call's own thread once it returned
 
 
 def test_a_killed_waiter_does_not_let_its_running_call_be_closed_under(driver, monkeypatch):
     """A call's deadline or a cancelled sync kills the greenthread waiting on it;
     the native call goes on, so the lost connection must still wait for it
     (closing it under the call crashed the agent with SIGSEGV)."""
-    from compute_agent.virt.libvirt.host import Host
-
-    closed = []
-    monkeypatch.setattr(Host, "_close_raw", staticmethod(lambda raw, _lid=None: closed.append(raw)))
+    closed = _record_closes(driver, monkeypatch)
     release = green.native_event()
     waiter = green.spawn(driver.host.run, lambda raw: release.wait(5))
     green.sleep(0.05)
     green.kill(waiter)  # the waiter gives up; its call still runs in the pool
     assert driver.host.inflight == 1
-    driver.host._lost("test: connection dropped", driver.host._generation)
+    driver.host._lost("test: connection dropped", driver.host.generation)
     green.sleep(0.2)
     assert closed == []
     release.set()
@@ -281,3 +292,4 @@ def test_a_killed_waiter_does_not_let_its_running_call_be_closed_under(driver, m
             break
         green.sleep(0.02)
     assert len(closed) == 1
+    assert driver.host.inflight == 0

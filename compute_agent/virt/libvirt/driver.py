@@ -28,7 +28,7 @@ from compute_agent.virt.driver import (
 )
 from compute_agent.virt.events import LifecycleEvent, Transition
 from compute_agent.virt.libvirt import domain_xml
-from compute_agent.virt.libvirt.host import Host
+from compute_agent.virt.libvirt.host import Host, is_connection_error
 from compute_agent.virt.spec import DomainSpec, InstanceRef
 
 LOG = logging.getLogger(__name__)
@@ -123,6 +123,34 @@ def _info_native(conn: Any, name: str, uuid: str) -> InstanceInfo:
 
 def _state_native(conn: Any, name: str, uuid: str) -> PowerState:
     return power_state(_find_native(conn, name, uuid).state()[0])
+
+
+def _states_each_native(conn: Any, refs: list[tuple[str, str]]) -> dict[str, PowerState | None]:
+    """``lookupByName`` then ``state()`` for each (name, uuid), in one trip.
+
+    None: no such domain. A domain that is not the instance's (another
+    UUID), or whose read failed for another reason, is left out: the
+    caller's own read of it reports why.
+    """
+    states: dict[str, PowerState | None] = {}
+    for name, uuid in refs:
+        try:
+            states[uuid] = _state_native(conn, name, uuid)
+        except exception.InstanceNotFound:
+            states[uuid] = None
+        except exception.ForeignDomain:
+            continue
+        except libvirt.libvirtError as exc:
+            if is_connection_error(exc):
+                raise
+            if _code(exc) == libvirt.VIR_ERR_NO_DOMAIN:
+                states[uuid] = None  # gone between its lookup and its read
+    return states
+
+
+def _type_native(conn: Any) -> str:
+    kind: str = conn.getType()
+    return kind
 
 
 def _count_native(conn: Any) -> int:
@@ -341,6 +369,9 @@ class LibvirtDriver(ComputeDriver):
             reconnect_min=group.reconnect_min_delay,
             reconnect_max=group.reconnect_max_delay,
             keepalive=(group.keepalive_interval, group.keepalive_count),
+            pool_size=group.connection_pool_size,
+            stuck_after=group.stuck_call_timeout,
+            max_stuck=group.max_stuck_connections,
         )
 
     # -- connection -------------------------------------------------------
@@ -355,7 +386,7 @@ class LibvirtDriver(ComputeDriver):
     def _pick_virt_type(self) -> str:
         if self._virt_type_opt != "auto":
             return self._virt_type_opt
-        if self.host.conn.getType().lower() == "test":
+        if self.host.run(_type_native).lower() == "test":
             return "test"
         return "kvm" if os.path.exists("/dev/kvm") else "qemu"
 
@@ -373,6 +404,7 @@ class LibvirtDriver(ComputeDriver):
             connected=host.connected,
             last_error=host.last_error,
             in_flight=host.inflight,
+            connections=host.pool.statistics(),
         )
 
     def _on_lifecycle(self, name: str, uuid: str, event: int, detail: int) -> None:
@@ -414,6 +446,11 @@ class LibvirtDriver(ComputeDriver):
             return self.get_state(instance)
         except exception.InstanceNotFound:
             return None
+
+    def power_states_each(self, instances: Iterable[InstanceRef]) -> dict[str, PowerState | None]:
+        """Each instance's own lookup and state read, all in one trip."""
+        refs = [(i.domain_name, i.uuid) for i in instances]
+        return self.host.run(_states_each_native, refs) if refs else {}
 
     def get_num_instances(self) -> int:
         return self.host.run(_count_native)

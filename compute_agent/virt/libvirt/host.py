@@ -1,9 +1,9 @@
 """The libvirt connection: opened off the hub, watched, and reopened when lost.
 
-libvirt is a C library whose calls block. Every call therefore runs in the
-native thread pool: either through ``conn`` (a tpool proxy that wraps
-returned domains too) or through :meth:`Host.run`, which runs a whole
-function of several raw calls in one trip to the pool.
+libvirt is a C library whose calls block. Every call therefore runs in a
+native thread, through :meth:`Host.run`, which runs a whole function of
+several raw calls in one trip, on a connection that carries no other call
+(``pool.py`` says why).
 
 libvirt's own event loop runs in a native thread. Its callbacks (connection
 closed, domain lifecycle) only put an item on a :class:`green.NativeQueue`,
@@ -13,6 +13,7 @@ whose self-pipe wakes the hub; one greenthread takes them off and acts.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ import libvirt
 
 from compute_agent import exception, green
 from compute_agent.metrics import figures
+from compute_agent.virt.libvirt.pool import Connection, ConnectionPool
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,56 +78,27 @@ class _EventLoop:
             libvirt.virEventRunDefaultImpl()
 
 
-class _Connection:
-    """One opened connection, and how many calls are running on it.
-
-    libvirt must not close a connection while another thread is inside a
-    call on it (a use-after-free: the process crashes), so an old
-    connection is closed only once its calls have drained.
-    """
-
-    def __init__(self, raw: Any, generation: int, lifecycle_id: int | None) -> None:
-        self.raw = raw
-        self.lifecycle_id = lifecycle_id
-        self.proxy = green.proxy(raw, autowrap=(libvirt.virConnect, libvirt.virDomain))
-        self.generation = generation
-        self.inflight = 0
-        # Counted down by the native thread that made the call, not by the
-        # greenthread waiting for it: a waiter killed (a call deadline, a
-        # cancelled sync) leaves while its call still runs in the pool.
-        self._lock = green.native_lock()
-
-    def enter(self) -> None:
-        with self._lock:
-            self.inflight += 1
-
-    def leave(self) -> None:
-        with self._lock:
-            self.inflight -= 1
-
-    def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run in a pool thread: ``fn(raw, *args)``, counted until it returns."""
-        try:
-            return fn(self.raw, *args)
-        finally:
-            self.leave()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait, green, until no call runs on this connection; False on timeout."""
-        end = green.monotonic() + timeout
-        while self.inflight > 0:
-            if green.monotonic() >= end:
-                return False
-            green.sleep(0.05)
-        return True
+def has_private_state(uri: str) -> bool:
+    """True for libvirt's test driver on a node file: each connection to it
+    holds its own copy of the host (``test:///default`` is shared)."""
+    parsed = urllib.parse.urlsplit(uri)
+    return parsed.scheme.split("+")[0] == "test" and parsed.path not in ("", "/default")
 
 
 class Host:
-    """One libvirt connection with reconnection and connection listeners."""
+    """The libvirt connections, their events, and reconnection when they are lost.
 
-    # How long an old connection may wait for its calls before it is closed;
-    # a call hung for longer than this leaks the connection rather than crash.
-    DRAIN_TIMEOUT_S = 300.0
+    Calls go through a :class:`ConnectionPool`, one call per connection.
+    Events (the close callback, domain lifecycle) are registered on a
+    connection of their own that carries no call after its registration, so
+    a call stuck in libvirt never holds up the events. On a node file of the
+    test driver (:func:`has_private_state`) one connection carries events and
+    calls, since a second one would see another copy of the host.
+
+    Each connection belongs to a generation; a loss starts a new one, and
+    callbacks, failures and connections of an older generation are ignored
+    or closed once their call returns.
+    """
 
     def __init__(
         self,
@@ -135,13 +108,26 @@ class Host:
         reconnect_min: float = 1.0,
         reconnect_max: float = 30.0,
         keepalive: tuple[int, int] = (5, 3),
+        pool_size: int = 4,
+        stuck_after: float = 10.0,
+        max_stuck: int = 8,
     ) -> None:
         self.uri = uri
         self._on_connection = on_connection
         self._reconnect_min = reconnect_min
         self._reconnect_max = max(reconnect_min, reconnect_max)
         self._keepalive = keepalive
-        self._current: _Connection | None = None
+        self.shared_state = not has_private_state(uri)
+        self.pool = ConnectionPool(
+            self._open_raw if self.shared_state else None,
+            self._close_connection,
+            size=pool_size,
+            stuck_after=stuck_after,
+            max_stuck=max_stuck,
+        )
+        # The connection the events are registered on (in the pool too when
+        # the state is private); None while disconnected.
+        self._events_connection: Connection | None = None
         self._generation = 0
         self._events = green.NativeQueue()
         self._dispatcher: green.Task | None = None
@@ -163,61 +149,57 @@ class Host:
             self._lost(str(exc), self._generation)
             raise
 
-    def stop(self, drain: float = 5.0) -> None:
+    def stop(self) -> None:
+        """Close what is idle; a connection still carrying a call is closed by
+        its own thread when the call returns."""
         self._stopping = True
         for gt in (self._reconnector, self._dispatcher):
             if gt is not None:
                 gt.cancel()
-        current, self._current = self._current, None
-        if current is not None:
-            self._close_when_idle(current, drain)
+        self._discard()
         self._events.close()
 
     @property
     def connected(self) -> bool:
-        return self._current is not None
+        return self._events_connection is not None
 
-    def _require(self) -> _Connection:
-        if self._current is None:
+    def _require(self) -> int:
+        """The generation of the live connection; HypervisorUnavailable without one."""
+        if self._events_connection is None:
             raise exception.HypervisorUnavailable(
                 f"libvirt at {self.uri} is not connected: {self.last_error or 'not started'}"
             )
-        return self._current
+        return self._generation
 
     @property
     def conn(self) -> Any:
-        """The connection behind a tpool proxy (returned domains proxied too).
-
-        For single ad-hoc calls; driver code uses :meth:`run`, whose calls are
-        counted so that a lost connection is closed only once they drain.
-        """
-        return self._require().proxy
+        """The events connection behind a thread-pool proxy, for tests' and
+        benchmarks' out-of-band calls. The agent's own calls go through :meth:`run`."""
+        self._require()
+        assert self._events_connection is not None
+        return green.proxy(
+            self._events_connection.raw, autowrap=(libvirt.virConnect, libvirt.virDomain)
+        )
 
     @property
     def inflight(self) -> int:
-        """Calls now running through :meth:`run` on the current connection.
-
-        Read once: the metrics scrape calls this from a native thread while
-        the hub may drop the connection.
-        """
-        current = self._current
-        return 0 if current is None else current.inflight
+        """Calls running now (set-aside ones included); safe from any thread."""
+        return self.pool.in_flight
 
     def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(raw_connection, *args)`` in the thread pool, in one trip.
+        """Run ``fn(raw_connection, *args)`` in a native thread, in one trip,
+        on a connection that carries no other call meanwhile.
 
         A connection failure marks the connection lost (starting the
         reconnection) and is raised as HypervisorUnavailable.
         """
-        current = self._require()
-        current.enter()  # left by the pool thread once the call returns
+        generation = self._require()
         started = green.monotonic()
         try:
-            result: T = green.execute(current.call, fn, *args)
-            return result
+            return self.pool.run(generation, fn, *args)
         except libvirt.libvirtError as exc:
             if is_connection_error(exc):
-                self._lost(f"{exc.get_error_message()}", current.generation)
+                self._lost(f"{exc.get_error_message()}", generation)
                 raise exception.HypervisorUnavailable(
                     f"libvirt at {self.uri} failed: {exc.get_error_message()}"
                 ) from exc
@@ -238,23 +220,12 @@ class Host:
             ) from None
         self._generation += 1
         generation = self._generation
-        try:
-            green.execute(raw.registerCloseCallback, self._closed_native, generation)
-        except libvirt.libvirtError as exc:
-            LOG.debug("close callback not supported by %s: %s", self.uri, exc)
-        lifecycle_id = None
-        if self.lifecycle_handler is not None:
-            try:
-                lifecycle_id = green.execute(
-                    raw.domainEventRegisterAny,
-                    None,
-                    libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                    self._lifecycle_native,
-                    generation,
-                )
-            except libvirt.libvirtError as exc:
-                LOG.error("lifecycle events unavailable from %s: %s", self.uri, exc)
-        self._current = _Connection(raw, generation, lifecycle_id)
+        lifecycle_id = green.execute(self._register_native, raw, generation)
+        self._close_all(self.pool.reset(generation))
+        if self.shared_state:
+            self._events_connection = Connection(raw, generation, lifecycle_id)
+        else:
+            self._events_connection = self.pool.adopt(raw, lifecycle_id)
         self.last_error = None
         LOG.info("connected to libvirt at %s", self.uri)
 
@@ -268,15 +239,51 @@ class Host:
                 pass  # local drivers have no keepalive
         return raw
 
-    @staticmethod
-    def _close_raw(raw: Any, lifecycle_id: int | None) -> None:
+    def _register_native(self, raw: Any, generation: int) -> int | None:
+        """The close callback and, with a handler, lifecycle events; the latter's id."""
         try:
-            if lifecycle_id is not None:
-                raw.domainEventDeregisterAny(lifecycle_id)
+            raw.registerCloseCallback(self._closed_native, generation)
+        except libvirt.libvirtError as exc:
+            LOG.debug("close callback not supported by %s: %s", self.uri, exc)
+        if self.lifecycle_handler is None:
+            return None
+        try:
+            lifecycle_id: int = raw.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._lifecycle_native, generation
+            )
+        except libvirt.libvirtError as exc:
+            LOG.error("lifecycle events unavailable from %s: %s", self.uri, exc)
+            return None
+        return lifecycle_id
+
+    @staticmethod
+    def _close_connection(connection: Connection) -> None:
+        """In a native thread, with no call in the connection: deregister, close."""
+        raw = connection.raw
+        try:
+            if connection.lifecycle_id is not None:
+                raw.domainEventDeregisterAny(connection.lifecycle_id)
             raw.unregisterCloseCallback()
         except libvirt.libvirtError:
             pass
-        raw.close()
+        try:
+            raw.close()
+        except libvirt.libvirtError as exc:
+            LOG.debug("closing a libvirt connection: %s", exc)
+
+    def _close_all(self, connections: list[Connection]) -> None:
+        for connection in connections:
+            green.execute(self._close_connection, connection)
+
+    def _discard(self) -> None:
+        """End the current generation: close what carries no call, now."""
+        self._generation += 1
+        idle = self.pool.reset(self._generation)
+        events, self._events_connection = self._events_connection, None
+        if events is not None and events not in idle and self.shared_state:
+            idle.append(events)  # in the pool when private, closed with it
+        if idle:
+            green.spawn(self._close_all, idle, name="libvirt-discard")
 
     def _closed_native(self, _conn: Any, reason: int, generation: int) -> None:
         # Runs in libvirt's event-loop thread: queue it, touch nothing else.
@@ -290,32 +297,17 @@ class Host:
         self._events.put(("lifecycle", generation, dom.name(), dom.UUIDString(), event, detail))
 
     def _lost(self, reason: str, generation: int) -> None:
-        """The connection of ``generation`` is gone; reconnect unless already doing so."""
+        """The connections of ``generation`` are gone; reconnect unless already doing so."""
         if self._stopping or generation != self._generation:
             return
-        old, self._current = self._current, None
-        self._generation += 1  # stale callbacks and failures of the old one are ignored
+        was_connected = self.connected
+        self._discard()
         self.last_error = reason
-        if old is not None:
+        if was_connected:
             LOG.error("lost the libvirt connection to %s: %s", self.uri, reason)
-            green.spawn(self._close_when_idle, old, self.DRAIN_TIMEOUT_S, name="libvirt-discard")
         self._on_connection(False, reason)
         if self._reconnector is None:
             self._reconnector = green.spawn(self._reconnect_loop, name="libvirt-reconnect")
-
-    def _close_when_idle(self, connection: _Connection, timeout: float) -> None:
-        if not connection.wait_idle(timeout):
-            LOG.error(
-                "%d libvirt call(s) still running on the old connection after %.0f s; "
-                "leaving it open rather than risk closing it under them",
-                connection.inflight,
-                timeout,
-            )
-            return
-        try:
-            green.execute(self._close_raw, connection.raw, connection.lifecycle_id)
-        except libvirt.libvirtError as exc:
-            LOG.debug("closing libvirt connection: %s", exc)
 
     def _reconnect_loop(self) -> None:
         delay = self._reconnect_min
