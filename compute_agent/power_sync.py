@@ -111,6 +111,46 @@ class _Call:
             return writes
 
 
+class _Feed:
+    """The run's instances, handed to its workers one at a time, with their reads.
+
+    Reads are taken a batch (READ_BATCH instances) at a time, in one trip to
+    the driver, by whichever worker finds the batch used up; the others wait
+    for it on ``_turn`` (a green semaphore: the read is a switch point, which
+    a native lock must never be held across).
+    """
+
+    def __init__(
+        self,
+        instances: list[InstanceRecord],
+        prefetched: dict[str, PowerState | None] | None,
+        read_batch: Callable[[list[InstanceRecord]], dict[str, PowerState | None]],
+    ) -> None:
+        self._instances = instances
+        self._prefetched = prefetched  # every read already made (the bulk source)
+        self._read_batch = read_batch
+        self._turn = green.Semaphore(1)
+        self._reads: dict[str, PowerState | None] = {}
+        self._read_up_to = 0  # instances before this index have their reads
+        self.taken = 0  # instances handed out
+
+    def next(self) -> tuple[InstanceRecord, dict[str, PowerState | None]] | None:
+        with self._turn:
+            index = self.taken
+            if index >= len(self._instances):
+                return None
+            if self._prefetched is not None:
+                reads = self._prefetched
+            else:
+                if index >= self._read_up_to:
+                    batch = self._instances[index : index + READ_BATCH]
+                    self._reads = self._read_batch(batch)
+                    self._read_up_to = index + len(batch)
+                reads = self._reads
+            self.taken = index + 1
+            return self._instances[index], reads
+
+
 @dataclass(frozen=True)
 class SyncStatistics:
     """The run under way (or the last one) and the last full run's unknown domains."""
@@ -262,41 +302,40 @@ class PowerSync:
         prefetched: dict[str, PowerState | None],
         call: _Call,
     ) -> None:
-        """Handle every instance, yielding after each. Per-instance reads are
-        made a batch ahead, READ_BATCH instances in one trip to the driver's
-        native thread (each still its own lookup); the bulk source read them all."""
-        summary = call.summary
-        pool = green.Pool(self.concurrency)
-        done = 0
+        """Handle every instance with ``concurrency`` workers, each yielding after
+        every instance. Per-instance reads are made a batch ahead (see _Feed)."""
+        feed = _Feed(instances, prefetched if self.source == "bulk" else None, self._read_batch)
+        count = min(self.concurrency, len(instances))
+        workers = [
+            green.spawn(self._work, feed, call, name="power-sync-worker") for _ in range(count)
+        ]
+        try:
+            for worker in workers:
+                worker.wait()
+        except BaseException:
+            for worker in workers:
+                worker.cancel()
+            raise
+        if call.summary.aborted is None and self.should_stop():
+            call.summary.aborted = "agent stopping"
 
-        def work(inst: InstanceRecord, read: dict[str, PowerState | None]) -> None:
-            nonlocal done
-            green.name_current("power-sync-worker")
+    def _work(self, feed: _Feed, call: _Call) -> None:
+        """One worker: take the next instance until none is left or the run ends."""
+        summary = call.summary
+        while summary.aborted is None and not self.should_stop():
             try:
-                if summary.aborted is None and not self.should_stop():
-                    self._handle(inst, read, call, ActionSource.SYNC, wait=False)
+                taken = feed.next()
+                if taken is None:
+                    return
+                self._handle(taken[0], taken[1], call, ActionSource.SYNC, wait=False)
             except exception.Unavailable as exc:
                 if summary.aborted is None:
                     summary.aborted = exc.described()
             finally:
                 with call.lock:
-                    done += 1
-                    self.progress = (done, self.progress[1])
+                    self.progress = (feed.taken, self.progress[1])
                 self._maybe_flush_writes(call)
                 green.yield_now()
-
-        for start in range(0, len(instances), READ_BATCH):
-            batch = instances[start : start + READ_BATCH]
-            read = prefetched if self.source == "bulk" else self._read_batch(batch)
-            for inst in batch:
-                if summary.aborted is not None or self.should_stop():
-                    break
-                pool.spawn(work, inst, read)
-            if summary.aborted is not None or self.should_stop():
-                break
-        pool.waitall()
-        if summary.aborted is None and self.should_stop():
-            summary.aborted = "agent stopping"
 
     def _read_batch(self, batch: list[InstanceRecord]) -> dict[str, PowerState | None]:
         """The batch's states, each instance looked up on its own, in one trip.
