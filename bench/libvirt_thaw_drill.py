@@ -1,6 +1,14 @@
-"""Drill: libvirt's remote client crashing when a frozen daemon is thawed.
+"""Drill: a libvirtd frozen and thawed under libvirt's client, raw or under the agent.
+
+``python -m bench.libvirt_thaw_drill agent [--cycles N] [--backends eventlet,threads]``
+runs the agent drill (``tests/functional/libvirt_drill.py``): per backend,
+one busy agent on a private libvirtd of 40 instances through ``--cycles``
+faults, in a repeating pattern of two freezes past the keepalive (8 s),
+one shorter than it (2 s), a freeze past the keepalive and a kill with a
+restart; it counts deaths, reconnections, full syncs and events after each.
 
 ``python -m bench.libvirt_thaw_drill [--runs N] [--threads N] [--serial]``
+is the raw drill that found the cause, without the agent:
 
 libvirt-python only, no agent code: a private session libvirtd (see
 ``bench.metrics_attack.private_libvirtd``), libvirt's default event loop in
@@ -90,7 +98,60 @@ def child(threads: int, serial: bool, uri: str, daemon: int) -> None:
     os._exit(0)  # threads may still be inside libvirt
 
 
+PATTERN = ("freeze", "freeze", "short", "freeze", "kill")
+
+
+def agent_drill(argv: list[str]) -> None:
+    """The agent under faults: each backend in turn, deaths and recoveries counted."""
+    import statistics
+
+    from tests.functional.libvirt_drill import Drill
+
+    parser = argparse.ArgumentParser(prog="python -m bench.libvirt_thaw_drill agent")
+    parser.add_argument("--cycles", type=int, default=20)
+    parser.add_argument("--instances", type=int, default=40)
+    parser.add_argument("--freeze", type=float, default=8.0, help="seconds past the keepalive")
+    parser.add_argument("--backends", default="eventlet,threads")
+    args = parser.parse_args(argv)
+    for backend in args.backends.split(","):
+        root = pathlib.Path(tempfile.mkdtemp(prefix=f"ca-drill-{backend}-"))
+        drill = Drill(root, backend, args.instances)
+        cycles = []
+        try:
+            drill.start()
+            drill.start_load()
+            for n in range(args.cycles):
+                kind = PATTERN[n % len(PATTERN)]
+                if kind == "kill":
+                    cycle = drill.kill_and_restart()
+                else:
+                    cycle = drill.freeze(args.freeze if kind == "freeze" else 2.0)
+                cycles.append(cycle)
+                print(f"{backend} cycle {n + 1}: {cycle}", flush=True)
+                if not cycle.alive:
+                    break
+        finally:
+            rc = drill.stop()
+        died = sum(not c.alive for c in cycles)
+        back = [c.back_s for c in cycles if c.back_s is not None]
+        output = drill.agent.output if drill.agent else ""
+        print(
+            f"{backend}: {len(cycles)} cycles, {died} death(s), exit status {rc}; "
+            f"back and synced after {len(back)} (median {statistics.median(back):.2f} s, "
+            f"max {max(back):.2f} s); events after {sum(c.events_back for c in cycles)}; "
+            f"lost seen on {sum(c.lost_seen for c in cycles)}; load calls ok "
+            f"{sum(drill.load.ok.values())}, failed {sum(drill.load.failed.values())}, "
+            f"slowest {drill.load.slowest_s:.2f} s; stuck connections set aside "
+            f"{output.count('its connection is set aside')}; "
+            f"Fatal Python error in log: {'Fatal Python error' in output}",
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv and argv[0] == "agent":
+        agent_drill(argv[1:])
+        return
     parser = argparse.ArgumentParser(prog="python -m bench.libvirt_thaw_drill")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=4)
@@ -100,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child(args.threads, args.serial, args.child[0], int(args.child[1]))
         return
-    from bench.metrics_attack import private_libvirtd
+    from tests.functional.libvirt_drill import private_libvirtd
 
     crashed = corrupted = unclosed = 0
     for run in range(1, args.runs + 1):

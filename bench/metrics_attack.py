@@ -55,6 +55,7 @@ from typing import Any
 
 from compute_agent.admin.client import AdminClient
 from tests.functional.agent_process import REPO, AgentProcess, free_port, manage
+from tests.functional.libvirt_drill import private_libvirtd
 
 CLIENTS = 16
 SLOW = 64
@@ -202,26 +203,6 @@ def flood(port: int, admin: AdminClient, seconds: float, pid: int, live: set[str
           f" threads max {max(m['Threads'] for m in mem)}")  # fmt: skip
     print(f"  hub wake-ups > 50 ms: {after[0] - before[0]:.0f} of {after[1] - before[1]:.0f}")
     print(f"  churn {dict(churn)}")
-
-
-def private_libvirtd(root: pathlib.Path) -> tuple[subprocess.Popen, str]:
-    """A session libvirtd as ``nobody`` under ``root``: (its process, a test-driver URI)."""
-    root.mkdir(exist_ok=True)
-    root.chmod(0o777)
-    root.parent.chmod(0o755)
-    (root / "libvirt" / "libvirt-sock").unlink(missing_ok=True)  # a killed one's
-    env = {"PATH": os.environ["PATH"], "HOME": str(root), "XDG_RUNTIME_DIR": str(root),
-           "XDG_CONFIG_HOME": f"{root}/cfg", "XDG_CACHE_HOME": f"{root}/cache"}  # fmt: skip
-    daemon = subprocess.Popen(
-        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "libvirtd"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=root,
-    )  # fmt: skip
-    sock = root / "libvirt" / "libvirt-sock"
-    end = time.monotonic() + 30
-    while not sock.exists() and time.monotonic() < end:
-        time.sleep(0.1)
-    assert sock.exists(), "the private libvirtd did not start"
-    return daemon, f"test+unix:///default?socket={sock}"
 
 
 def value(port: int, name: str) -> tuple[float, float]:

@@ -424,9 +424,7 @@ class PowerSync:
                     "instance %s changed while being synced; left for the next sync",
                     write.inst.uuid,
                 )
-                call.count(checked=-1, skipped=1)
                 continue
-            call.count(changed=1)
             won_writes.append((write.inst, write.values))
             LOG.info(
                 "instance %s: %s (%s)",
@@ -434,6 +432,8 @@ class PowerSync:
                 ", ".join(f"{c.field} {c.old} -> {c.new}" for c in write.changes),
                 write.reason,
             )
+        lost = len(writes) - len(won_writes)
+        call.count(changed=len(won_writes), checked=-lost, skipped=lost)
         if won_writes and self.on_changes is not None:
             self.on_changes(won_writes)
 

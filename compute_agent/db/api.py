@@ -500,17 +500,15 @@ class Database:
         several times more.
         """
         now = utcnow()
-        outcomes = []
         with self._begin() as conn:
-            for inst, values, expected, _audit in writes:
-                self._pause()
-                stmt = self._cas_statement(
-                    tuple(values), tuple((k, v is None) for k, v in expected.items())
-                )
-                params = {"b_id": inst.id, "n_updated_at": now}
-                params.update({f"n_{k}": v for k, v in values.items()})
-                params.update({f"b_{k}": v for k, v in expected.items() if v is not None})
-                outcomes.append(conn.execute(stmt, params).rowcount == 1)
+            if self.offloaded and self.engine.dialect.supports_sane_multi_rowcount:
+                outcomes = self._cas_grouped(conn, writes, now)
+            else:
+                outcomes = []
+                for inst, values, expected, _audit in writes:
+                    self._pause()
+                    stmt, params = self._cas_params(inst, values, expected, now)
+                    outcomes.append(conn.execute(stmt, params).rowcount == 1)
             audit = [
                 row
                 for (_i, _v, _e, rows), won in zip(writes, outcomes, strict=True)
@@ -540,6 +538,56 @@ class Database:
         for start in range(0, len(rows), step):
             self._pause()
             conn.execute(table.insert(), list(rows[start : start + step]))
+
+    def _cas_params(
+        self, inst: AnyInstance, values: Mapping[str, Any], expected: Mapping[str, Any], now: Any
+    ) -> tuple[sa.Update, dict[str, Any]]:
+        stmt = self._cas_statement(
+            tuple(values), tuple((k, v is None) for k, v in expected.items())
+        )
+        params = {"b_id": inst.id, "n_updated_at": now}
+        params.update({f"n_{k}": v for k, v in values.items()})
+        params.update({f"b_{k}": v for k, v in expected.items() if v is not None})
+        return stmt, params
+
+    def _cas_grouped(
+        self,
+        conn: sa.Connection,
+        writes: Sequence[tuple[AnyInstance, Mapping[str, Any], Mapping[str, Any], Any]],
+        now: Any,
+    ) -> list[bool]:
+        """The same UPDATEs as one executemany per statement shape; which won.
+
+        Only off the hub (SQLite, in its native thread), where one long call
+        stalls nothing: the per-row statements cost most of a sync that
+        changes thousands of rows. When a group's row count says some lost,
+        the winners are the rows that now carry this transaction's
+        ``updated_at`` (read inside the transaction, so only its own writes
+        can have set it).
+        """
+        groups: dict[sa.Update, list[tuple[int, dict[str, Any]]]] = {}
+        for index, (inst, values, expected, _audit) in enumerate(writes):
+            stmt, params = self._cas_params(inst, values, expected, now)
+            groups.setdefault(stmt, []).append((index, params))
+        ids = [inst.id for inst, *_rest in writes]
+        if len(set(ids)) != len(ids):  # one row written twice: only one at a time can win
+            return [conn.execute(*self._cas_params(*w[:3], now)).rowcount == 1 for w in writes]
+        outcomes = [True] * len(writes)
+        table = cast(sa.Table, Instance.__table__)
+        for stmt, rows in groups.items():
+            if conn.execute(stmt, [params for _i, params in rows]).rowcount == len(rows):
+                continue
+            won = set(
+                conn.scalars(
+                    sa.select(table.c.id).where(
+                        table.c.id.in_([params["b_id"] for _i, params in rows]),
+                        table.c.updated_at == now,
+                    )
+                )
+            )
+            for index, params in rows:
+                outcomes[index] = params["b_id"] in won
+        return outcomes
 
     def _cas_statement(
         self, set_keys: tuple[str, ...], expect_keys: tuple[tuple[str, bool], ...]

@@ -10,7 +10,7 @@ from alembic.runtime.migration import MigrationContext
 
 from compute_agent import exception, servicegroup
 from compute_agent.db import migration
-from compute_agent.db.api import Database
+from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.db.engine import normalize_url
 from compute_agent.db.models import Base
 from compute_agent.utils import mask_url_password, utcnow
@@ -181,6 +181,37 @@ def test_conditional_update_loses_to_a_concurrent_change(db):
         )
     assert not db.instance_compare_and_set(stale, {"power_state": "shutdown"}, {"task_state": None})
     assert db.instance_get(inst.uuid).power_state == "running"
+
+
+def test_a_batch_of_conditional_writes_reports_each_outcome(db):
+    """Winners and losers mixed in one batch, two statement shapes: each outcome
+    is the row's own, and only the winners' audit rows are written."""
+    insts = [new_instance(db) for _ in range(6)]
+    stale = [db.instance_get(i.uuid) for i in insts]
+    for moved in (insts[1], insts[4]):  # changed since the batch's rows were read
+        db.instance_update(moved, {"task_state": "powering-off"}, action="stop", source="rpc")
+    writes = []
+    for n, inst in enumerate(stale):
+        values = {"power_state": "shutdown"} if n % 2 else {"power_state": "paused"}
+        if n == 5:
+            values["vm_state"] = "stopped"
+        change = Change("power_state", "running", values["power_state"])
+        audit = action_rows(inst.uuid, [change], "sync", "sync", "test", inst.updated_at)
+        writes.append((inst, values, {"task_state": None, "updated_at": inst.updated_at}, audit))
+    before = [len(db.actions_get(i.uuid)) for i in insts]
+    assert db.instance_compare_and_set_many(writes) == [True, False, True, True, False, True]
+    states = {i.uuid: db.instance_get(i.uuid) for i in insts}
+    assert [states[i.uuid].power_state for i in insts] == [
+        "paused",
+        "running",
+        "paused",
+        "shutdown",
+        "running",
+        "shutdown",
+    ]
+    assert states[insts[5].uuid].vm_state == "stopped"
+    after = [len(db.actions_get(i.uuid)) for i in insts]
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 0, 1, 1, 0, 1]
 
 
 def test_soft_delete_hides_the_row(db):
