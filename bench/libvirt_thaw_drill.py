@@ -6,6 +6,9 @@ one busy agent on a private libvirtd of 40 instances through ``--cycles``
 faults, in a repeating pattern of two freezes past the keepalive (8 s),
 one shorter than it (2 s), a freeze past the keepalive and a kill with a
 restart; it counts deaths, reconnections, full syncs and events after each.
+``--keepalive 5,3 --freeze 30`` is the agent's default keepalive and the
+30 s freeze that killed it before: calls then outlive
+``stuck_call_timeout`` and their connections are set aside first.
 
 ``python -m bench.libvirt_thaw_drill [--runs N] [--threads N] [--serial]``
 is the raw drill that found the cause, without the agent:
@@ -112,10 +115,14 @@ def agent_drill(argv: list[str]) -> None:
     parser.add_argument("--instances", type=int, default=40)
     parser.add_argument("--freeze", type=float, default=8.0, help="seconds past the keepalive")
     parser.add_argument("--backends", default="eventlet,threads")
+    parser.add_argument(
+        "--keepalive", default="1,3", help="the agent's interval,count (the default 5,3)"
+    )
     args = parser.parse_args(argv)
+    interval, count = (int(x) for x in args.keepalive.split(","))
     for backend in args.backends.split(","):
         root = pathlib.Path(tempfile.mkdtemp(prefix=f"ca-drill-{backend}-"))
-        drill = Drill(root, backend, args.instances)
+        drill = Drill(root, backend, args.instances, keepalive=(interval, count))
         cycles = []
         try:
             drill.start()

@@ -82,8 +82,15 @@ class Load:
 class Drill:
     """One agent, one private libvirtd, ``instances`` instances."""
 
-    def __init__(self, root: pathlib.Path, backend: str, instances: int = 40) -> None:
+    def __init__(
+        self,
+        root: pathlib.Path,
+        backend: str,
+        instances: int = 40,
+        keepalive: tuple[int, int] = KEEPALIVE,
+    ) -> None:
         self.root = root
+        self.keepalive = keepalive
         self.backend = backend
         self.instances = instances
         self.daemon: subprocess.Popen[bytes] | None = None
@@ -105,7 +112,7 @@ class Drill:
         self.daemon, self.uri = private_libvirtd(self.root / "lv")
         self._keep()
         conf = self.root / "drill.conf"
-        interval, count = KEEPALIVE
+        interval, count = self.keepalive
         conf.write_text(
             f"[DEFAULT]\nstate_path = {self.root}/state\nhost = drill-host\nreport_interval = 2\n"
             "[compute]\nstats_interval = 1\nsync_power_state_interval = 2\n"
@@ -211,7 +218,7 @@ class Drill:
     def freeze(self, seconds: float) -> Cycle:
         """SIGSTOP the daemon for ``seconds``, continue it, and check the agent."""
         assert self.daemon is not None
-        cycle = Cycle("freeze" if seconds > sum(KEEPALIVE) else "short freeze", seconds)
+        cycle = Cycle("freeze" if seconds > sum(self.keepalive) else "short freeze", seconds)
         self.daemon.send_signal(signal.SIGSTOP)
         cycle.lost_seen = self._watch_lost(seconds)
         self.daemon.send_signal(signal.SIGCONT)

@@ -264,7 +264,7 @@ def _stop_with_a_stuck_call(agent: Agent, pid: int, attempts: int = 3) -> float:
             rc, stop_s = agent.proc.terminate(timeout=STOP_BOUND_S)
             assert rc == 0, agent.proc.output
             assert qemu.process_state(pid) == "T"
-            if "still running on the old connection" in agent.proc.output:
+            if "still running at stop" in agent.proc.output:
                 return stop_s  # it exited with the call still hung
         finally:
             os.kill(pid, signal.SIGCONT)

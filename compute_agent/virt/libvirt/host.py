@@ -158,6 +158,12 @@ class Host:
                 gt.cancel()
         self._discard()
         self._events.close()
+        if running := self.pool.in_flight:
+            LOG.warning(
+                "%d libvirt call(s) still running at stop; each connection is closed "
+                "when its call returns, never under it",
+                running,
+            )
 
     @property
     def connected(self) -> bool:
