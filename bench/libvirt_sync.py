@@ -11,6 +11,7 @@ import libvirt
 
 from bench.common import (
     HOST,
+    LibvirtCalls,
     libvirtd_running,
     make_conf,
     make_db,
@@ -38,6 +39,9 @@ def measure(uri: str, where: str, source: str, concurrency: int) -> dict:
             t0 = green.monotonic()
             summary = sync.run()
             timings.append(green.monotonic() - t0)
+        with LibvirtCalls() as calls:  # one more, counted (the counting costs time)
+            sync.run()
+            counted = calls.snapshot()
     finally:
         driver.cleanup_host()
         db.dispose()
@@ -51,6 +55,8 @@ def measure(uri: str, where: str, source: str, concurrency: int) -> dict:
         "runs_s": [round(t, 4) for t in timings],
         "instances_per_s": round(COUNT / best),
         "changed": summary.changed,
+        "trips": counted["trips_by_name"],
+        "api_calls": counted["rpc"],
     }
 
 
@@ -69,7 +75,15 @@ def main() -> dict:
     ]
     print(
         table(
-            ["libvirt", "source", "concurrency", "sync of 1000 (best of 3)", "instances/s"],
+            [
+                "libvirt",
+                "source",
+                "concurrency",
+                "sync of 1000 (best of 3)",
+                "instances/s",
+                "trips to the native thread",
+                "libvirt API calls",
+            ],
             [
                 [
                     r["where"],
@@ -77,6 +91,8 @@ def main() -> dict:
                     r["concurrency"],
                     f"{r['best_s']:.3f} s",
                     r["instances_per_s"],
+                    sum(r["trips"].values()),
+                    r["api_calls"],
                 ]
                 for r in results
             ],

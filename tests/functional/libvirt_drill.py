@@ -66,6 +66,8 @@ class Cycle:
     alive: bool = False
     back_s: float | None = None  # from thaw or restart to connected and a full sync
     lost_seen: bool = False  # the agent reported the connection down meanwhile
+    disabled_seen: bool = False  # and its service disabled (AUTO:) meanwhile
+    enabled_after: bool = False  # the service enabled again once back
     events_back: bool = False  # an out-of-band pause reached the agent afterwards
     checked: int = 0  # instances the forced sync after it checked
 
@@ -212,15 +214,19 @@ class Drill:
     def alive(self) -> bool:
         return self.agent is not None and self.agent.proc.poll() is None
 
+    def status(self) -> dict[str, Any]:
+        reply: dict[str, Any] = self._admin().call("status")
+        return reply
+
     def connected(self) -> bool:
-        return bool(self._admin().call("status")["libvirt"]["connected"])
+        return bool(self.status()["libvirt"]["connected"])
 
     def freeze(self, seconds: float) -> Cycle:
         """SIGSTOP the daemon for ``seconds``, continue it, and check the agent."""
         assert self.daemon is not None
         cycle = Cycle("freeze" if seconds > sum(self.keepalive) else "short freeze", seconds)
         self.daemon.send_signal(signal.SIGSTOP)
-        cycle.lost_seen = self._watch_lost(seconds)
+        cycle.lost_seen, cycle.disabled_seen = self._watch_lost(seconds)
         self.daemon.send_signal(signal.SIGCONT)
         return self._after(cycle)
 
@@ -230,7 +236,7 @@ class Drill:
         cycle = Cycle("kill", dead_s)
         self.daemon.kill()
         self.daemon.wait(10)
-        cycle.lost_seen = self._watch_lost(dead_s)
+        cycle.lost_seen, cycle.disabled_seen = self._watch_lost(dead_s)
         self.daemon, _ = private_libvirtd(self.root / "lv")
         self._keep()
         for xml in self.xml:
@@ -243,21 +249,27 @@ class Drill:
         and the agent's connections all go when a freeze outlives their keepalive."""
         self._keeper = libvirt.open(self.uri)
 
-    def _watch_lost(self, seconds: float) -> bool:
-        """Wait ``seconds``; whether /metrics said libvirt was down meanwhile."""
-        end, lost = time.monotonic() + seconds, False
+    def _watch_lost(self, seconds: float) -> tuple[bool, bool]:
+        """Wait ``seconds``; whether /metrics said libvirt was down, and the
+        service disabled, meanwhile."""
+        end, lost, disabled = time.monotonic() + seconds, False, False
         while time.monotonic() < end:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-                    sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-                    data = b""
-                    while chunk := sock.recv(1 << 16):
-                        data += chunk
+                data = self._metrics()
                 lost = lost or b"\ncompute_agent_libvirt_connected 0.0" in data
+                disabled = disabled or b"\ncompute_agent_service_disabled 1.0" in data
             except OSError:
                 pass
             time.sleep(0.2)
-        return lost
+        return lost, disabled
+
+    def _metrics(self) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(1 << 16):
+                data += chunk
+        return data
 
     def _after(self, cycle: Cycle, limit: float = 60) -> Cycle:
         """Wait until connected and a forced sync checks every instance."""
@@ -277,7 +289,17 @@ class Drill:
         cycle.alive = self.alive()
         if cycle.alive and cycle.back_s is not None:
             cycle.events_back = self._event_reaches_agent()
+            cycle.enabled_after = self._enabled_again()
         return cycle
+
+    def _enabled_again(self, limit: float = 10) -> bool:
+        """The AUTO: disable is lifted once libvirt is back (the heartbeat does it)."""
+        end = time.monotonic() + limit
+        while time.monotonic() < end:
+            if b"\ncompute_agent_service_disabled 0.0" in self._metrics():
+                return True
+            time.sleep(0.2)
+        return False
 
     def _event_reaches_agent(self, limit: float = 10) -> bool:
         """Pause and resume one domain out of band; the agent must receive the events."""

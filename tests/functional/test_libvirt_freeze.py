@@ -42,7 +42,12 @@ def test_the_agent_lives_through_freezes_past_the_keepalive_and_a_restart(backen
             assert cycle.back_s is not None, cycle  # connected again, every instance synced
             assert cycle.checked == drill.instances, cycle
             assert cycle.events_back, cycle  # lifecycle events registered again
-        assert all(c.lost_seen for c in cycles if c.kind in ("freeze", "kill")), cycles
+            assert cycle.enabled_after, cycle  # the AUTO: disable lifted
+        lost = [c for c in cycles if c.kind in ("freeze", "kill")]
+        assert all(c.lost_seen and c.disabled_seen for c in lost), cycles
+        connections = drill.status()["libvirt"]["connections"]
+        assert connections["size"] == 4 and connections["stuck"] == 0, connections
+        assert connections["opened_total"] >= len(lost), connections
         status = manage("status", config_files=drill.config_files)
         assert status.returncode == 0, status.stderr
         assert drill.load.ok["status"] > 0 and drill.load.ok["scrape"] > 0
