@@ -104,15 +104,55 @@ class BackgroundHandler(logging.Handler):
         self._pending.put(_REOPEN)
 
     def _write_loop(self) -> None:
+        """Write what is queued, a batch at a time: a sync that logs thousands of
+        changes would otherwise pay a write and a flush per line."""
         reported = 0
-        while (record := self._pending.get()) is not None:
-            if record is _REOPEN:
-                reopen_handler(self.target)
-                continue
+        while True:
+            items = [self._pending.get()]
+            # The only reader: what is not empty now is there to take.
+            while len(items) < WRITE_BATCH and not self._pending.empty():
+                items.append(self._pending.get())
+            records: list[logging.LogRecord] = []
+            for item in items:
+                if item is None:
+                    self._write(records)
+                    return
+                if item is _REOPEN:
+                    self._write(records)
+                    records = []
+                    reopen_handler(self.target)
+                    continue
+                records.append(item)
             if self.dropped > reported and self._pending.qsize() == 0:
                 lost, reported = self.dropped - reported, self.dropped
-                self.target.handle(_dropped_record(lost, self.limit))
-            self.target.handle(record)
+                records.append(_dropped_record(lost, self.limit))
+            self._write(records)
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        """One write and one flush for a plain stream or file target; else one by one."""
+        target = self.target
+        stream = getattr(target, "stream", None)
+        if type(target) not in _STREAM_HANDLERS or stream is None or len(records) < 2:
+            for record in records:
+                target.handle(record)
+            return
+        assert isinstance(target, logging.StreamHandler)
+        try:
+            text = "".join(
+                target.format(r) + target.terminator
+                for r in records
+                if r.levelno >= target.level and target.filter(r)
+            )
+            target.acquire()
+            try:
+                if isinstance(target, logging.handlers.WatchedFileHandler):
+                    target.reopenIfNeeded()  # the file moved (logrotate without SIGHUP)
+                target.stream.write(text)
+                target.flush()
+            finally:
+                target.release()
+        except Exception:  # noqa: BLE001 - as logging does: report, never raise
+            target.handleError(records[-1])
 
     def flush(self) -> None:
         """Nothing to do here: the writer flushes each record as it writes it.
@@ -134,6 +174,15 @@ class BackgroundHandler(logging.Handler):
 
 
 _plain = logging.Formatter()
+# Records a writer takes off its queue at most, to write with one flush.
+WRITE_BATCH = 256
+# Targets whose emit is "format, write, flush" and nothing more (bar the
+# watched file's reopen check): their records can share a write.
+_STREAM_HANDLERS = (
+    logging.StreamHandler,
+    logging.FileHandler,
+    logging.handlers.WatchedFileHandler,
+)
 # Queued to a BackgroundHandler: "reopen the file here", in order with the records.
 _REOPEN = object()
 
