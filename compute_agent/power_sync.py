@@ -116,8 +116,8 @@ class _Feed:
 
     Reads are taken a batch (READ_BATCH instances) at a time, in one trip to
     the driver, by whichever worker finds the batch used up; the others wait
-    for it on ``_turn`` (a green semaphore: the read is a switch point, which
-    a native lock must never be held across).
+    for it on ``_turn``, a green semaphore (the read is a switch point, which
+    the native ``_lock`` that guards the counters is never held across).
     """
 
     def __init__(
@@ -127,28 +127,32 @@ class _Feed:
         read_batch: Callable[[list[InstanceRecord]], dict[str, PowerState | None]],
     ) -> None:
         self._instances = instances
-        self._prefetched = prefetched  # every read already made (the bulk source)
         self._read_batch = read_batch
+        self._lock = green.native_lock()
         self._turn = green.Semaphore(1)
-        self._reads: dict[str, PowerState | None] = {}
-        self._read_up_to = 0  # instances before this index have their reads
-        self.taken = 0  # instances handed out
+        # Every read already made (the bulk source): nothing to read ahead.
+        self._reads: dict[str, PowerState | None] = prefetched or {}
+        self._read_up_to = len(instances) if prefetched is not None else 0
+        self.taken = 0  # instances handed out; those before _read_up_to have reads
 
     def next(self) -> tuple[InstanceRecord, dict[str, PowerState | None]] | None:
-        with self._turn:
-            index = self.taken
-            if index >= len(self._instances):
-                return None
-            if self._prefetched is not None:
-                reads = self._prefetched
-            else:
-                if index >= self._read_up_to:
-                    batch = self._instances[index : index + READ_BATCH]
-                    self._reads = self._read_batch(batch)
-                    self._read_up_to = index + len(batch)
-                reads = self._reads
-            self.taken = index + 1
-            return self._instances[index], reads
+        while True:
+            with self._lock:
+                index = self.taken
+                if index >= len(self._instances):
+                    return None
+                if index < self._read_up_to:
+                    self.taken = index + 1
+                    return self._instances[index], self._reads
+            with self._turn:  # the batch is used up: one worker reads the next
+                with self._lock:
+                    start = self._read_up_to
+                    due = self.taken >= start
+                if due:
+                    batch = self._instances[start : start + READ_BATCH]
+                    reads = self._read_batch(batch)
+                    with self._lock:
+                        self._reads, self._read_up_to = reads, start + len(batch)
 
 
 @dataclass(frozen=True)
