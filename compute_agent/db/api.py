@@ -111,14 +111,27 @@ class Change:
 class Database:
     """An engine and the agent's queries against it."""
 
-    def __init__(self, url: str, pool_size: int = 5, deadlines: Deadlines | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        pool_size: int = 3,
+        deadlines: Deadlines | None = None,
+        *,
+        transaction_pooling: bool = False,
+    ) -> None:
         self.url = normalize_url(url)
         self.deadlines = deadlines or Deadlines()
         # SQLAlchemy hides the password it parsed, whatever its characters (a
         # space, left unquoted, would end the text masking's URL early).
         self.safe_url = self.url.render_as_string(hide_password=True)
         self.statements = 0
-        self.engine: Engine = create_engine(self.url, pool_size, self.deadlines, self._count_one)
+        self.engine: Engine = create_engine(
+            self.url,
+            pool_size,
+            self.deadlines,
+            self._count_one,
+            transaction_pooling=transaction_pooling,
+        )
         event.listen(self.engine, "before_cursor_execute", self._count)
         for name in ("begin", "commit", "rollback"):
             event.listen(self.engine, name, self._count_one)
