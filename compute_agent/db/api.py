@@ -125,6 +125,9 @@ class Database:
         # space, left unquoted, would end the text masking's URL early).
         self.safe_url = self.url.render_as_string(hide_password=True)
         self.statements = 0
+        # Behind a transaction pooler each transaction runs one more
+        # statement (its statement deadline, engine.py).
+        self.transaction_pooling = transaction_pooling and self.url.get_driver_name() == "pg8000"
         self.engine: Engine = create_engine(
             self.url,
             pool_size,

@@ -138,6 +138,8 @@ def _reason(error: BaseException | None) -> str:
     if error is None:
         return ""
     text = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    if "unsupported startup parameter" in text:
+        text += " (a PgBouncer? set [database] transaction_pooling = true)"
     cause = error.__cause__
     if isinstance(cause, OSError):
         text += f" ({type(cause).__name__}: {str(cause)[:100] or 'no detail'})"
