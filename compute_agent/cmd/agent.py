@@ -223,9 +223,7 @@ def serve(notifier: sdnotify.Notifier) -> int:
     # One deadline for the whole start: a database refusing for load (too
     # many clients) is retried until then, not fatal at the first refusal.
     busy = BusyWaiter(CONF.database.busy_start_timeout, status=notifier.status)
-    service, admin, metrics = build_service(
-        CONF, owner=owner, predecessor=predecessor, busy=busy
-    )
+    service, admin, metrics = build_service(CONF, owner=owner, predecessor=predecessor, busy=busy)
     install_signal_handlers(service, CONF)
     loop = sdnotify.NotifyLoop(notifier, service.status, CONF.report_interval)
     claim_host(service, admin, metrics, busy)  # refused: one line, nothing written
