@@ -121,6 +121,18 @@ class Agent:
             pass
         return 0.0
 
+    def pss_mb(self) -> float:
+        """Proportional set size: shared library pages split among the processes sharing them."""
+        try:
+            for line in (
+                pathlib.Path(f"/proc/{self.proc.pid}/smaps_rollup").read_text().splitlines()
+            ):
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
     def log_lines(self) -> list[str]:
         lines: list[str] = []
         for path in (self.log, self.dir / "stderr.log"):
@@ -391,6 +403,7 @@ def _run(args: argparse.Namespace) -> dict:
             (a.cpu_s() - c) / max(args.idle, 1e-9) * 100 for a, c in zip(agents, cpu0, strict=True)
         ]
         rss = [a.rss_mb() for a in agents]
+        pss = [a.pss_mb() for a in agents]
         conns_idle, ages_idle = sampler.cut()
         ages_now = store.heartbeats()
         data["idle"] = {
@@ -400,6 +413,8 @@ def _run(args: argparse.Namespace) -> dict:
             "rss_mb_per_agent_median": round(statistics.median(rss), 1),
             "rss_mb_per_agent_max": round(max(rss), 1),
             "rss_mb_total": round(sum(rss)),
+            "pss_mb_per_agent_median": round(statistics.median(pss), 1),
+            "pss_mb_total": round(sum(pss)),
             "server_connections_max": max(conns_idle, default=None),
             "server_connections_min": min(conns_idle, default=None),
             "services_up": sum(age <= DOWN_TIME for age in ages_now.values()),
@@ -511,7 +526,10 @@ def _print(data: dict[str, Any]) -> None:
             f"{idle['server_connections_min']}-{idle['server_connections_max']} / "
             f"{sync['server_connections_max']}",
         ],
-        ["heartbeat lateness max", f"{data['heartbeat_lateness_max_s']} s"],
+        [
+            f"oldest heartbeat minus report_interval ({REPORT_INTERVAL} s), max",
+            f"{data['heartbeat_lateness_max_s']} s",
+        ],
         [
             "idle CPU per agent (median / max)",
             f"{idle['cpu_pct_of_core_per_agent_median']} / "
@@ -521,6 +539,10 @@ def _print(data: dict[str, Any]) -> None:
             "RSS per agent (median / max), total",
             f"{idle['rss_mb_per_agent_median']} / "
             f"{idle['rss_mb_per_agent_max']} MB, {idle['rss_mb_total']} MB",
+        ],
+        [
+            "PSS per agent (median), total (what the fleet really takes)",
+            f"{idle['pss_mb_per_agent_median']} MB, {idle['pss_mb_total']} MB",
         ],
         [
             "database error lines / ERROR lines in logs",

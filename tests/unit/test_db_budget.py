@@ -119,7 +119,20 @@ def test_a_server_refusing_for_load_is_database_busy(busy):
     text = str(refused.value)
     assert "53300" in text or "1226" in text, text
     account.release()
-    assert db.service_get("h", BINARY) is None  # the same Database, once a connection is free
+    # The same Database, once the server has seen the connection go (not
+    # at once: the server's backend ends a moment after the client closes).
+    assert BusyWaiter(10.0).call("after release", lambda: db.service_get("h", BINARY)) is None
+
+
+def test_a_second_connection_refused_for_load_waits_for_the_first(busy):
+    """The server has room for one: two tasks at once both succeed, one after the other."""
+    account, db = busy
+    first = green.submit(_hold, db, name="first")
+    green.sleep(0.1)  # the first holds the account's only connection
+    second = green.submit(db.service_get, "h", BINARY, name="second")
+    assert second.result(30) is None
+    first.result(30)
+    assert db.busy_waits >= 1  # it was refused, waited, and had the first's connection
 
 
 def test_an_outage_that_is_not_load_is_not_busy():
