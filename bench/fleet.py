@@ -57,6 +57,9 @@ PGBOUNCER_URL = os.environ.get(
     "COMPUTE_AGENT_TEST_PGBOUNCER", "postgresql+pg8000://postgres@127.0.0.1:6432/postgres"
 )
 DB_PREFIX = os.environ.get("COMPUTE_AGENT_BENCH_DB_PREFIX", "ca_fleet_")
+PGBOUNCER_PIDFILE = os.environ.get(
+    "COMPUTE_AGENT_TEST_PGBOUNCER_PIDFILE", "/var/run/postgresql/pgbouncer-compute-agent-test.pid"
+)
 REPORT_INTERVAL = 10
 DOWN_TIME = 60
 # Lines of an agent's log that mean the database failed it.
@@ -141,6 +144,23 @@ class Agent:
             except OSError:
                 pass
         return lines
+
+
+def _pid_cpu_s(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _pgbouncer_pid() -> int | None:
+    try:
+        return int(pathlib.Path(PGBOUNCER_PIDFILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def _stop_all(agents: list[Agent], grace: float = 30.0) -> list[str]:
@@ -397,8 +417,11 @@ def _run(args: argparse.Namespace) -> dict:
         sampler.cut()
 
         # Idle: CPU and RSS per agent, connections, heartbeats.
+        bouncer = _pgbouncer_pid() if args.via_pgbouncer else None
         cpu0 = [a.cpu_s() for a in agents]
+        bouncer0 = _pid_cpu_s(bouncer)
         green.sleep(args.idle)
+        bouncer_idle = (_pid_cpu_s(bouncer) - bouncer0) / max(args.idle, 1e-9) * 100
         cpu_idle = [
             (a.cpu_s() - c) / max(args.idle, 1e-9) * 100 for a, c in zip(agents, cpu0, strict=True)
         ]
@@ -419,6 +442,7 @@ def _run(args: argparse.Namespace) -> dict:
             "server_connections_min": min(conns_idle, default=None),
             "services_up": sum(age <= DOWN_TIME for age in ages_now.values()),
             "heartbeat_age_max_s": round(max(ages_idle, default=0.0), 2),
+            "pgbouncer_cpu_pct_of_core": round(bouncer_idle, 2) if bouncer else None,
         }
         print(f"idle: {data['idle']}", flush=True)
         data["ping_idle"] = _fanout(api, hosts, args.ping_rounds, None)
@@ -429,6 +453,7 @@ def _run(args: argparse.Namespace) -> dict:
         walls: list[float] = []
         errors = 0
         cpu0 = [a.cpu_s() for a in agents]
+        bouncer0, t_sync = _pid_cpu_s(bouncer), green.monotonic()
         ping_during: dict[str, Any] = {}
         for round_no in range(args.sync_rounds):
             t1 = green.monotonic()
@@ -447,6 +472,7 @@ def _run(args: argparse.Namespace) -> dict:
                     notes.append(f"sync: {type(exc).__name__}: {exc}")
             walls.append(green.monotonic() - t1)
         sync_cpu = [(a.cpu_s() - c) / args.sync_rounds for a, c in zip(agents, cpu0, strict=True)]
+        bouncer_sync = (_pid_cpu_s(bouncer) - bouncer0) / (green.monotonic() - t_sync) * 100
         conns_sync, ages_sync = sampler.cut()
         rss_after = [a.rss_mb() for a in agents]
         data["sync"] = {
@@ -460,6 +486,7 @@ def _run(args: argparse.Namespace) -> dict:
             "server_connections_max": max(conns_sync, default=None),
             "heartbeat_age_max_s": round(max(ages_sync, default=0.0), 2),
             "rss_mb_per_agent_median_after": round(statistics.median(rss_after), 1),
+            "pgbouncer_cpu_pct_of_core": round(bouncer_sync, 1) if bouncer else None,
         }
         data["ping_during_sync"] = ping_during
         print(f"sync: {data['sync']}", flush=True)
