@@ -336,7 +336,7 @@ def _fanout(api: ComputeAPI, hosts: list[str], rounds: int, until: Callable[[], 
 class Sampler:
     """Samples server connections and heartbeat ages every ``period`` s in a greenthread."""
 
-    def __init__(self, store: Database_, period: float = 1.0) -> None:
+    def __init__(self, store: Database_, period: float = 0.5) -> None:
         self.store = store
         self.period = period
         self.connections: list[int] = []
