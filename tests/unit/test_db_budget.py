@@ -103,7 +103,9 @@ def busy(request, db_url_factory) -> Iterator[tuple[BusyAccount, Database]]:
     migration.upgrade(owner)
     owner.dispose()
     account = BusyAccount(url)
-    database = Database(account.url)
+    # A connect deadline long enough for a loaded machine: the wait for a
+    # second connection is bounded by it.
+    database = Database(account.url, deadlines=Deadlines(connect=20.0))
     yield account, database
     database.dispose()
     account.drop()
@@ -128,6 +130,9 @@ def test_a_second_connection_refused_for_load_waits_for_the_first(busy):
     """The server has room for one: two tasks at once both succeed, one after the other."""
     account, db = busy
     first = green.submit(_hold, db, name="first")
+    deadline = green.monotonic() + 30
+    while db.engine.pool.checkedout() == 0 and green.monotonic() < deadline:  # type: ignore[attr-defined]
+        green.sleep(0.01)
     green.sleep(0.1)  # the first holds the account's only connection
     second = green.submit(db.service_get, "h", BINARY, name="second")
     assert second.result(30) is None
