@@ -247,3 +247,45 @@ def test_pgbouncer_without_transaction_pooling_says_what_to_set(db_url_factory):
             db.service_get("h", BINARY)
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize(
+    ("error", "busy"),
+    [
+        ({"C": "53300", "M": "sorry, too many clients already"}, True),
+        ({"C": "57P03", "M": "the database system is starting up"}, True),
+        ({"C": "08P01", "M": "no more connections allowed (max_client_conn)"}, True),
+        ({"C": "08P01", "M": "query_wait_timeout"}, True),
+        ({"C": "08P01", "M": "unsupported startup parameter: statement_timeout"}, False),
+        ({"C": "28000", "M": 'role "x" does not exist'}, False),
+        ((1040, "Too many connections"), True),
+        ((1045, "Access denied for user"), False),
+        (("network error",), False),
+    ],
+)
+def test_which_refusals_are_for_load(error, busy):
+    """PgBouncer's refusals cannot be made on demand here: its texts, as it sends them."""
+    driver_error = Exception(*(error if isinstance(error, tuple) else (error,)))
+    assert is_busy(driver_error) is busy
+
+
+def test_the_waiter_backs_off_with_jitter_within_its_budget():
+    now = [0.0]
+    pauses: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+        now[0] += seconds
+
+    def refused() -> None:
+        raise exception.DatabaseBusy("database unavailable: too many clients")
+
+    waiter = BusyWaiter(
+        20.0, first_pause=0.5, max_pause=4.0, clock=lambda: now[0], sleep=sleep, jitter=lambda: 1.0
+    )
+    with pytest.raises(exception.DatabaseBusy):
+        waiter.call("probe", refused)
+    # Doubling from 0.5 s, capped at 4 s, each 1.5x at the top of the jitter,
+    # stopping before a pause would end past the budget.
+    assert pauses == [0.75, 1.5, 3.0, 6.0, 6.0]
+    assert sum(pauses) <= 20.0
