@@ -26,6 +26,7 @@ BENCHMARKS = [
     "metrics_scrape",
     "reaper_flood",
     "agent_sync",
+    "fleet",
 ]
 
 

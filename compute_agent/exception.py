@@ -16,6 +16,7 @@
     ├── Unavailable                  this host cannot serve now; retry later
     │   ├── HypervisorUnavailable    hypervisor
     │   └── DatabaseUnavailable      database
+    │       └── DatabaseBusy         refused for load (too many clients): wait, retry
     └── Stopping                     stopping: the agent, or the task asked, is stopping
         └── TaskStopped
 
@@ -129,6 +130,15 @@ class DatabaseUnavailable(Unavailable):
     """
 
     what = "database unavailable"
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """The database (or its pooler) refused a connection for load: too many clients.
+
+    The one outage a short wait cures by itself: the agent retries at start
+    and the heartbeat retries before its next run, where any other outage
+    fails at once.
+    """
 
 
 # -- stopping -------------------------------------------------------------

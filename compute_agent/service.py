@@ -12,6 +12,7 @@ from oslo_config import cfg
 
 from compute_agent import exception, green, servicegroup
 from compute_agent.db.api import Database
+from compute_agent.db.busy import BusyWaiter
 from compute_agent.db.models import Service as ServiceRow
 from compute_agent.hub_monitor import HubLagMonitor, LagFigures
 from compute_agent.ownership import new_token
@@ -196,11 +197,9 @@ class NodeService:
                 "is still waiting for an answer"
             )
         self._heartbeat_started = green.monotonic()
-        write = green.submit(
-            self.db.service_heartbeat, self.row.id, self.owner, name="heartbeat-write"
-        )
-        self._heartbeat_write = write
         wait = self.conf.report_interval * HEARTBEAT_WAIT
+        write = green.submit(self._write_heartbeat, self.row.id, wait, name="heartbeat-write")
+        self._heartbeat_write = write
         try:
             write.result(wait)
         except TimeoutError:
@@ -214,6 +213,15 @@ class NodeService:
         self.last_heartbeat = self.heartbeat_at = green.monotonic()
         LOG.info("heartbeat %d", self.row.report_count)
         return self.row.report_count
+
+    def _write_heartbeat(self, row_id: int, budget: float) -> object:
+        """The heartbeat's UPDATE; a refusal for load (too many clients) retried within ``budget``.
+
+        A busy database then costs the heartbeat a few seconds, not a
+        missed beat: the host does not look down because others connected.
+        """
+        busy = BusyWaiter(budget, first_pause=min(0.5, budget / 8), max_pause=budget / 2)
+        return busy.call("heartbeat", lambda: self.db.service_heartbeat(row_id, self.owner))
 
     def _displaced(self, holder: str) -> None:
         """Another agent claimed the row: say so once, write nothing more, stop.

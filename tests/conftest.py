@@ -24,7 +24,14 @@ SERVER_URLS = {
     ),
     "mysql": os.environ.get("COMPUTE_AGENT_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/"),
 }
-BACKENDS = ["sqlite", "postgresql", "mysql"]
+# The same PostgreSQL through PgBouncer in transaction pooling mode
+# (tools/setup-host.sh runs it): the database is made on the server, the agent
+# connects through the pooler with [database] transaction_pooling.
+PGBOUNCER_URL = os.environ.get(
+    "COMPUTE_AGENT_TEST_PGBOUNCER", "postgresql+pg8000://postgres@127.0.0.1:6432/postgres"
+)
+PGBOUNCER = "postgresql-pgbouncer"
+BACKENDS = ["sqlite", "postgresql", "mysql", PGBOUNCER]
 
 
 @pytest.fixture
@@ -72,8 +79,11 @@ def db_url_factory(tmp_path_factory) -> Iterator:
         if backend == "sqlite":
             path = tmp_path_factory.mktemp("sqlite") / "test.sqlite"
             return f"sqlite:///{path}"
-        server = _ServerDatabase(backend)
+        server = _ServerDatabase("postgresql" if backend == PGBOUNCER else backend)
         made.append(server)
+        if backend == PGBOUNCER:
+            pooler = sa.make_url(PGBOUNCER_URL).set(database=server.name)
+            return pooler.render_as_string(hide_password=False)
         return server.url
 
     yield make
@@ -91,7 +101,7 @@ def db(request, db_url_factory, _migrated) -> Iterator[Database]:
     """A migrated database of each backend, emptied before every test."""
     backend = request.param
     if backend not in _migrated:
-        database = Database(db_url_factory(backend))
+        database = Database(db_url_factory(backend), transaction_pooling=backend == PGBOUNCER)
         migration.upgrade(database)
         _migrated[backend] = database
     database = _migrated[backend]

@@ -27,6 +27,7 @@ from compute_agent.cmd.common import (  # noqa: E402
 from compute_agent.conf import CONF, loader  # noqa: E402
 from compute_agent.db import migration  # noqa: E402
 from compute_agent.db.api import Database  # noqa: E402
+from compute_agent.db.busy import BusyWaiter  # noqa: E402
 from compute_agent.db.engine import Deadlines  # noqa: E402
 from compute_agent.dispatch import Dispatcher  # noqa: E402
 from compute_agent.manager import ComputeManager  # noqa: E402
@@ -43,21 +44,30 @@ PROG = "compute-agent"
 
 
 def build_service(
-    conf: cfg.ConfigOpts, *, owner: str | None = None, predecessor: tuple[str, ...] = ()
+    conf: cfg.ConfigOpts,
+    *,
+    owner: str | None = None,
+    predecessor: tuple[str, ...] = (),
+    busy: BusyWaiter | None = None,
 ) -> tuple[NodeService, AdminSocketServer, MetricsServer | None]:
+    """The service and its parts; ``busy`` waits out a database refusing for load."""
+    busy = busy or BusyWaiter(0.0)
     try:
         check_transport_url(conf)
     except ValueError as exc:
         raise Fatal(str(exc), EXIT_USAGE) from None
     try:
         db = Database(
-            conf.database.connection, conf.database.pool_size, Deadlines.from_conf(conf.database)
+            conf.database.connection,
+            conf.database.pool_size,
+            Deadlines.from_conf(conf.database),
+            transaction_pooling=conf.database.transaction_pooling,
         )
     except (exception.InvalidInput, sa.exc.ArgumentError, ImportError) as exc:
         # An unparseable URL, an unknown dialect or a driver not installed.
         raise Fatal(f"[database] connection is not usable: {exc}", EXIT_USAGE) from None
     try:
-        migration.check_schema(db)
+        busy.call("checking the database schema", lambda: migration.check_schema(db))
     except migration.SchemaError as exc:
         raise Fatal(str(exc)) from None
     except exception.DatabaseUnavailable as exc:
@@ -96,15 +106,19 @@ def take_host_lock(conf: cfg.ConfigOpts) -> HostLock:
 
 
 def claim_host(
-    service: NodeService, admin: AdminSocketServer, metrics: MetricsServer | None
+    service: NodeService,
+    admin: AdminSocketServer,
+    metrics: MetricsServer | None,
+    busy: BusyWaiter | None = None,
 ) -> None:
     """Claim the service row, then bind the admin socket and the metrics port.
 
     Nothing else is touched before; a socket that cannot be bound gives the
-    row back.
+    row back. ``busy`` waits out a database refusing for load.
     """
+    busy = busy or BusyWaiter(0.0)
     try:
-        service.claim()
+        busy.call("claiming the service row", service.claim)
     except exception.ServiceOwned as exc:
         raise Fatal(str(exc)) from None
     except exception.DatabaseUnavailable as exc:
@@ -206,10 +220,13 @@ def serve(notifier: sdnotify.Notifier) -> int:
     lock.record(owner, predecessor)  # kept until the claim: we may die before it
     green.set_native_threads(CONF.native_thread_pool_size)
     green.exit_without_joining_native_threads()
-    service, admin, metrics = build_service(CONF, owner=owner, predecessor=predecessor)
+    # One deadline for the whole start: a database refusing for load (too
+    # many clients) is retried until then, not fatal at the first refusal.
+    busy = BusyWaiter(CONF.database.busy_start_timeout, status=notifier.status)
+    service, admin, metrics = build_service(CONF, owner=owner, predecessor=predecessor, busy=busy)
     install_signal_handlers(service, CONF)
     loop = sdnotify.NotifyLoop(notifier, service.status, CONF.report_interval)
-    claim_host(service, admin, metrics)  # refused: one line, nothing written
+    claim_host(service, admin, metrics, busy)  # refused: one line, nothing written
     lock.record(owner)  # the row is ours: the tokens before are of no use now
     try:
         service.start()

@@ -160,7 +160,10 @@ def _database(conf: cfg.ConfigOpts) -> Any:
 
     ensure_state_path(conf)
     return Database(
-        conf.database.connection, conf.database.pool_size, Deadlines.from_conf(conf.database)
+        conf.database.connection,
+        conf.database.pool_size,
+        Deadlines.from_conf(conf.database),
+        transaction_pooling=conf.database.transaction_pooling,
     )
 
 

@@ -19,9 +19,39 @@ opts = [
     ),
     cfg.IntOpt(
         "pool_size",
-        default=5,
+        default=3,
         min=1,
-        help="Connections kept open to a server database.",
+        help="Connections to a server database this agent may hold at once. "
+        "One stays open between uses, so an idle agent holds one; under load "
+        "(a full sync, a build storm, a purge) up to pool_size are open, the "
+        "extra ones closed as soon as they are given back, and further callers "
+        "wait for a free one. The agent's transactions are short (milliseconds), "
+        "so 3 lets the heartbeat through while two other tasks write. Size the "
+        "server (or PgBouncer's max_client_conn) for hosts x pool_size at peak "
+        "and hosts x 1 when idle (docs/operations.md).",
+    ),
+    cfg.BoolOpt(
+        "transaction_pooling",
+        default=False,
+        help="Set when [database] connection points at a PgBouncer in transaction "
+        "pooling mode (pool_mode = transaction), the usual front of a PostgreSQL "
+        "shared by hundreds of hosts. PostgreSQL's statement_timeout is then set "
+        "with SET LOCAL at the start of each transaction (one more statement "
+        "each) instead of as a connection startup parameter, which PgBouncer "
+        "refuses and which would not follow the agent from one server connection "
+        "to the next. PostgreSQL only.",
+    ),
+    cfg.FloatOpt(
+        "busy_start_timeout",
+        default=90.0,
+        min=0.0,
+        help="Seconds the agent keeps retrying at start, with backoff and one log "
+        "line per try, while the database refuses it for load (PostgreSQL 'too "
+        "many clients', MariaDB 'Too many connections', PgBouncer's "
+        "max_client_conn, a server starting up) before it gives up and exits. "
+        "Keep it below the unit's TimeoutStartSec (120 s in "
+        "etc/compute-agent.service). Any other database error at start is fatal "
+        "at once. 0 retries nothing.",
     ),
     # Deadlines: a database that stops answering must fail a call, not hang it
     # (the heartbeat, status and the CLI would hang with it).

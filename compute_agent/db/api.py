@@ -20,7 +20,13 @@ from sqlalchemy.engine import CursorResult, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from compute_agent import exception, green
-from compute_agent.db.engine import Deadlines, create_engine, normalize_url, unreachable_as_typed
+from compute_agent.db.engine import (
+    Deadlines,
+    create_engine,
+    is_busy,
+    normalize_url,
+    unreachable_as_typed,
+)
 from compute_agent.db.models import Instance, InstanceAction, Service
 from compute_agent.utils import utcnow
 
@@ -111,14 +117,31 @@ class Change:
 class Database:
     """An engine and the agent's queries against it."""
 
-    def __init__(self, url: str, pool_size: int = 5, deadlines: Deadlines | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        pool_size: int = 3,
+        deadlines: Deadlines | None = None,
+        *,
+        transaction_pooling: bool = False,
+    ) -> None:
         self.url = normalize_url(url)
         self.deadlines = deadlines or Deadlines()
         # SQLAlchemy hides the password it parsed, whatever its characters (a
         # space, left unquoted, would end the text masking's URL early).
         self.safe_url = self.url.render_as_string(hide_password=True)
         self.statements = 0
-        self.engine: Engine = create_engine(self.url, pool_size, self.deadlines, self._count_one)
+        self.busy_waits = 0  # connections refused for load and waited for (_connect)
+        # Behind a transaction pooler each transaction runs one more
+        # statement (its statement deadline, engine.py).
+        self.transaction_pooling = transaction_pooling and self.url.get_driver_name() == "pg8000"
+        self.engine: Engine = create_engine(
+            self.url,
+            pool_size,
+            self.deadlines,
+            self._count_one,
+            transaction_pooling=transaction_pooling,
+        )
         event.listen(self.engine, "before_cursor_execute", self._count)
         for name in ("begin", "commit", "rollback"):
             event.listen(self.engine, name, self._count_one)
@@ -168,14 +191,42 @@ class Database:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session inside one transaction, committed on success."""
-        with unreachable_as_typed(), self._sessions.begin() as session:
+        with (
+            unreachable_as_typed(),
+            self._connect() as conn,
+            self._sessions(bind=conn) as session,
+            session.begin(),
+        ):
             yield session
 
     @contextlib.contextmanager
     def _begin(self) -> Iterator[sa.Connection]:
         """A Core connection inside one transaction, committed on success."""
-        with unreachable_as_typed(), self.engine.begin() as conn:
+        with unreachable_as_typed(), self._connect() as conn, conn.begin():
             yield conn
+
+    def _connect(self) -> sa.Connection:
+        """A pooled connection; a second one refused for load waits for our first to come back.
+
+        A server at its max_connections refuses the extra connection a
+        second task of this agent asks for, while the first task's
+        connection will be back in milliseconds (every transaction here is
+        short). So such a refusal, while this agent holds a connection,
+        is waited out (up to the connect deadline) instead of failing the
+        task. Nothing has run yet: trying again is safe.
+        """
+        deadline = green.monotonic() + self.deadlines.connect
+        pause = 0.02
+        while True:
+            try:
+                return self.engine.connect()
+            except sa.exc.DBAPIError as exc:
+                held = self.engine.pool.checkedout()  # type: ignore[attr-defined]
+                if not (is_busy(exc.orig) and held) or green.monotonic() + pause > deadline:
+                    raise
+            self.busy_waits += 1
+            green.sleep(pause)
+            pause = min(pause * 2, 0.5)
 
     # -- services ---------------------------------------------------------
 

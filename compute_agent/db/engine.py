@@ -22,22 +22,41 @@ from compute_agent import exception
 
 
 def create_engine(
-    url: URL, pool_size: int, deadlines: Deadlines, counted: Callable[[], None]
+    url: URL,
+    pool_size: int,
+    deadlines: Deadlines,
+    counted: Callable[[], None],
+    *,
+    transaction_pooling: bool = False,
 ) -> Engine:
     """An engine for ``url`` with ``deadlines`` on every wait.
 
     ``counted`` is called for each statement SQLAlchemy's events do not
-    see: the pool's check of a pooled connection.
+    see: the pool's check of a pooled connection, and the per-transaction
+    deadline of ``transaction_pooling``.
+
+    The connection budget of a server database: one connection kept open
+    between uses (an idle agent holds one), up to ``pool_size`` at once
+    under load, the extra ones closed as they are given back. A fleet of
+    hosts then costs the server one connection per idle host.
     """
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if url.get_backend_name() == "sqlite":
         # One connection: every call runs in a native thread, one at a time.
         kwargs.update(poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0)
     else:
-        kwargs.update(pool_size=pool_size, max_overflow=pool_size, pool_recycle=3600)
-    kwargs["connect_args"] = connect_args(url, deadlines)
+        kwargs.update(
+            poolclass=sa.pool.QueuePool,
+            pool_size=1,
+            max_overflow=max(0, pool_size - 1),
+            pool_recycle=3600,
+        )
+    pooled = transaction_pooling and url.get_driver_name() == "pg8000"
+    kwargs["connect_args"] = connect_args(url, deadlines, transaction_pooling=pooled)
     engine = sa.create_engine(url, **kwargs)
     event.listen(engine, "connect", _statement_deadline(deadlines.statement))
+    if pooled:
+        _transaction_deadline(engine, deadlines.statement, counted)
     _ping_deadline(engine, deadlines, counted)
     if url.get_backend_name() == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
@@ -64,7 +83,8 @@ def unreachable_as_typed() -> Iterator[None]:
         # not tell.
         if not (exc.connection_invalidated or exc.statement is None):
             raise
-        raise exception.DatabaseUnavailable(f"database unavailable: {_reason(exc.orig)}") from exc
+        unavailable = exception.DatabaseBusy if is_busy(exc.orig) else exception.DatabaseUnavailable
+        raise unavailable(f"database unavailable: {_reason(exc.orig)}") from exc
     except sa.exc.TimeoutError as exc:
         # Every pooled connection is busy (stuck on a silent server) for the
         # pool's whole wait.
@@ -78,6 +98,38 @@ def unreachable_as_typed() -> Iterator[None]:
         raise exception.DatabaseUnavailable(f"database unavailable: {_reason(exc)}") from exc
 
 
+# Refusals for load, which a wait cures: PostgreSQL's SQLSTATEs (class 53,
+# insufficient resources: too many clients, for the server, a role or a
+# database; 57P03, starting up), MariaDB's error numbers (1040 too many
+# connections, 1203/1226 a user's connection limit, 1135 no thread), and
+# PgBouncer's refusals, which it sends as protocol errors (08P01) and tells
+# apart only by their text.
+_BUSY_SQLSTATES = frozenset({"53000", "53200", "53300", "53400", "57P03"})
+_BUSY_MYSQL_ERRORS = frozenset({1040, 1135, 1203, 1226})
+_BUSY_POOLER_TEXTS = (
+    "no more connections allowed",  # max_client_conn
+    "query_wait_timeout",  # no server connection free in time
+    "pgbouncer cannot connect to server",  # the server refused PgBouncer
+    "server login has been failing",
+)
+
+
+def is_busy(error: BaseException | None) -> bool:
+    """Whether a driver's ``error`` is a refusal for load that a retry can cure."""
+    if error is None:
+        return False
+    args = getattr(error, "args", ())
+    first = args[0] if args else None
+    if isinstance(first, dict):  # pg8000: the server's error fields
+        if first.get("C") in _BUSY_SQLSTATES:
+            return True
+        text = str(first.get("M", "")).lower()
+        return any(needle in text for needle in _BUSY_POOLER_TEXTS)
+    if isinstance(first, int):  # PyMySQL: (errno, message)
+        return first in _BUSY_MYSQL_ERRORS
+    return False
+
+
 def _reason(error: BaseException | None) -> str:
     """``Type: first line``, and the socket error a driver wrapped.
 
@@ -86,6 +138,8 @@ def _reason(error: BaseException | None) -> str:
     if error is None:
         return ""
     text = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    if "unsupported startup parameter" in text:
+        text += " (a PgBouncer? set [database] transaction_pooling = true)"
     cause = error.__cause__
     if isinstance(cause, OSError):
         text += f" ({type(cause).__name__}: {str(cause)[:100] or 'no detail'})"
@@ -105,16 +159,25 @@ class Deadlines:
         return cls(group.connect_timeout, group.statement_timeout, group.sqlite_busy_timeout)
 
 
-def connect_args(url: URL, deadlines: Deadlines) -> dict[str, Any]:
+def connect_args(
+    url: URL, deadlines: Deadlines, *, transaction_pooling: bool = False
+) -> dict[str, Any]:
     """The driver's own arguments that put ``deadlines`` on every wait.
 
     The connect deadline bounds the whole opening (TCP, SSL probe,
     handshake, login) because both drivers read with it until connected;
     :func:`_statement_deadline` then widens reads to the statement deadline.
+    Through a transaction pooler the server's statement deadline is set
+    per transaction instead (:func:`_transaction_deadline`).
     """
     if url.get_backend_name() == "sqlite":
         return {"check_same_thread": False, "timeout": deadlines.sqlite_busy}
     driver = url.get_driver_name()
+    if driver == "pg8000" and transaction_pooling:
+        # PgBouncer refuses a startup parameter it does not know (08P01),
+        # and a session setting would stay on whichever server connection
+        # ran it, not follow this client.
+        return {"timeout": deadlines.connect}
     if driver == "pg8000":
         # PostgreSQL takes any setting as a startup parameter: the server
         # cancels a long statement itself and the connection stays usable.
@@ -146,6 +209,33 @@ def _statement_deadline(seconds: float) -> Any:
         _set_read_deadline(dbapi_conn, seconds)
 
     return on_connect
+
+
+def _transaction_deadline(engine: Engine, seconds: float, counted: Callable[[], None]) -> None:
+    """PostgreSQL's statement deadline set at the start of each transaction, for it only.
+
+    Behind a transaction-pooling PgBouncer each transaction may run on a
+    different server connection: ``SET LOCAL`` lasts exactly the
+    transaction, so it holds wherever the transaction runs and leaves
+    nothing behind for the next client of that server connection. One
+    more statement per transaction, hence only in this mode. Run as the
+    dialect's BEGIN, so a failure is SQLAlchemy's (wrapped, the connection
+    invalidated if lost) like any statement's.
+    """
+    statement = f"SET LOCAL statement_timeout = {max(1, round(seconds * 1000))}"
+    dialect = engine.dialect
+    begin = dialect.do_begin
+
+    def do_begin(dbapi_conn: Any) -> None:
+        begin(dbapi_conn)
+        counted()
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(statement)  # pg8000 opens the transaction first if none is
+        finally:
+            cursor.close()
+
+    dialect.do_begin = do_begin  # type: ignore[method-assign,assignment]  # wrapped per engine, on purpose
 
 
 def _ping_deadline(engine: Engine, deadlines: Deadlines, counted: Callable[[], None]) -> None:

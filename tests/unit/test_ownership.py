@@ -115,7 +115,8 @@ def test_two_claims_at_the_same_instant_one_wins(db, row):
         if row == "stopped":
             token = new_token()
             db.service_stopped(db.service_start(host, BINARY, token).id, token)
-        engines = [Database(url), Database(url)]
+        pooled = db.transaction_pooling
+        engines = [Database(url, transaction_pooling=pooled) for _ in range(2)]
         won: list[str] = []
 
         def claim(database, won=won, host=host):
