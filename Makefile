@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # test does next), test_intake (two waiters admitted together record their turn in either
 # order).
 THREADS_UNIT := admin_deadlines admin_socket dashboard db db_budget db_deadlines dispatch errors \
-	fake_driver green layers lifecycle locks log_files \
+	fake_driver green layers libvirt_pool lifecycle locks log_files \
 	log_secrets manage_cli metrics operations operator_commands ownership \
 	packaging periodic power_sync races reaper recovery resume rpc statistics stats \
 	steady stress_bench sync_policy transport_password

@@ -327,6 +327,7 @@ class PowerSync:
         """One worker: take the next instance until none is left or the run ends."""
         summary = call.summary
         while summary.aborted is None and not self.should_stop():
+            taken = None
             try:
                 taken = feed.next()
                 if taken is None:
@@ -335,9 +336,11 @@ class PowerSync:
             except exception.Unavailable as exc:
                 if summary.aborted is None:
                     summary.aborted = exc.described()
+                return
             finally:
-                with call.lock:
-                    self.progress = (feed.taken, self.progress[1])
+                if taken is not None:
+                    with call.lock:
+                        self.progress = (self.progress[0] + 1, self.progress[1])
                 self._maybe_flush_writes(call)
                 green.yield_now()
 
