@@ -221,7 +221,10 @@ class Database:
             try:
                 return self.engine.connect()
             except sa.exc.DBAPIError as exc:
-                held = self.engine.pool.checkedout()  # type: ignore[attr-defined]
+                # In use or back in the pool: the first task may have returned its
+                # connection while this one was being refused (seen under threads).
+                pool = self.engine.pool
+                held = pool.checkedout() + pool.checkedin()  # type: ignore[attr-defined]
                 if not (is_busy(exc.orig) and held) or green.monotonic() + pause > deadline:
                     raise
             self.busy_waits += 1
