@@ -4,7 +4,7 @@ power_state always follows the hypervisor. vm_state follows ``TABLE``: one
 rule for every vm_state x observation (each PowerState, and the domain
 gone) x ``[compute] power_sync_action``; a missing rule is an error, and a
 unit test walks the whole input space. ``render_table`` prints it as the
-README's table (a test keeps the two equal):
+docs/architecture.md's table (a test keeps the two equal):
 ``python -m compute_agent.sync_policy``.
 
 Principles:
@@ -68,7 +68,7 @@ class Rule:
     why: str | None = None  # why doing nothing is right
 
     def describe(self, observed: PowerState | None = None) -> str:
-        """The rule in the README's words, for ``observed``."""
+        """The rule in docs/architecture.md's words, for ``observed``."""
         if self.to is not None:
             return f"re-read; steady: {self.to}"
         if self.stop:

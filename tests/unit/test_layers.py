@@ -112,7 +112,7 @@ def test_only_the_entry_points_import_the_config_loader():
     assert importers and all(n.startswith("compute_agent.cmd.") for n in importers)
 
 
-# The layers, lowest first (README, "Architecture"). A module imports only
+# The layers, lowest first (docs/architecture.md, "Layers and imports"). A module imports only
 # modules of its own layer or below; the client (rpcapi) only what it needs.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     (
@@ -164,7 +164,7 @@ def _layer_of(module: str) -> int:
         for prefix in prefixes:
             if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
                 best, found = len(prefix), index
-    assert found is not None, f"compute_agent.{module} has no layer: add it to LAYERS and README"
+    assert found is not None, f"compute_agent.{module} has no layer: add it to LAYERS and docs/architecture.md"
     return found
 
 

@@ -73,13 +73,13 @@ def test_every_input_is_decided_and_settles_consistent_or_reported(vm, observed,
 
 
 def test_the_readme_table_is_the_code():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "architecture.md").read_text()
     found = re.search(
         r"<!-- sync-policy-table:[^\n]*-->\n(.*?)<!-- end sync-policy-table -->", readme, re.S
     )
-    assert found, "README.md has no generated sync-policy table"
+    assert found, "docs/architecture.md has no generated sync-policy table"
     assert found.group(1) == sync_policy.render_table(), (
-        "README.md's policy table is stale: paste `python -m compute_agent.sync_policy` in it"
+        "docs/architecture.md's policy table is stale: paste `python -m compute_agent.sync_policy` in it"
     )
 
 
