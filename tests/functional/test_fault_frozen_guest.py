@@ -62,7 +62,7 @@ def poll(fn: Callable[[], T | None], timeout: float, what: str, every: float = 0
 class Agent:
     """The agent under test and the ways to ask it things."""
 
-    def __init__(self, root: pathlib.Path, prefix: str) -> None:
+    def __init__(self, root: pathlib.Path, prefix: str, libvirt_extra: str = "") -> None:
         self.prefix = prefix
         conf = root / "frozen.conf"
         conf.write_text(
@@ -75,7 +75,7 @@ class Agent:
             f"max_concurrent_builds = {GUESTS}\n"
             f"stats_interval = {STATS_INTERVAL}\nstats_call_timeout = {STATS_CALL_TIMEOUT}\n"
             f"stats_unresponsive_after = {UNRESPONSIVE_AFTER}\n"
-            f"[libvirt]\nconnection_uri = {qemu.QEMU_URI}\nvirt_type = qemu\n"
+            f"[libvirt]\nconnection_uri = {qemu.QEMU_URI}\nvirt_type = qemu\n{libvirt_extra}"
         )
         self.files = [REPO / "etc" / "compute-agent.conf", conf]
         self.db = Database(f"sqlite:///{root}/state/compute-agent.sqlite")
@@ -98,9 +98,10 @@ class Agent:
 
 
 @pytest.fixture
-def agent(tmp_path: pathlib.Path) -> Iterator[Agent]:
+def agent(tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> Iterator[Agent]:
+    extra = getattr(request, "param", "")
     with qemu.guests() as prefix:
-        running = Agent(tmp_path, prefix)
+        running = Agent(tmp_path, prefix, extra)
         try:
             yield running
             if running.proc.proc.poll() is None:
@@ -231,6 +232,43 @@ def test_a_frozen_guest_is_reported_and_nothing_else_stops(agent: Agent) -> None
         )
     finally:
         conn.close()
+
+
+# One connection, set aside 2 s into a stuck call: a sync needs a second one.
+ONE_CONNECTION = "connection_pool_size = 1\nstuck_call_timeout = 2\n"
+
+
+@pytest.mark.parametrize("agent", [ONE_CONNECTION], indirect=True)
+def test_a_connection_stuck_on_a_frozen_guest_is_set_aside_and_replaced(agent: Agent) -> None:
+    """The only connection is held by a statistics call stuck on a frozen QEMU; the
+    sync that comes next gets a new connection once the stuck one is set aside,
+    and the set-aside one is closed when its call finally returns."""
+    uuids = boot(agent, 2)
+    for uid in uuids:
+        poll(lambda uid=uid: fresh(agent, uid, FRESH), 15, f"{uid} sampled")
+    pid = qemu.qemu_pid(agent.db.instance_get(uuids[0]).domain_name)
+    seen = len(agent.proc.lines)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        poll(lambda: qemu.process_state(pid) == "T", 5, "QEMU stopped", every=0.01)
+        if _confirmed_stuck(agent, seen) is None:
+            pytest.skip("no call of this agent stayed hung on the frozen guest")
+        summary, sync_s = agent.timed("sync_power_states")
+        assert summary["aborted"] is None and summary["checked"] == 2, summary
+        assert sync_s < SYNC_BOUND_S, summary
+        connections = agent.call("status")["libvirt"]["connections"]
+        assert connections["size"] == 1 and connections["stuck"] >= 1, connections
+        assert connections["stuck_total"] >= 1, connections
+        assert "its connection is set aside" in agent.proc.output
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    poll(
+        lambda: agent.call("status")["libvirt"]["connections"]["stuck"] == 0,
+        RECOVER_BOUND_S,
+        "the stuck call returned and its connection was closed",
+    )
+    after = agent.call("sync_power_states")
+    assert after["errors"] == 0 and after["checked"] == 2, after
 
 
 def test_an_agent_stops_while_its_call_is_stuck_on_a_frozen_guest(agent: Agent) -> None:
