@@ -124,6 +124,8 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("libvirt_connected", ("libvirt", "connected")),
     ("libvirt_uri", ("libvirt", "uri")),
     ("libvirt_last_error", ("libvirt", "last_error")),
+    # The connections carrying calls, one each: open, busy, stuck (set aside), ...
+    ("libvirt_connections", ("libvirt", "connections")),
     ("instances", ("host_state", "instances")),
     ("instances_by_power_state", ("host_state", "instances_by_power_state")),
     ("vcpus_used", ("host_state", "vcpus_used")),
@@ -342,9 +344,8 @@ def cmd_status(conf: cfg.ConfigOpts) -> int:
     fields: dict[str, Any] = {}
     for name, path in STATUS_FIELDS:
         value = _dig(status, path)
-        if name in ("events", "builds", "running_deleted", "resume", "admin_socket") and isinstance(
-            value, dict
-        ):
+        flattened = ("events", "builds", "running_deleted", "resume", "admin_socket")
+        if name in (*flattened, "libvirt_connections") and isinstance(value, dict):
             fields.update(output.flatten(value, f"{name}."))  # one row per counter
         elif name == "power_sync_progress" and isinstance(value, list) and len(value) == 2:
             fields[name] = f"{value[0]}/{value[1]}"

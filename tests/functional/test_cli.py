@@ -92,7 +92,8 @@ def test_status_in_every_format(env):
     table, as_json, value = env.all(["status"], ["status", "-f", "json"], ["status", "-f", "value"])
     for proc in (table, as_json, value):
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
-    for field in ("service_up", "libvirt_connected", "hub_lag_p99_s", "events.received"):
+    fields = ("service_up", "libvirt_connected", "libvirt_connections.stuck", "hub_lag_p99_s")
+    for field in (*fields, "events.received"):
         assert re.search(rf"^\| {re.escape(field)} +\| ", table.stdout, re.M), field
     assert "Periodic tasks:" in table.stdout
     for column in ("last_start", "last_duration_s", "next_run_in_s", "failures"):
@@ -100,7 +101,11 @@ def test_status_in_every_format(env):
     status = json.loads(as_json.stdout)
     assert status["host"] == "cli-host"
     assert status["host_state"]["service"]["up"] is True
-    assert status["libvirt"] == {"connected": True, "uri": "test:///default", "last_error": None}
+    libvirt = status["libvirt"]
+    connections = libvirt.pop("connections")
+    assert libvirt == {"connected": True, "uri": "test:///default", "last_error": None}
+    assert connections["size"] == 4 and connections["stuck"] == 0, connections
+    assert connections["open"] >= 1 and connections["opened_total"] >= 1, connections
     tasks = {t["name"]: t for t in status["periodic_tasks"]}
     assert {"heartbeat", "power_sync", "stats"} <= set(tasks)
     assert tasks["heartbeat"]["runs"] >= 1 and tasks["heartbeat"]["failures"] == 0
