@@ -1,4 +1,4 @@
-"""The libvirt connection: opened off the hub, watched, and reopened when lost.
+"""The libvirt connections: opened off the hub, watched, and reopened when lost.
 
 libvirt is a C library whose calls block. Every call therefore runs in a
 native thread, through :meth:`Host.run`, which runs a whole function of

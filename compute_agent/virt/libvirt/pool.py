@@ -118,11 +118,10 @@ class ConnectionPool:
         now = self._clock()
         if self._idle:
             connection = self._idle.pop()
-        elif self._live < self.size and self._open_raw is not None:
-            connection = Connection(None, self._generation)
-            self._live += 1
-        elif self._set_aside_one_locked(now) and self._open_raw is not None:
-            connection = Connection(None, self._generation)
+        elif self._open_raw is not None and (
+            self._live < self.size or self._set_aside_one_locked(now)
+        ):
+            connection = Connection(None, self._generation)  # opened by the call's thread
             self._live += 1
         else:
             return None
