@@ -164,7 +164,9 @@ def _layer_of(module: str) -> int:
         for prefix in prefixes:
             if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > best:
                 best, found = len(prefix), index
-    assert found is not None, f"compute_agent.{module} has no layer: add it to LAYERS and docs/architecture.md"
+    assert found is not None, (
+        f"compute_agent.{module} has no layer: add it to LAYERS and docs/architecture.md"
+    )
     return found
 
 

@@ -79,7 +79,8 @@ def test_the_readme_table_is_the_code():
     )
     assert found, "docs/architecture.md has no generated sync-policy table"
     assert found.group(1) == sync_policy.render_table(), (
-        "docs/architecture.md's policy table is stale: paste `python -m compute_agent.sync_policy` in it"
+        "docs/architecture.md's policy table is stale: "
+        "paste `python -m compute_agent.sync_policy` in it"
     )
 
 
