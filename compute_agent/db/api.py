@@ -172,6 +172,15 @@ class Database:
         with self._green_turn:
             return green.execute(self._run_native, fn, *args, **kwargs)
 
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run ``fn`` (which opens its own transaction) as this class's queries run.
+
+        Off the hub in a native thread for SQLite, one call at a time; on
+        the calling greenthread for a server database. For query modules
+        of their own (``purge``).
+        """
+        return self._run(fn, *args, **kwargs)
+
     def _run_native(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self._native_turn:
             self._in_native.active = True

@@ -55,7 +55,13 @@ class Instance(Base):
     """A VM the cloud placed on a host, with what the cloud believes of it."""
 
     __tablename__ = "instances"
-    __table_args__ = (Index(None, "host", "deleted"),)
+    # (host, deleted): a host's live instances; with domain_name: the reaper's
+    # look-up among dead rows; deleted_at: the purge's (0003).
+    __table_args__ = (
+        Index(None, "host", "deleted"),
+        Index(None, "host", "deleted", "domain_name"),
+        Index(None, "deleted_at"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     uuid: Mapped[str] = mapped_column(String(36), unique=True)

@@ -288,7 +288,7 @@ def test_help_and_db_version_exit_0(env):
     assert helped.returncode == 0
     for command in ("db", "power-sync", "status", "instances", "service"):
         assert command in helped.stdout
-    assert version.returncode == 0 and version.stdout == "current 0002, head 0002\n"
+    assert version.returncode == 0 and version.stdout == "current 0003, head 0003\n"
 
 
 def test_no_agent_exits_3(tmp_path):
