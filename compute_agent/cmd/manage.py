@@ -142,6 +142,7 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("resume", ("resume",)),
     ("power_sync_progress", ("power_sync_progress",)),
     ("running_deleted", ("running_deleted",)),
+    ("db_purge", ("db_purge",)),
     ("unresponsive_instances", ("unresponsive_instances",)),
     # Domains on the hypervisor that belong to no instance (the last power sync's).
     ("unknown_domains", ("unknown_domains", "count")),
@@ -431,7 +432,7 @@ def cmd_status(conf: cfg.ConfigOpts) -> int:
     fields: dict[str, Any] = {}
     for name, path in STATUS_FIELDS:
         value = _dig(status, path)
-        flattened = ("events", "builds", "running_deleted", "resume", "admin_socket")
+        flattened = ("events", "builds", "running_deleted", "db_purge", "resume", "admin_socket")
         if name in (*flattened, "libvirt_connections") and isinstance(value, dict):
             fields.update(output.flatten(value, f"{name}."))  # one row per counter
         elif name == "power_sync_progress" and isinstance(value, list) and len(value) == 2:

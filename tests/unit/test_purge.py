@@ -154,9 +154,7 @@ def test_a_purge_killed_half_way_leaves_whole_rows_and_the_next_one_finishes(db,
     assert end_acts == {k: v for k, v in acts.items() if v[1] == live.uuid}
     # Every removed row is in the archive (some twice: archived, then killed).
     lines = [json.loads(line) for line in path.read_text().splitlines()]
-    assert {x["row"]["uuid"] for x in lines if x["table"] == "instances"} == {
-        i.uuid for i in old
-    }
+    assert {x["row"]["uuid"] for x in lines if x["table"] == "instances"} == {i.uuid for i in old}
     assert {x["row"]["id"] for x in lines if x["table"] == "instance_actions"} == {
         k for k, v in acts.items() if v[1] != live.uuid
     }
