@@ -220,7 +220,7 @@ class Purger:
         return stmt if self.host is None else stmt.where(_INSTANCES.c.host == self.host)
 
     def _dead_condition(self, cut: dt.datetime) -> Any:
-        return sa.and_(_INSTANCES.c.deleted.is_(True), _INSTANCES.c.deleted_at < cut)
+        return sa.and_(_INSTANCES.c.deleted == sa.true(), _INSTANCES.c.deleted_at < cut)
 
     def _dead_instances(self, cut: dt.datetime, after: int, limit: int) -> list[dict[str, Any]]:
         stmt = self._host(
@@ -235,7 +235,7 @@ class Purger:
     def _live_uuids(self, after: int, limit: int) -> list[tuple[int, str]]:
         stmt = self._host(
             sa.select(_INSTANCES.c.id, _INSTANCES.c.uuid)
-            .where(_INSTANCES.c.deleted.is_(False), _INSTANCES.c.id > after)
+            .where(_INSTANCES.c.deleted == sa.false(), _INSTANCES.c.id > after)
             .order_by(_INSTANCES.c.id)
             .limit(limit)
         )
@@ -288,7 +288,7 @@ class Purger:
                 stmt = (
                     sa.select(sa.func.count())
                     .select_from(joined)
-                    .where(_INSTANCES.c.deleted.is_(False), _ACTIONS.c.created_at < actions_cut)
+                    .where(_INSTANCES.c.deleted == sa.false(), _ACTIONS.c.created_at < actions_cut)
                 )
                 counts.live_instance_actions = int(s.scalar(self._host(stmt)) or 0)
         return counts
