@@ -188,3 +188,25 @@ def test_a_database_newer_than_the_agent_is_refused_in_one_line(backend, db_url_
         assert "\n" not in text
     finally:
         db.dispose()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_sync_to_0003_killed_after_its_first_index_is_finished_by_the_next(
+    backend, db_url_factory
+):
+    """MariaDB commits each CREATE INDEX by itself: the first may be there already."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from compute_agent.db.models import Base
+
+    db = Database(db_url_factory(backend))
+    try:
+        migration.upgrade(db, "0002")
+        with db.engine.begin() as conn:
+            conn.execute(sa.text("CREATE INDEX ix_instances_deleted_at ON instances (deleted_at)"))
+        assert migration.upgrade(db) == migration.head_revision()
+        with db.engine.connect() as conn:
+            assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    finally:
+        db.dispose()

@@ -11,6 +11,8 @@ plain one on MySQL): once ANALYZE had seen as many dead rows as live ones,
 SQLite scanned the whole table for them.
 """
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -21,14 +23,20 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_instances_deleted_at", "instances", ["deleted_at"])
-    op.create_index(
-        "ix_instances_host_deleted_domain_name", "instances", ["host", "deleted", "domain_name"]
-    )
-    op.create_index(
-        "ix_instances_live_host",
-        "instances",
-        ["host"],
-        sqlite_where=sa.text("deleted = 0"),
-        postgresql_where=sa.text("deleted = false"),
-    )
+    # MariaDB commits each CREATE INDEX by itself: a sync killed half-way
+    # left some, and running it again must create only the others.
+    existing = {ix["name"] for ix in sa.inspect(op.get_bind()).get_indexes("instances")}
+    for name, columns, where in (
+        ("ix_instances_deleted_at", ["deleted_at"], None),
+        ("ix_instances_host_deleted_domain_name", ["host", "deleted", "domain_name"], None),
+        ("ix_instances_live_host", ["host"], ("deleted = 0", "deleted = false")),
+    ):
+        if name in existing:
+            continue
+        partial: dict[str, Any] = {}
+        if where is not None:
+            partial = {
+                "sqlite_where": sa.text(where[0]),
+                "postgresql_where": sa.text(where[1]),
+            }
+        op.create_index(name, "instances", columns, **partial)
