@@ -1,12 +1,13 @@
 """A million dead rows beside a thousand live ones: the hot paths, and the purge.
 
-An agent in-process (fake driver: 1,000 running domains of the live
-instances and 20 leftover domains of deleted ones, reaper action ``noop``)
-serves, through its request table as the admin socket does: a full power
-sync, a reaper run, ``status``, ``instances list`` and one instance's
-audit trail. Each is timed 3 times with no dead rows, then again after
-``--dead`` soft-deleted instances of this host and ``--actions`` audit rows
-of theirs were added (bulk INSERT ... SELECT, ANALYZEd). Then the purge:
+Two agents in-process, each on its own database (fake driver: 1,000
+running domains of the live instances and 20 leftover domains of deleted
+ones, reaper action ``noop``), alike but for ``--dead`` soft-deleted
+instances of this host and ``--actions`` audit rows of theirs in the
+second (bulk INSERT ... SELECT, then ANALYZE). Each serves, through its
+request table as the admin socket does, ``--runs`` times, the two agents
+taking turns call by call: a full power sync, a reaper run, ``status``,
+``instances list`` and one instance's audit trail. Then the purge:
 the CLI's (batches of 1,000, archive fsynced) and the agent's retention
 task (batches of 100, 50 ms pause) each for ``--window`` seconds, their
 rate in rows a second, and how late a 10 ms ticker woke on the hub while
@@ -156,8 +157,12 @@ def start_agent(db: Database) -> tuple[NodeService, ComputeManager, Dispatcher]:
     return service, manager, Dispatcher(manager, service)
 
 
-def hot_paths(dispatcher: Dispatcher, runs: int) -> dict[str, list[float]]:
-    """Each hot path ``runs`` times, as the admin socket calls it; seconds."""
+def hot_paths(agents: dict[str, Dispatcher], runs: int) -> dict[str, dict[str, list[float]]]:
+    """Each hot path ``runs`` times on each agent, as the admin socket calls it; seconds.
+
+    The agents take turns call by call, so a change in the machine's load
+    (it is shared) falls on both alike.
+    """
     uuid = str(uuidlib.UUID(int=1, version=4))
     calls: dict[str, tuple[str, dict[str, Any]]] = {
         "power sync": ("sync_power_states", {}),
@@ -166,16 +171,17 @@ def hot_paths(dispatcher: Dispatcher, runs: int) -> dict[str, list[float]]:
         "instances list": ("list_instances", {}),
         "audit trail": ("get_instance_actions", {"instance_uuid": uuid, "limit": 100}),
     }
-    times: dict[str, list[float]] = {name: [] for name in PATHS}
+    times: dict[str, dict[str, list[float]]] = {a: {n: [] for n in PATHS} for a in agents}
     for _ in range(runs):
         for name, (method, args) in calls.items():
-            started = time.perf_counter()
-            result = dispatcher.call(method, args, ActionSource.CLI, admin=True)
-            times[name].append(time.perf_counter() - started)
-            if name == "reaper run":
-                assert result["found"] == LEFTOVERS, result
-            if name == "power sync":
-                assert result["checked"] == LIVE and not result["errors"], result
+            for agent, dispatcher in agents.items():
+                started = time.perf_counter()
+                result = dispatcher.call(method, args, ActionSource.CLI, admin=True)
+                times[agent][name].append(time.perf_counter() - started)
+                if name == "reaper run":
+                    assert result["found"] == LEFTOVERS, result
+                if name == "power sync":
+                    assert result["checked"] == LIVE and not result["errors"], result
     return times
 
 
@@ -215,20 +221,39 @@ def purge_window(
     return counts.rows, took, max(late, default=0.0)
 
 
-def one(backend: str, url: str | None, dead: int, actions: int, runs: int, window: float) -> dict:
+def _host_db(url: str | None, backend: str) -> Database:
     db = make_db(LIVE, url=url)
     add_live_actions(db)
-    add_dead(db, backend, LEFTOVERS, 0)  # the reaper's finds, there in both runs
-    service, manager, dispatcher = start_agent(db)
-    green.sleep(1.0)  # the start-up sync and reaper run first
-    try:
-        clean = hot_paths(dispatcher, runs)
-        print(f"  building {dead:,} dead instances, {actions:,} audit rows...", file=sys.stderr)
-        built = add_dead(db, backend, dead, actions, first=LEFTOVERS + 1)
-        loaded = hot_paths(dispatcher, runs)
-        plans = explain(db, backend)
+    add_dead(db, backend, LEFTOVERS, 0)  # the reaper's finds, there in both
+    return db
 
-        # The agent's first (its batches go through the hub), then the CLI's.
+
+def _remove_sqlite(db: Database) -> None:
+    """The SQLite file: gigabytes at full scale."""
+    if db.url.get_backend_name() == "sqlite" and db.url.database:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(OSError):
+                os.unlink(db.url.database + suffix)
+
+
+def one(
+    backend: str,
+    urls: tuple[str | None, str | None],
+    dead: int,
+    actions: int,
+    runs: int,
+    window: float,
+) -> dict:
+    """Two agents on two databases alike but for the dead rows of the second."""
+    clean_db, db = _host_db(urls[0], backend), _host_db(urls[1], backend)
+    print(f"  building {dead:,} dead instances, {actions:,} audit rows...", file=sys.stderr)
+    built = add_dead(db, backend, dead, actions, first=LEFTOVERS + 1)
+    plans = explain(db, backend)
+    clean_agent, loaded_agent = start_agent(clean_db), start_agent(db)
+    green.sleep(1.0)  # the start-up syncs and reaper runs first
+    try:
+        times = hot_paths({"clean": clean_agent[2], "loaded": loaded_agent[2]}, runs)
+        # The agent's purge first (its batches go through the hub), then the CLI's.
         retention = Retention(db, HOST, deleted_after_days=30)
         agent_rows, agent_s, agent_late = purge_window(
             lambda stop: _retention_run(retention, stop), window
@@ -242,19 +267,18 @@ def one(backend: str, url: str | None, dead: int, actions: int, runs: int, windo
         archive.close()
         os.unlink(archive_path)
     finally:
-        service.request_stop("bench")
-        service.stop()
-        if url is None and db.url.database:  # the SQLite file: gigabytes at full scale
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(OSError):
-                    os.unlink(db.url.database + suffix)
+        for service, _, _ in (clean_agent, loaded_agent):
+            service.request_stop("bench")
+            service.stop()
+        _remove_sqlite(clean_db)
+        _remove_sqlite(db)
     return {
         "backend": backend,
         "dead": dead,
         "actions": actions,
         "build_s": built,
-        "clean_s": clean,
-        "loaded_s": loaded,
+        "clean_s": times["clean"],
+        "loaded_s": times["loaded"],
         "plans": plans,
         "cli_purge": {"rows": cli_rows, "seconds": cli_s, "hub_max_late_s": cli_late},
         "agent_purge": {"rows": agent_rows, "seconds": agent_s, "hub_max_late_s": agent_late},
@@ -283,23 +307,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench db_scale")
     parser.add_argument("--dead", type=int, default=1_000_000)
     parser.add_argument("--actions", type=int, default=10_000_000)
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--window", type=float, default=30.0, help="seconds of each purge")
     parser.add_argument("--backends", default="sqlite,postgresql")
     a = parser.parse_args(argv or [])
     results, rows, purges = [], [], []
     for backend in a.backends.split(","):
-        url, drop = None, None
+        urls: tuple[str | None, str | None] = (None, None)
+        drops: list[Callable[[], None]] = []
         if backend == "postgresql":
-            server = server_database()
-            if server is None:
+            servers = [server_database(), server_database()]
+            drops = [s[1] for s in servers if s is not None]
+            if len(drops) < 2:
                 print("postgresql: no server, skipped")
+                for drop in drops:
+                    drop()
                 continue
-            url, drop = server
+            urls = (servers[0][0], servers[1][0])  # type: ignore[index]
         try:
-            r = one(backend, url, a.dead, a.actions, a.runs, a.window)
+            r = one(backend, urls, a.dead, a.actions, a.runs, a.window)
         finally:
-            if drop is not None:
+            for drop in drops:
                 drop()
         results.append(r)
         for name in PATHS:
