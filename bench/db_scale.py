@@ -303,6 +303,33 @@ def _med(values: list[float]) -> str:
     )
 
 
+def _report(r: dict) -> None:
+    """One backend's tables, printed as soon as it is done."""
+    rows, purges = [], []
+    for name in PATHS:
+        clean, loaded = r["clean_s"][name], r["loaded_s"][name]
+        ratio = statistics.median(loaded) / statistics.median(clean)
+        rows.append([r["backend"], name, _med(clean), _med(loaded), f"{ratio:.2f}x"])
+    for who in ("agent_purge", "cli_purge"):
+        p = r[who]
+        purges.append(
+            [
+                r["backend"],
+                who.replace("_purge", ""),
+                f"{p['rows']:,}",
+                f"{p['seconds']:.1f} s",
+                f"{p['rows'] / p['seconds']:,.0f}",
+                f"{p['hub_max_late_s'] * 1000:.1f} ms",
+            ]
+        )
+    print(f"\n{r['backend']}: built in {r['build_s']:.0f} s; plans: {r['plans']}")
+    print(f"{r['dead']:,} soft-deleted instances, {r['actions']:,} audit rows, {LIVE} live")
+    print(table(["db", "path", "no dead rows", "with dead rows", "ratio"], rows))
+    print()
+    print(table(["db", "purge", "rows", "window", "rows/s", "hub max late"], purges))
+    print(f"load average: {load_average()}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench db_scale")
     parser.add_argument("--dead", type=int, default=1_000_000)
@@ -311,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=float, default=30.0, help="seconds of each purge")
     parser.add_argument("--backends", default="sqlite,postgresql")
     a = parser.parse_args(argv or [])
-    results, rows, purges = [], [], []
+    results = []
     for backend in a.backends.split(","):
         urls: tuple[str | None, str | None] = (None, None)
         drops: list[Callable[[], None]] = []
@@ -329,30 +356,10 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             for drop in drops:
                 drop()
+        r["load"] = load_average()
         results.append(r)
-        for name in PATHS:
-            clean, loaded = r["clean_s"][name], r["loaded_s"][name]
-            ratio = statistics.median(loaded) / statistics.median(clean)
-            rows.append([backend, name, _med(clean), _med(loaded), f"{ratio:.2f}x"])
-        for who in ("cli_purge", "agent_purge"):
-            p = r[who]
-            purges.append(
-                [
-                    backend,
-                    who.replace("_purge", ""),
-                    f"{p['rows']:,}",
-                    f"{p['seconds']:.1f} s",
-                    f"{p['rows'] / p['seconds']:,.0f}",
-                    f"{p['hub_max_late_s'] * 1000:.1f} ms",
-                ]
-            )
-        print(f"{backend}: built in {r['build_s']:.0f} s; plans: {r['plans']}")
-    print(f"\n{a.dead:,} soft-deleted instances, {a.actions:,} audit rows, {LIVE} live")
-    print(table(["db", "path", "no dead rows", "with dead rows", "ratio"], rows))
-    print()
-    print(table(["db", "purge", "rows", "window", "rows/s", "hub max late"], purges))
-    print(f"load average: {load_average()}")
-    save("db_scale", {"args": vars(a), "results": results, "load": load_average()})
+        _report(r)
+        save("db_scale", {"args": vars(a), "results": results})
     return {"results": results}
 
 
