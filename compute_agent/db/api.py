@@ -461,17 +461,17 @@ class Database:
         records: list[InstanceRecord] = []
         with self._begin() as conn:
             for start in range(0, len(wanted), NAMES_PER_STATEMENT):
-                stmt = (
-                    sa.select(*columns)
-                    .where(
-                        table.c.host == host,
-                        table.c.deleted == sa.true(),
-                        table.c.domain_name.in_(wanted[start : start + NAMES_PER_STATEMENT]),
-                    )
-                    .order_by(table.c.id)
+                stmt = sa.select(*columns).where(
+                    table.c.host == host,
+                    table.c.deleted == sa.true(),
+                    table.c.domain_name.in_(wanted[start : start + NAMES_PER_STATEMENT]),
                 )
                 records.extend(InstanceRecord(*row) for row in conn.execute(stmt))
                 self._pause()
+        # Sorted here, not by the query: asked for ORDER BY id, SQLite walked
+        # every dead row of the host in id order (0.7 s at 10,000) rather
+        # than look the names up in (host, deleted, domain_name) and sort.
+        records.sort(key=lambda r: r.id)
         return records
 
     @_offloaded
