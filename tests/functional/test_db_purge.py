@@ -140,3 +140,62 @@ def test_an_unreachable_database_or_archive_is_exit_1_in_one_line(db, tmp_path):
         config_files=files,
     )  # fmt: skip
     one_line(proc, 1, "cannot open the archive")
+
+
+def test_a_purge_beside_a_busy_agent_loses_no_live_row(tmp_path):
+    """The CLI purges while the agent boots, deletes and syncs on the same SQLite file."""
+    from tests.functional.agent_process import AgentProcess, synced_config
+
+    files = synced_config(
+        tmp_path,
+        "purge-busy",
+        default="report_interval = 1\n",
+        rest="[compute]\nsync_power_state_interval = 1\nstats_interval = 1\n"
+        "running_deleted_instance_poll_interval = 1\n",
+    )
+    agent = AgentProcess(files)
+    try:
+        agent.wait_for("admin socket listening")
+        boot = ["instances", "boot", "--vcpus", "1", "--memory-mb", "64", "-f", "value", "-c",
+                "uuid", "--name"]  # fmt: skip
+        first = manage_all([[*boot, f"old-{i}"] for i in range(6)], config_files=files)
+        uuids = [p.stdout.strip() for p in first]
+        assert all(p.returncode == 0 for p in first), [p.stderr for p in first]
+        gone, kept = uuids[:4], uuids[4:]
+        deletes = manage_all([["instances", "delete", u] for u in gone], config_files=files)
+        assert all(p.returncode == 0 for p in deletes), [p.stderr for p in deletes]
+        # Boots, deletes and purges side by side (the agent syncs every second too).
+        mixed = manage_all(
+            [[*boot, f"new-{i}"] for i in range(4)]
+            + [["instances", "delete", kept[0]]]
+            + [["db", "purge", "--older-than", "0", "--batch", "1"]] * 3,
+            config_files=files,
+        )
+        assert all(p.returncode == 0 for p in mixed), [(p.args, p.stderr) for p in mixed]
+        new = [p.stdout.strip() for p in mixed[:4]]
+        final = manage("db", "purge", "--older-than", "0", "-f", "json", config_files=files)
+        assert final.returncode == 0, final.stderr
+        listed = manage("instances", "list", "-f", "json", config_files=files)
+        live = {r["uuid"] for r in json.loads(listed.stdout)}
+        assert live == {kept[1], *new}
+        for uuid in live:
+            trail = manage("instances", "actions", uuid, "-f", "json", config_files=files)
+            actions = [r["action"] for r in json.loads(trail.stdout)]
+            assert actions[0] == "create", actions  # the whole trail, from its first row
+        rc, _ = agent.terminate()
+        assert rc == 0, agent.output
+        assert "Traceback" not in agent.output and "database is locked" not in agent.output
+    finally:
+        agent.kill()
+    db_path = tmp_path / "state" / "compute-agent.sqlite"
+    engine = sa.create_engine(f"sqlite:///{db_path}")
+    with engine.connect() as conn:
+        dead = conn.execute(sa.text("SELECT count(*) FROM instances WHERE deleted")).scalar()
+        orphans = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM instance_actions a WHERE NOT EXISTS "
+                "(SELECT 1 FROM instances i WHERE i.uuid = a.instance_uuid)"
+            )
+        ).scalar()
+    engine.dispose()
+    assert dead == 0 and orphans == 0
