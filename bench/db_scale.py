@@ -253,6 +253,9 @@ def one(
     green.sleep(1.0)  # the start-up syncs and reaper runs first
     try:
         times = hot_paths({"clean": clean_agent[2], "loaded": loaded_agent[2]}, runs)
+        # The control: how late the ticker wakes with nothing purging (a shared
+        # machine's load shows here as well as in the purge windows).
+        _, _, idle_late = purge_window(lambda stop: _idle(stop), window / 3)
         # The agent's purge first (its batches go through the hub), then the CLI's.
         retention = Retention(db, HOST, deleted_after_days=30)
         agent_rows, agent_s, agent_late = purge_window(
@@ -282,7 +285,14 @@ def one(
         "plans": plans,
         "cli_purge": {"rows": cli_rows, "seconds": cli_s, "hub_max_late_s": cli_late},
         "agent_purge": {"rows": agent_rows, "seconds": agent_s, "hub_max_late_s": agent_late},
+        "idle_hub_max_late_s": idle_late,
     }
+
+
+def _idle(stop: Callable[[], bool]) -> purge.PurgeCounts:
+    while not stop():
+        green.sleep(0.1)
+    return purge.PurgeCounts()
 
 
 def _with_stop(purger: purge.Purger, stop: Callable[[], bool]) -> purge.Purger:
@@ -327,6 +337,7 @@ def _report(r: dict) -> None:
     print(table(["db", "path", "no dead rows", "with dead rows", "ratio"], rows))
     print()
     print(table(["db", "purge", "rows", "window", "rows/s", "hub max late"], purges))
+    print(f"hub max late with nothing purging: {r['idle_hub_max_late_s'] * 1000:.1f} ms")
     print(f"load average: {load_average()}", flush=True)
 
 
