@@ -40,6 +40,7 @@ from bench.common import (
     load_average,
     make_conf,
     make_db,
+    percentile,
     save,
     server_database,
     table,
@@ -214,15 +215,15 @@ def explain(db: Database, backend: str) -> dict[str, str]:
 
 def purge_window(
     run: Callable[[Callable[[], bool]], purge.PurgeCounts], window: float
-) -> tuple[int, float, float]:
-    """Rows removed by ``run`` in ``window`` s, its seconds, the hub's worst lateness."""
+) -> tuple[int, float, float, float]:
+    """Rows removed by ``run`` in ``window`` s, its seconds, the hub's worst and p99 lateness."""
     end = green.monotonic() + window
     ticker = Ticker().start()
     started = time.perf_counter()
     counts = run(lambda: green.monotonic() >= end)
     took = time.perf_counter() - started
     late = ticker.stop()
-    return counts.rows, took, max(late, default=0.0)
+    return counts.rows, took, max(late, default=0.0), percentile(late, 0.99)
 
 
 def _host_db(url: str | None, backend: str) -> Database:
@@ -259,16 +260,16 @@ def one(
         times = hot_paths({"clean": clean_agent[2], "loaded": loaded_agent[2]}, runs)
         # The control: how late the ticker wakes with nothing purging (a shared
         # machine's load shows here as well as in the purge windows).
-        _, _, idle_late = purge_window(lambda stop: _idle(stop), window / 3)
+        _, _, idle_late, idle_p99 = purge_window(lambda stop: _idle(stop), window / 3)
         # The agent's purge first (its batches go through the hub), then the CLI's.
         retention = Retention(db, HOST, deleted_after_days=30)
-        agent_rows, agent_s, agent_late = purge_window(
+        agent_rows, agent_s, agent_late, agent_p99 = purge_window(
             lambda stop: _retention_run(retention, stop), window
         )
         archive_path = os.path.join(tempfile.mkdtemp(prefix="ca-bench-"), "archive.jsonl")
         archive = purge.Archive(archive_path)
         cli = purge.Purger(db, batch=1000, archive=archive)
-        cli_rows, cli_s, cli_late = purge_window(
+        cli_rows, cli_s, cli_late, cli_p99 = purge_window(
             lambda stop: _with_stop(cli, stop).purge_deleted(utcnow()), window
         )
         archive.close()
@@ -291,9 +292,20 @@ def one(
         "clean_cpu_s": times["clean_cpu"],
         "loaded_cpu_s": times["loaded_cpu"],
         "plans": plans,
-        "cli_purge": {"rows": cli_rows, "seconds": cli_s, "hub_max_late_s": cli_late},
-        "agent_purge": {"rows": agent_rows, "seconds": agent_s, "hub_max_late_s": agent_late},
+        "cli_purge": {
+            "rows": cli_rows,
+            "seconds": cli_s,
+            "hub_max_late_s": cli_late,
+            "hub_p99_late_s": cli_p99,
+        },
+        "agent_purge": {
+            "rows": agent_rows,
+            "seconds": agent_s,
+            "hub_max_late_s": agent_late,
+            "hub_p99_late_s": agent_p99,
+        },
         "idle_hub_max_late_s": idle_late,
+        "idle_hub_p99_late_s": idle_p99,
     }
 
 
@@ -351,6 +363,7 @@ def _report(r: dict) -> None:
                 f"{p['seconds']:.1f} s",
                 f"{p['rows'] / p['seconds']:,.0f}",
                 f"{p['hub_max_late_s'] * 1000:.1f} ms",
+                f"{p['hub_p99_late_s'] * 1000:.1f} ms",
             ]
         )
     print(f"\n{r['backend']}: built in {r['build_s']:.0f} s; plans: {r['plans']}")
@@ -359,8 +372,11 @@ def _report(r: dict) -> None:
     headers += ["cpu, no dead rows", "cpu, with dead rows", "cpu ratio"]
     print(table(headers, rows))
     print()
-    print(table(["db", "purge", "rows", "window", "rows/s", "hub max late"], purges))
-    print(f"hub max late with nothing purging: {r['idle_hub_max_late_s'] * 1000:.1f} ms")
+    print(table(["db", "purge", "rows", "window", "rows/s", "hub max late", "p99"], purges))
+    print(
+        f"hub late with nothing purging: max {r['idle_hub_max_late_s'] * 1000:.1f} ms, "
+        f"p99 {r['idle_hub_p99_late_s'] * 1000:.1f} ms"
+    )
     print(f"load average: {load_average()}", flush=True)
 
 
