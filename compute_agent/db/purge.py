@@ -79,7 +79,9 @@ class Archive:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self._file: IO[str] = open(path, "a", encoding="utf-8")
+            # 0600 when created: it holds every column of the rows it keeps.
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._file: IO[str] = os.fdopen(fd, "a", encoding="utf-8")
         except OSError as exc:
             raise exception.InvalidInput(
                 f"cannot open the archive {path}: {exc.strerror or exc}"

@@ -96,6 +96,7 @@ def test_removes_only_instances_deleted_before_the_cut_with_their_trail(db, tmp_
     assert archived == {("instances", u) for u in gone} | {
         ("instance_actions", i) for i, v in acts.items() if v[1] in gone
     }
+    assert (tmp_path / "archive.jsonl").stat().st_mode & 0o777 == 0o600
     row = next(x["row"] for x in lines if x["table"] == "instances")
     assert row["deleted"] is True and dt.datetime.fromisoformat(row["deleted_at"])
 
