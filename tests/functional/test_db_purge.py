@@ -16,17 +16,23 @@ from tests.helpers import create_instance
 PREFIX = "compute-agent-manage: error: "
 
 
-def config(tmp_path, url: str) -> list:
+def config(tmp_path, url: str, pooled: bool = False) -> list:
     path = tmp_path / "purge.conf"
     path.write_text(
         f"[DEFAULT]\nstate_path = {tmp_path}/state\nhost = purge-host\n"
         f"[database]\nconnection = {url}\nconnect_timeout = 2\n"
+        f"transaction_pooling = {str(pooled).lower()}\n"
     )
     return [REPO / "etc" / "compute-agent.conf", path]
 
 
 def url_of(db) -> str:
     return db.url.render_as_string(hide_password=False)
+
+
+def config_of(tmp_path, db) -> list:
+    """The CLI's config for the ``db`` fixture's database (through PgBouncer too)."""
+    return config(tmp_path, url_of(db), pooled=db.transaction_pooling)
 
 
 def make_dead(db, days_ago: float):
@@ -58,7 +64,7 @@ def one_line(proc, status: int, *needles: str) -> None:
 
 
 def test_dry_run_then_purge_with_an_archive(db, tmp_path):
-    files = config(tmp_path, url_of(db))
+    files = config_of(tmp_path, db)
     live = create_instance(db, host="purge-host")
     for _ in range(3):
         make_dead(db, 10)
@@ -99,7 +105,7 @@ def test_dry_run_then_purge_with_an_archive(db, tmp_path):
 
 @pytest.mark.parametrize("db", ["sqlite"], indirect=True)
 def test_bad_input_is_exit_2_in_one_line(db, tmp_path):
-    files = config(tmp_path, url_of(db))
+    files = config_of(tmp_path, db)
     procs = manage_all(
         [
             ["db", "purge", "--older-than", "soon"],
@@ -134,7 +140,7 @@ def test_an_unreachable_database_or_archive_is_exit_1_in_one_line(db, tmp_path):
     down = config(tmp_path, "postgresql://nobody@127.0.0.1:18299/none")
     proc = manage("db", "purge", "--older-than", "0", config_files=down)
     one_line(proc, 1, "database unavailable")
-    files = config(tmp_path, url_of(db))
+    files = config_of(tmp_path, db)
     proc = manage(
         "db", "purge", "--older-than", "0", "--archive", str(tmp_path / "no" / "a.jsonl"),
         config_files=files,

@@ -24,7 +24,7 @@ from compute_agent.service import NodeService
 from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
 from compute_agent.virt.fake import FakeDriver
-from tests.conftest import BACKENDS
+from tests.conftest import BACKENDS, PGBOUNCER
 from tests.functional.agent_process import REPO, manage
 from tests.helpers import wait_until
 
@@ -118,7 +118,8 @@ def test_a_database_of_an_earlier_agent_upgrades_and_is_served(
     backend, revision, db_url_factory, conf, tmp_path
 ):
     url = db_url_factory(backend)
-    old = Database(url)
+    pooled = backend == PGBOUNCER
+    old = Database(url, transaction_pooling=pooled)
     try:
         migration.upgrade(old, revision)
         assert migration.current_revision(old) == revision
@@ -131,13 +132,16 @@ def test_a_database_of_an_earlier_agent_upgrades_and_is_served(
         old.dispose()
 
     path = tmp_path / "upgrade.conf"
-    path.write_text(f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = {url}\n")
+    path.write_text(
+        f"[DEFAULT]\nstate_path = {tmp_path}/state\n[database]\nconnection = {url}\n"
+        f"transaction_pooling = {str(pooled).lower()}\n"
+    )
     synced = manage("db", "sync", config_files=[REPO / "etc" / "compute-agent.conf", path])
     assert synced.returncode == 0, synced.stderr
     head = migration.head_revision()
     assert f"migrated from {revision} to {head}" in synced.stdout
 
-    db = Database(url)
+    db = Database(url, transaction_pooling=pooled)
     conf.set_override("host", HOST)
     conf.set_override("stats_interval", 0, group="compute")
     conf.set_override("running_deleted_instance_poll_interval", 3600, group="compute")
@@ -176,7 +180,7 @@ def test_a_database_of_an_earlier_agent_upgrades_and_is_served(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_database_newer_than_the_agent_is_refused_in_one_line(backend, db_url_factory):
-    db = Database(db_url_factory(backend))
+    db = Database(db_url_factory(backend), transaction_pooling=backend == PGBOUNCER)
     try:
         migration.upgrade(db)
         with db.engine.begin() as conn:
@@ -200,7 +204,7 @@ def test_a_sync_to_0003_killed_after_its_first_index_is_finished_by_the_next(
 
     from compute_agent.db.models import Base
 
-    db = Database(db_url_factory(backend))
+    db = Database(db_url_factory(backend), transaction_pooling=backend == PGBOUNCER)
     try:
         migration.upgrade(db, "0002")
         with db.engine.begin() as conn:
