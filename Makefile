@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 THREADS_UNIT := admin_deadlines admin_socket dashboard db db_budget db_deadlines dispatch errors \
 	fake_driver green layers libvirt_pool lifecycle locks log_files \
 	log_secrets manage_cli metrics operations operator_commands ownership \
-	packaging periodic power_sync races reaper recovery resume rpc statistics stats \
+	packaging periodic power_sync purge races reaper recovery resume retention rpc statistics stats \
 	steady stress_bench sync_policy transport_password
 THREADS_TESTS := $(patsubst %,tests/unit/test_%.py,$(THREADS_UNIT))
 

@@ -27,6 +27,7 @@ BENCHMARKS = [
     "reaper_flood",
     "agent_sync",
     "fleet",
+    "db_scale",
 ]
 
 

@@ -241,6 +241,7 @@ class Dispatcher:
             "intake": asdict(self.intake.statistics()),
             "power_sync_progress": list(sync.progress),
             "running_deleted": asdict(agent.reaper),
+            "db_purge": asdict(agent.retention),
             "unresponsive_instances": list(agent.stats.unresponsive),
             # The last full power sync's domains that belong to no instance of this host.
             "unknown_domains": {

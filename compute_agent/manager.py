@@ -34,6 +34,7 @@ from compute_agent.power_sync import PowerSync, SyncStatistics, SyncSummary
 from compute_agent.reaper import DeletedGuestReaper, ReaperStatistics, ReapSummary
 from compute_agent.recovery import recover_interrupted
 from compute_agent.resume import BootResume, ResumeStatistics
+from compute_agent.retention import Retention, RetentionStatistics
 from compute_agent.rpc import BINARY
 from compute_agent.service import NodeService
 from compute_agent.states import ActionSource
@@ -49,6 +50,7 @@ POWER_SYNC = "power_sync"
 MAX_ACTIONS = 1000
 STATS = "stats"
 REAPER = "running_deleted"
+PURGE = "db_purge"
 AUTO_PREFIX = "AUTO:"
 # How long start-up recovery and the resume pass wait before trying again
 # after the database failed them (the hypervisor's return retries them itself).
@@ -67,6 +69,7 @@ class ManagerStatistics:
     power_sync: SyncStatistics
     reaper: ReaperStatistics
     stats: SamplerStatistics
+    retention: RetentionStatistics
 
 
 def action_dict(row: Any) -> dict[str, Any]:
@@ -179,6 +182,14 @@ class ComputeManager:
             unresponsive_after=compute.stats_unresponsive_after,
             concurrency=compute.sync_power_state_concurrency,
         )
+        database = conf.database
+        self.retention = Retention(
+            db,
+            self.host,
+            deleted_after_days=database.purge_deleted_after_days,
+            actions_after_days=database.purge_actions_after_days,
+            should_stop=self._stopping,
+        )
         # The host's instances for the metrics: each statistics cycle's list,
         # corrected at once by this agent's operations.
         self.instance_index = InstanceIndex()
@@ -220,6 +231,8 @@ class ComputeManager:
         service.add_periodic(
             REAPER, self.reaper.run, compute.running_deleted_instance_poll_interval
         )
+        # Registered when off too (interval 0): its figures show it never ran.
+        service.add_periodic(PURGE, self.retention.run, self.retention.interval)
 
     def stop(self) -> None:
         self._stop_resume()
@@ -464,6 +477,7 @@ class ComputeManager:
             power_sync=self.power_sync.statistics(),
             reaper=self.reaper.statistics(),
             stats=self.stats.statistics(),
+            retention=self.retention.statistics(),
         )
 
     def list_instances(self) -> list[dict[str, Any]]:

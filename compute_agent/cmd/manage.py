@@ -32,6 +32,7 @@ green.monkey_patch()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import datetime as dt  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -141,6 +142,7 @@ STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("resume", ("resume",)),
     ("power_sync_progress", ("power_sync_progress",)),
     ("running_deleted", ("running_deleted",)),
+    ("db_purge", ("db_purge",)),
     ("unresponsive_instances", ("unresponsive_instances",)),
     # Domains on the hypervisor that belong to no instance (the last power sync's).
     ("unknown_domains", ("unknown_domains", "count")),
@@ -188,6 +190,92 @@ def cmd_db_version(conf: cfg.ConfigOpts) -> int:
     db = _database(conf)
     current = migration.current_revision(db)
     print(f"current {current or 'none'}, head {migration.head_revision()}")
+    return EXIT_OK
+
+
+PURGE_COLUMNS = ("table", "rows", "which")
+# The furthest back --older-than may reach (the cut must stay a datetime).
+MAX_DAYS = 36500.0
+
+
+def _days(value: str) -> float:
+    """An argparse type: days, a number from 0 (everything deleted so far)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of days: {value[:80]!r}") from None
+    if not 0 <= number <= MAX_DAYS:  # NaN fails both
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_DAYS:g} days, not {value[:80]}")
+    return number
+
+
+def _iso_time(value: str) -> dt.datetime:
+    """An argparse type: an ISO 8601 time, UTC unless it says otherwise; naive UTC out."""
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO 8601 time (e.g. 2026-01-31T12:00:00Z): {value[:80]!r}"
+        ) from None
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.UTC).replace(tzinfo=None)
+    return when
+
+
+def cmd_db_purge(conf: cfg.ConfigOpts) -> int:
+    """Remove soft-deleted instances (and, with --actions, old audit rows), archive first."""
+    from compute_agent.db import purge
+    from compute_agent.utils import utcnow
+
+    a = _args(conf)
+    cut = a.purge_before if a.purge_before is not None else purge.cut_before(a.older_than, utcnow())
+    db = _database(conf)
+    archive = None
+    if a.archive and not a.dry_run:
+        try:
+            archive = purge.Archive(a.archive)
+        except exception.InvalidInput as exc:
+            raise Fatal(str(exc)) from None
+    try:
+        purger = purge.Purger(db, batch=a.batch, archive=archive)
+        if a.dry_run:
+            counts = purger.count(cut, cut if a.actions else None)
+        else:
+            counts = purger.purge_deleted(cut)
+            if a.actions:
+                counts.add(purger.purge_actions(cut))
+    finally:
+        if archive is not None:
+            archive.close()
+        db.dispose()
+    when = cut.isoformat(timespec="seconds") + "Z"
+    rows = [
+        {"table": "instances", "rows": counts.instances, "which": f"deleted before {when}"},
+        {"table": "instance_actions", "rows": counts.instance_actions, "which": "of those"},
+    ]
+    if a.actions:
+        rows.append(
+            {
+                "table": "instance_actions",
+                "rows": counts.live_instance_actions,
+                "which": f"of live instances, before {when}",
+            }
+        )
+    if a.out_format == "json":
+        record = {"before": when, "dry_run": a.dry_run, **counts.as_dict()}
+        if archive is not None:
+            record["archive"] = a.archive
+        print(json.dumps(record, indent=2))
+        return EXIT_OK
+    output.emit_list(sys.stdout, a.out_format, rows, PURGE_COLUMNS)
+    if a.dry_run and a.out_format == "table":
+        print("dry run: nothing removed")
+    if counts.left:
+        print(
+            f"{PROG}: note: {counts.left} instance(s) got an audit row while the purge ran; "
+            "left for the next purge",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 
@@ -344,7 +432,7 @@ def cmd_status(conf: cfg.ConfigOpts) -> int:
     fields: dict[str, Any] = {}
     for name, path in STATUS_FIELDS:
         value = _dig(status, path)
-        flattened = ("events", "builds", "running_deleted", "resume", "admin_socket")
+        flattened = ("events", "builds", "running_deleted", "db_purge", "resume", "admin_socket")
         if name in (*flattened, "libvirt_connections") and isinstance(value, dict):
             fields.update(output.flatten(value, f"{name}."))  # one row per counter
         elif name == "power_sync_progress" and isinstance(value, list) and len(value) == 2:
@@ -511,6 +599,54 @@ def _add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
         func=cmd_db_sync
     )
     db_cmds.add_parser("version", help="show the schema revision").set_defaults(func=cmd_db_version)
+    purge = db_cmds.add_parser(
+        "purge",
+        help="remove soft-deleted instances and their audit trail (safe beside the agent)",
+    )
+    when = purge.add_mutually_exclusive_group(required=True)
+    when.add_argument(
+        "--older-than",
+        dest="older_than",
+        type=_days,
+        metavar="DAYS",
+        help="instances deleted more than DAYS days ago (0: every deleted instance)",
+    )
+    when.add_argument(
+        "--before",
+        dest="purge_before",
+        type=_iso_time,
+        metavar="ISO-TIME",
+        help="instances deleted before this time (UTC unless it names a zone)",
+    )
+    purge.add_argument(
+        "--actions",
+        action="store_true",
+        help="also remove audit rows older than the cut of instances that still live",
+    )
+    purge.add_argument(
+        "--archive",
+        metavar="FILE",
+        help="first append every row to be removed to FILE, as JSON lines (fsynced)",
+    )
+    purge.add_argument(
+        "--batch",
+        type=_positive,
+        default=1000,
+        metavar="N",
+        help="rows per transaction (default: 1000)",
+    )
+    purge.add_argument(
+        "--dry-run", dest="dry_run", action="store_true", help="count only; remove nothing"
+    )
+    purge.add_argument(
+        "-f",
+        "--format",
+        dest="out_format",
+        choices=output.FORMATS,
+        default="table",
+        help="the output format (default: table)",
+    )
+    purge.set_defaults(func=cmd_db_purge)
 
     sync = subparsers.add_parser(
         "power-sync",

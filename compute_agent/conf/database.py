@@ -79,6 +79,26 @@ opts = [
         help="Seconds a SQLite statement waits for a lock held by another "
         "process (the admin CLI) before it fails with 'database is locked'.",
     ),
+    # Retention: nothing is ever removed unless asked for.
+    cfg.IntOpt(
+        "purge_deleted_after_days",
+        default=0,
+        min=0,
+        help="Days after which the agent removes a soft-deleted instance of this host "
+        "and its whole audit trail (instance_actions), in small batches in the "
+        "background; 0 (the default) keeps them forever. nova operators usually "
+        "purge from cron what was deleted 30 to 90 days ago (compute-agent-manage "
+        "db purge --older-than DAYS does it by hand, with an archive).",
+    ),
+    cfg.IntOpt(
+        "purge_actions_after_days",
+        default=0,
+        min=0,
+        help="Days after which the agent removes audit rows (instance_actions) of "
+        "this host's live instances; 0 (the default) keeps them. A long-lived "
+        "instance's trail then keeps its recent history only. Operators who keep "
+        "a trail for audits usually choose 90 days or more, or leave it at 0.",
+    ),
 ]
 
 

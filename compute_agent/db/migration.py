@@ -31,6 +31,12 @@ def head_revision() -> str:
     return head
 
 
+def revisions() -> list[str]:
+    """Every schema revision, oldest first (the upgrade tests build each)."""
+    walked = ScriptDirectory.from_config(_config()).walk_revisions()
+    return [rev.revision for rev in reversed(list(walked))]
+
+
 def current_revision(db: Database) -> str | None:
     with unreachable_as_typed(), db.engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()

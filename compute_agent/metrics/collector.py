@@ -26,6 +26,7 @@ from compute_agent.metrics import figures
 
 if TYPE_CHECKING:
     from compute_agent.manager import ComputeManager
+    from compute_agent.retention import RetentionStatistics
     from compute_agent.service import NodeService
     from compute_agent.virt.driver import DriverStatistics
 
@@ -146,6 +147,29 @@ class AgentCollector:
         builds = agent.builds
         yield _gauge("builds_in_progress", "Builds running now.", builds.running)
         yield _gauge("builds_queued", "Builds waiting for a build slot.", builds.queued)
+        yield from self._retention(agent.retention)
+
+    def _retention(self, retention: RetentionStatistics) -> Iterator[Metric]:
+        purged = CounterMetricFamily(
+            PREFIX + "db_purged_rows",
+            "Rows the agent's retention removed since start: deleted instances, their audit "
+            "rows, and old audit rows of live instances ([database] purge_*_after_days).",
+            labels=["table", "which"],
+        )
+        totals = retention.totals
+        purged.add_metric(["instances", "deleted"], totals.get("instances", 0))
+        purged.add_metric(["instance_actions", "deleted"], totals.get("instance_actions", 0))
+        purged.add_metric(["instance_actions", "live"], totals.get("live_instance_actions", 0))
+        yield purged
+        yield CounterMetricFamily(
+            PREFIX + "db_purge_runs", "Runs of the retention task since start.", retention.runs
+        )
+        last = retention.last_run or {}
+        yield _gauge(
+            "db_purge_last_duration_seconds",
+            "How long the retention task's last run took (0 before the first).",
+            float(last.get("duration_s") or 0.0),
+        )
 
     @staticmethod
     def _connections(driver: DriverStatistics | None) -> Iterator[Metric]:

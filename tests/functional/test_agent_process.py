@@ -59,9 +59,9 @@ def test_manage_db_sync_and_version(config):
     second = manage("db", "sync", config_files=config)
     version = manage("db", "version", config_files=config)
     assert first.returncode == second.returncode == version.returncode == 0
-    assert "migrated from empty to 0002" in first.stdout
-    assert "already at revision 0002" in second.stdout
-    assert version.stdout.strip() == "current 0002, head 0002"
+    assert "migrated from empty to 0003" in first.stdout
+    assert "already at revision 0003" in second.stdout
+    assert version.stdout.strip() == "current 0003, head 0003"
 
 
 def test_manage_usage_errors_exit_2(config):

@@ -93,13 +93,17 @@ def test_status_in_every_format(env):
     for proc in (table, as_json, value):
         assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     fields = ("service_up", "libvirt_connected", "libvirt_connections.stuck", "hub_lag_p99_s")
-    for field in (*fields, "events.received"):
+    purge_fields = ("db_purge.deleted_after_days", "db_purge.totals.instances")
+    for field in (*fields, "events.received", *purge_fields):
         assert re.search(rf"^\| {re.escape(field)} +\| ", table.stdout, re.M), field
     assert "Periodic tasks:" in table.stdout
     for column in ("last_start", "last_duration_s", "next_run_in_s", "failures"):
         assert f" {column} " in table.stdout
     status = json.loads(as_json.stdout)
     assert status["host"] == "cli-host"
+    purge_task = [t for t in status["periodic_tasks"] if t["name"] == "db_purge"]
+    assert purge_task and purge_task[0]["enabled"] is False  # retention is off by default
+    assert status["db_purge"]["runs"] == 0 and status["db_purge"]["totals"]["instances"] == 0
     assert status["host_state"]["service"]["up"] is True
     libvirt = status["libvirt"]
     connections = libvirt.pop("connections")
@@ -288,7 +292,7 @@ def test_help_and_db_version_exit_0(env):
     assert helped.returncode == 0
     for command in ("db", "power-sync", "status", "instances", "service"):
         assert command in helped.stdout
-    assert version.returncode == 0 and version.stdout == "current 0002, head 0002\n"
+    assert version.returncode == 0 and version.stdout == "current 0003, head 0003\n"
 
 
 def test_no_agent_exits_3(tmp_path):

@@ -143,6 +143,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lifecycle",
             "recovery",
             "reaper",
+            "retention",
             "resume",
             "stats",
             "periodic",

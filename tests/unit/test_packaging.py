@@ -48,4 +48,4 @@ def test_package_data_names_files_that_exist_in_a_package():
 def test_alembic_finds_the_revisions_beside_the_package_marker():
     from compute_agent.db import migration
 
-    assert migration.head_revision() == "0002"
+    assert migration.head_revision() == "0003"
