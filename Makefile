@@ -7,13 +7,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG := etc/compute-agent.conf
 PYTEST_ARGS ?=
-# Unit test files run again on native threads. Not here: test_config (oslo.messaging imports
-# eventlet through oslo.service), test_hub_budget, test_hub_monitor, test_libvirt_driver,
+# Unit test files run again on native threads. Not here:
+# test_hub_budget, test_hub_monitor, test_libvirt_driver,
 # test_sdnotify and test_service (hub-only checks), test_manager and
 # test_libvirt_events (a sync started at service start runs in parallel with what the
 # test does next), test_intake (two waiters admitted together record their turn in either
 # order).
-THREADS_UNIT := admin_deadlines admin_socket dashboard db db_deadlines dispatch errors \
+THREADS_UNIT := admin_deadlines admin_socket concurrency config dashboard db db_deadlines dispatch errors \
 	fake_driver green layers lifecycle locks log_files \
 	log_secrets manage_cli metrics operations operator_commands ownership \
 	packaging periodic power_sync races reaper recovery resume rpc statistics stats \

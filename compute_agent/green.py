@@ -1,9 +1,10 @@
 """Concurrency: the one API the agent spawns, waits, sleeps and locks through.
 
-Two implementations, chosen once at import by ``COMPUTE_AGENT_CONCURRENCY``:
+Two implementations, chosen once at import (:mod:`compute_agent.concurrency`
+says how: ``COMPUTE_AGENT_CONCURRENCY``, else ``[DEFAULT] concurrency_backend``):
 ``eventlet`` (the default, ``_green_eventlet``) and ``threads`` (native
-threads, ``_green_threads``; the agent then never imports eventlet, though
-oslo.messaging's oslo.service still does, without patching). No other module
+threads, ``_green_threads``; the process then never loads eventlet or
+greenlet, and oslo.service runs its threading backend). No other module
 imports either, nor relies on a behaviour of one of them.
 
 The API:
@@ -50,16 +51,18 @@ Invariants callers rely on:
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
-BACKEND_VARIABLE = "COMPUTE_AGENT_CONCURRENCY"
-_CHOSEN = os.environ.get(BACKEND_VARIABLE, "eventlet")
+from compute_agent import concurrency
 
-if _CHOSEN not in ("eventlet", "threads"):
-    raise ImportError(f"{BACKEND_VARIABLE}={_CHOSEN!r}: expected 'eventlet' or 'threads'")
+BACKEND_VARIABLE = concurrency.VARIABLE
+try:
+    _CHOSEN = concurrency.chosen().backend
+except concurrency.BackendChoiceError as exc:
+    raise ImportError(str(exc)) from None
 
 if _CHOSEN == "threads" and not TYPE_CHECKING:
+    concurrency.prepare_threads()
     from compute_agent._green_threads import *  # noqa: F403
 else:
     from compute_agent._green_eventlet import *  # noqa: F403

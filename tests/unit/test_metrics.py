@@ -127,6 +127,8 @@ def test_collector_serves_instances_and_escapes_their_names(agent):
         for s in samples(text, "compute_agent_instances")
     }
     assert counts == {("active", "running"): 1}
+    (backend,) = samples(text, "compute_agent_concurrency_backend")
+    assert backend.labels == {"backend": green.BACKEND} and backend.value == 1
     (ok,) = [
         s
         for s in samples(text, "compute_agent_requests_total")
