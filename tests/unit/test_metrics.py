@@ -25,6 +25,7 @@ from compute_agent.service import NodeService
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.virt.fake import FakeDriver
 from tests.helpers import eventually
+from tests.unit.hammer import THREADS, WRITES, hammer
 
 # Quotes and a backslash, which a build accepts, and a line break, which only a
 # row written by something else could hold: the characters the text format escapes.
@@ -358,33 +359,6 @@ def test_a_scrape_gets_through_a_flood(agent):
         for client in clients:
             client.wait()
         server.stop()
-
-
-THREADS, WRITES = 8, 10_000
-
-
-def hammer(work) -> None:
-    """Run ``work(thread_index)`` in THREADS native threads at once, switching as often as can be.
-
-    With the interpreter's switch interval at a microsecond, an unguarded
-    read-modify-write loses updates (the old counters lost a third of them).
-    """
-    import sys
-
-    start = green.native_event()
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [
-            green.native_thread(lambda i=i: (start.wait(), work(i)), name=f"writer-{i}")
-            for i in range(THREADS)
-        ]
-        start.set()
-        for t in threads:
-            t.join(120)
-            assert not t.is_alive()
-    finally:
-        sys.setswitchinterval(interval)
 
 
 def test_counters_count_every_increment_from_many_threads():
