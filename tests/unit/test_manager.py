@@ -116,7 +116,7 @@ def test_closing_libvirt_under_a_running_sync(conf, sqlite_db, tmp_path):
 
     def close_mid_run():
         while manager.power_sync.progress[0] < 100:
-            green.yield_now()
+            green.sleep(0.005)  # a poll: a spin would hold the GIL from the sync under threads
         kill_connection(driver)
         while driver.connected:
             green.sleep(0.01)
@@ -130,8 +130,8 @@ def test_closing_libvirt_under_a_running_sync(conf, sqlite_db, tmp_path):
         summaries.append(summary)
         return summary
 
+    manager.power_sync.run = recording_run  # before start: its first run may begin at once
     service.start()
-    service.runner.tasks[POWER_SYNC].fn = recording_run  # before its first run starts
     try:
         green.spawn(close_mid_run).wait()
         assert wait_until(lambda: len(summaries) >= 2, timeout=10)
