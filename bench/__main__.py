@@ -25,6 +25,7 @@ BENCHMARKS = [
     "resume_boot",
     "metrics_scrape",
     "reaper_flood",
+    "backends",
 ]
 
 
