@@ -118,8 +118,11 @@ def test_closing_libvirt_under_a_running_sync(conf, sqlite_db, tmp_path):
         while manager.power_sync.progress[0] < 100:
             green.sleep(0.005)  # a poll: a spin would hold the GIL from the sync under threads
         kill_connection(driver)
-        while driver.connected:
-            green.sleep(0.01)
+        # The loss is noticed, then the row disabled, by other tasks (threads: in
+        # parallel with this one): wait for the row, not for the flag before it.
+        deadline = green.monotonic() + 10
+        while not service_row(sqlite_db).disabled_reason and green.monotonic() < deadline:
+            green.sleep(0.005)
         disabled_seen.append(service_row(sqlite_db).disabled_reason)
 
     summaries = []
