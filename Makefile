@@ -7,19 +7,6 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG := etc/compute-agent.conf
 PYTEST_ARGS ?=
-# Unit test files run again on native threads. Not here: test_config (oslo.messaging imports
-# eventlet through oslo.service), test_hub_budget, test_hub_monitor, test_libvirt_driver,
-# test_sdnotify and test_service (hub-only checks), test_manager and
-# test_libvirt_events (a sync started at service start runs in parallel with what the
-# test does next), test_intake (two waiters admitted together record their turn in either
-# order).
-THREADS_UNIT := admin_deadlines admin_socket dashboard db db_budget db_deadlines dispatch errors \
-	fake_driver green layers libvirt_pool lifecycle locks log_files \
-	log_secrets manage_cli metrics operations operator_commands ownership \
-	packaging periodic power_sync purge races reaper recovery resume retention rpc statistics stats \
-	steady stress_bench sync_policy transport_password
-THREADS_TESTS := $(patsubst %,tests/unit/test_%.py,$(THREADS_UNIT))
-
 .PHONY: run test setup host host-min libvirtd lint genconfig bench clean
 
 run: host-min $(STAMP)
@@ -30,8 +17,9 @@ test: host libvirtd $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
-	# The same concurrency API on native threads (compute_agent/green.py).
-	COMPUTE_AGENT_CONCURRENCY=threads $(BIN)/python -m pytest -p no:cacheprovider $(THREADS_TESTS)
+	# Every test again on native threads (concurrency_backend = threads); the few
+	# that check the eventlet hub itself (@pytest.mark.hub_only) skip, saying why.
+	COMPUTE_AGENT_CONCURRENCY=threads $(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 setup: host $(STAMP)
 

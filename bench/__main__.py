@@ -28,6 +28,7 @@ BENCHMARKS = [
     "agent_sync",
     "fleet",
     "db_scale",
+    "backends",
 ]
 
 

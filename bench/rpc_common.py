@@ -24,7 +24,6 @@ import uuid as uuidlib
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-import greenlet
 import kombu
 from oslo_config import cfg
 from oslo_messaging import opts as messaging_opts
@@ -241,6 +240,12 @@ def interrupts_to_main() -> Iterator[None]:
     second signal during that clean-up is ignored.
     """
     from compute_agent import green
+
+    if not green.HAS_HUB:
+        # Native threads: Python already raises it in the main thread, the benchmark's.
+        yield
+        return
+    import greenlet  # only under eventlet: a threads-mode process never loads it
 
     main = greenlet.getcurrent()
     delivered = False

@@ -464,17 +464,20 @@ def run_once(scenario: Scenario, backend: str) -> dict[str, Any]:
             offset = agent.log_size()
             pinger = Child("bench.stress_load", ["ping", agent.socket], "stress-pinger")
             run = Run(agent, db, states, rabbit, api, proxy)
+            cpu_before = agent_cpu_s(agent.proc.pid)
             t0 = time.monotonic()
             scenario.load(run)
             load_s = time.monotonic() - t0
             green.sleep(1.5)  # the next heartbeat records any lateness the load caused
             after = agent.status(timeout=60)
+            load_cpu_s = agent_cpu_s(agent.proc.pid) - cpu_before
             [note] = stop_children([pinger]) or [None]
             printed = pinger.rest()
             pings = json.loads(printed[-1]) if printed else {}
             return _figures(scenario, backend, agent, before, after, offset, run.work, pings) | {
                 "startup_s": round(startup_s, 1),
                 "load_s": round(load_s, 1),
+                "load_cpu_s": round(load_cpu_s, 2),
                 "pinger_note": note,
             }
     finally:
@@ -493,6 +496,12 @@ def run_once(scenario: Scenario, backend: str) -> dict[str, Any]:
         if rabbit is not None:
             rabbit.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def agent_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) the agent process has used so far."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _task(status: dict[str, Any], name: str) -> dict[str, Any]:

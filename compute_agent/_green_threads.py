@@ -1,21 +1,13 @@
-"""The native-threads backend of :mod:`compute_agent.green` (``COMPUTE_AGENT_CONCURRENCY=threads``).
+"""The native-threads backend of :mod:`compute_agent.green` (``concurrency_backend = threads``).
 
 Import :mod:`compute_agent.green`, never this module. Each task is a daemon
-``threading.Thread``; cancelling one sets a flag that the task sees at its
-next switch point (``sleep``, ``yield_now``, a wait on an ``Event``,
-``Future`` or ``Task``, a ``Semaphore`` acquire), where :class:`Cancelled`
-is raised. There is no hub: ``execute`` and ``proxy`` are direct calls,
-``monkey_patch`` does nothing, and no switch tracer exists.
-
-Some scheduling promises of eventlet are kept approximately (each wait is
-bounded), because code that yields to be fair, or that expects a cancelled
-task to have cleaned up, relies on them: ``yield_now`` (in a task or not)
-waits until every other task that is not blocked in a wait has reached a
-switch point; a new task starts a moment after its spawner went on
-(``_YIELD_S``), so a burst of spawns runs to its end first, and only once the
-task spawned before it has reached its first switch point, so tasks start in
-the order spawned; and ``cancel`` returns once the task has reached its next
-switch point or ended (not waiting for one blocked in a C call).
+``threading.Thread``; nothing is promised about the order in which tasks
+start or run. Cancelling one sets its flag and wakes it if it waits at a
+switch point (``sleep``, ``yield_now``, a wait on an ``Event``, ``Future``,
+``Task`` or ``NativeQueue``, a ``Semaphore`` acquire), where
+:class:`Cancelled` is raised; ``cancel`` returns at once (wait on the task
+to know it ended). There is no hub: ``execute`` and ``proxy`` are direct
+calls, ``monkey_patch`` does nothing, and no switch tracer exists.
 """
 
 from __future__ import annotations
@@ -43,76 +35,42 @@ class Cancelled(BaseException):
 
 _local = threading.local()
 
-# time.sleep(0) releases the GIL but usually takes it straight back; a
-# sleep this short lets a thread waiting for the GIL run first.
-_YIELD_S = 0.0001
-# The longest a yield waits for the other tasks: one in a C call that is no
-# switch point (a socket read, say) is not waited for beyond this.
-_YIELD_WAIT_S = 0.01
-# The longest cancel() waits for a task parked at a switch point to wake,
-# clean up and reach its next one (it should take far less).
-_CANCEL_WAIT_S = 0.5
-
-# Task states for fair yields, changed under _sched; tasks "blocked" in a
-# wait are not waited for by a yield, "running" and "yielding" ones are.
-_sched = threading.Condition(threading.Lock())
-_live: set[Task] = set()
-_last_spawned: Task | None = None  # the next spawned task starts after it
-
-
-def _set_state(task: Task, state: str) -> None:
-    with _sched:
-        task._state = state
-        task._switches += 1
-        task._stuck = False
-        _sched.notify_all()
-
-
-def _waited_for(task: Task) -> bool:
-    """Whether a yield waits for ``task`` (``_sched`` held).
-
-    Not when it is blocked in a wait, nor when it sat out a whole yield
-    without a switch point (blocked in a C call that is none: an accept, a
-    socket read), until its next switch point.
-    """
-    return task._state != "blocked" and not task._stuck
-
 
 def current_task() -> Task | None:
     """The Task running the caller, or None (the main thread, a library's thread)."""
     return getattr(_local, "task", None)
 
 
-def _wait(cond: threading.Condition, ready: Callable[[], bool], timeout: float | None) -> bool:
-    """Wait (``cond`` held) until ``ready()``; False on timeout; Cancelled if the task is."""
+def _check_cancelled() -> None:
     task = current_task()
-    end = None if timeout is None else time.monotonic() + timeout
+    if task is not None and task._cancelled.is_set():
+        raise Cancelled()
+
+
+def _wait(cond: threading.Condition, ready: Callable[[], bool], timeout: float | None) -> bool:
+    """Wait (``cond`` held) until ``ready()``; False on timeout; Cancelled if the task is.
+
+    The task names ``cond`` as what it waits on before it checks its flag,
+    and ``cancel`` sets the flag before it reads that name: either the
+    check sees the flag or ``cancel`` wakes the wait.
+    """
+    task = current_task()
     if task is not None:
-        if ready() and not task._cancelling:
-            return True
-        _set_state(task, "blocked")
         task._blocker = cond
-        task._parked = True
     try:
-        while not ready():
-            if task is not None and task._cancelling:
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if task is not None and task._cancelled.is_set():
                 raise Cancelled()
+            if ready():
+                return True
             left = None if end is None else end - time.monotonic()
             if left is not None and left <= 0:
                 return False
             cond.wait(left)
-        return True
     finally:
         if task is not None:
             task._blocker = None
-            task._parked = False
-            task._state = "running"
-
-
-def _check_cancelled() -> None:
-    task = current_task()
-    if task is not None and task._cancelling:
-        raise Cancelled()
 
 
 class Task:
@@ -126,49 +84,33 @@ class Task:
         kwargs: Any,
         name: str,
         quiet: bool = False,
+        own_thread: bool = True,
     ) -> None:
+        """``own_thread=False``: the caller runs :meth:`_run` in a thread it has (a Pool's)."""
         self.task_name = name
-        self._delay = delay
-        self._call = (fn, args, kwargs)
         self._quiet = quiet
+        self._call: Any = (delay, fn, args, kwargs)
         self._cond = threading.Condition(threading.Lock())
         self._finished = False
         self._value: Any = None
         self._error: BaseException | None = None
         self._callbacks: list[Callable[[Task], Any]] = []
-        self._cancelling = False
-        self._woken = threading.Event()  # set on cancel: ends a sleep early
-        self._blocker: threading.Condition | None = None
-        self._parked = False  # waiting at a switch point (not in a C call)
-        self._in_call = False  # in execute(): a cancel does not wait for it
-        self._stuck = False  # reached no switch point during a whole yield
-        self._switches = 0
-        self._begun_at: int | None = None  # _switches when fn was called
-        global _last_spawned
-        with _sched:
-            # A delayed task is blocked until due; a new one is waited for by yields.
-            self._state = "blocked" if delay > 0 else "new"
-            self._before = None if delay > 0 else _last_spawned
-            if delay <= 0:
-                _last_spawned = self
-            _live.add(self)
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self._cancelled = threading.Event()  # also ends a sleep at once
+        self._blocker: threading.Condition | None = None  # what the task waits on
+        if own_thread:
+            threading.Thread(target=self._run, name=name, daemon=True).start()
 
     @property
     def name(self) -> str:
         return self.task_name
 
     def _run(self) -> None:
-        _local.task = self
-        fn, args, kwargs = self._call
-        self._call = None  # type: ignore[assignment]
+        (delay, fn, args, kwargs), self._call = self._call, None
+        outer, _local.task = current_task(), self
         try:
-            # The spawner goes on first, as under eventlet (see the module docstring).
-            if self._woken.wait(max(self._delay, _YIELD_S)):
+            # Cancelled before its start (or its delay's end): it never runs.
+            if self._cancelled.wait(delay) if delay > 0 else self._cancelled.is_set():
                 raise Cancelled()
-            self._wait_for_before()
-            _check_cancelled()
             value = fn(*args, **kwargs)
         except BaseException as exc:
             self._finish(None, exc)
@@ -176,31 +118,10 @@ class Task:
                 raise  # printed by threading.excepthook, as the hub prints it
         else:
             self._finish(value, None)
-
-    def _wait_for_before(self) -> None:
-        """Start only once the task spawned before this one reached a switch point (bounded)."""
-        before, self._before = self._before, None
-        end = time.monotonic() + _YIELD_WAIT_S
-        with _sched:
-            while before is not None and not self._cancelling:
-                begun = before._begun_at
-                if before._state == "done" or (begun is not None and before._switches > begun):
-                    break
-                if before._stuck:
-                    break
-                left = end - time.monotonic()
-                if left <= 0:
-                    before._stuck = True
-                    break
-                _sched.wait(left)
-            self._state = "running"
-            self._begun_at = self._switches
-            _sched.notify_all()
+        finally:
+            _local.task = outer
 
     def _finish(self, value: Any, error: BaseException | None) -> None:
-        with _sched:
-            _live.discard(self)
-        _set_state(self, "done")
         with self._cond:
             self._value, self._error, self._finished = value, error, True
             callbacks, self._callbacks = self._callbacks, []
@@ -211,30 +132,15 @@ class Task:
     def cancel(self) -> None:
         """Raise :class:`Cancelled` in the task at its next switch point (unstarted: never runs).
 
-        Returns once the task has reached its next switch point or ended, as
-        under eventlet: at once if it is in a C call, and within a bounded wait.
+        Returns at once; ``result()`` says when the task has ended.
         """
         if self._finished:
             return
-        with _sched:
-            switches = self._switches
-            parked = self._parked or self._state == "new" or self._begun_at is None
-        self._cancelling = True
-        self._woken.set()
+        self._cancelled.set()
         blocker = self._blocker
-        if blocker is not None:
+        if blocker is not None and current_task() is not self:
             with blocker:
                 blocker.notify_all()
-        if current_task() is self:
-            return
-        end = time.monotonic() + (_CANCEL_WAIT_S if parked else _YIELD_WAIT_S)
-        with _sched:
-            _sched.notify_all()  # a task waiting to start sees it
-            while not self._finished and self._switches == switches and not self._in_call:
-                left = end - time.monotonic()
-                if left <= 0:
-                    return
-                _sched.wait(left)
 
     kill = cancel
 
@@ -294,64 +200,20 @@ def kill(task: Task) -> None:
 
 
 def sleep(seconds: float = 0) -> None:
-    """Sleep this thread; a cancelled task wakes at once with Cancelled."""
+    """Sleep this thread; a cancelled task wakes at once with Cancelled.
+
+    ``sleep(0)`` (``yield_now``) only checks for a cancel: the interpreter
+    already switches threads every few milliseconds, and a real sleep(0)
+    (a system call handing the CPU away) cost 90 µs per instance synced.
+    """
     task = current_task()
     if task is None:
-        if seconds <= 0:
-            _yield(None)
-        else:
+        if seconds > 0:
             time.sleep(seconds)
         return
+    if seconds > 0 and task._cancelled.wait(seconds):
+        raise Cancelled()
     _check_cancelled()
-    if seconds <= 0:
-        _yield(task)
-        return
-    _set_state(task, "blocked")
-    task._parked = True
-    try:
-        if task._woken.wait(seconds):
-            raise Cancelled()
-    finally:
-        task._parked = False
-        task._state = "running"
-    _check_cancelled()
-
-
-def _yield(task: Task | None) -> None:
-    """Let every other task that can run reach its next switch point first (bounded).
-
-    ``task`` is None for a thread that is no task (the main thread, say).
-    """
-    with _sched:
-        if task is not None:
-            task._state = "yielding"
-            task._switches += 1
-            task._stuck = False
-            _sched.notify_all()
-        others = [(t, t._switches) for t in _live if t is not task and _waited_for(t)]
-    time.sleep(_YIELD_S)
-    if others:
-        end = time.monotonic() + _YIELD_WAIT_S
-        if task is not None:
-            task._blocker = _sched
-        try:
-            with _sched:
-                while not (task is not None and task._cancelling) and any(
-                    t._switches == n and _waited_for(t) for t, n in others
-                ):
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        for t, n in others:
-                            if t._switches == n:
-                                t._stuck = True
-                        break
-                    _sched.wait(left)
-        finally:
-            if task is not None:
-                task._blocker = None
-    if task is not None:
-        task._state = "running"
-        _check_cancelled()
 
 
 def yield_now() -> None:
@@ -400,17 +262,8 @@ def native_threads() -> int:
 
 
 def execute(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking call: in this backend, in the calling thread (no yield waits for it)."""
-    task = current_task()
-    if task is None:
-        return fn(*args, **kwargs)
-    _set_state(task, "blocked")
-    task._in_call = True
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        task._in_call = False
-        task._state = "running"
+    """Run a blocking call: in this backend, in the calling thread."""
+    return fn(*args, **kwargs)
 
 
 def proxy(obj: Any, autowrap: tuple[type, ...] = ()) -> Any:
@@ -595,32 +448,48 @@ class Semaphore:
 
 
 class Pool:
-    """At most ``size`` tasks at once: ``spawn`` waits for room, ``waitall`` for all."""
+    """At most ``size`` tasks at once: ``spawn`` waits for room, ``waitall`` for all.
+
+    Tasks run on up to ``size`` threads that take queued tasks one after
+    another and end when none is left: a sync of 10,000 instances through a
+    pool of 4 starts 4 threads, not 10,000.
+    """
 
     def __init__(self, size: int = 1000) -> None:
+        self._size = size
         self._room = Semaphore(size)
-        self._running: set[Task] = set()
         self._lock = threading.Lock()
+        self._queue: collections.deque[Task] = collections.deque()
+        self._workers = 0
+        self._running: set[Task] = set()
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> Task:
         self._room.acquire()
-        name = current_name()
-
-        def run() -> Any:
-            try:
-                return fn(*args)
-            finally:
-                self._room.release()
-
-        task = spawn(run, name=f"{name}-pool")
+        task = Task(0, fn, args, {}, f"{current_name()}-pool", own_thread=False)
+        task.add_done_callback(self._discard)
         with self._lock:
             self._running.add(task)
-        task.add_done_callback(self._discard)
+            self._queue.append(task)
+            start = self._workers < self._size
+            if start:
+                self._workers += 1
+        if start:
+            threading.Thread(target=self._work, name=task.task_name, daemon=True).start()
         return task
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:  # a worker ends only when it finds nothing queued
+                if not self._queue:
+                    self._workers -= 1
+                    return
+                task = self._queue.popleft()
+            task._run()
 
     def _discard(self, task: Task) -> None:
         with self._lock:
             self._running.discard(task)
+        self._room.release()
 
     def waitall(self) -> None:
         while True:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from compute_agent import __version__, exception, green, servicegroup
+from compute_agent import __version__, concurrency, exception, green, servicegroup
 from compute_agent.intake import IntakeGate
 from compute_agent.metrics import figures
 from compute_agent.rpc import BINARY
@@ -222,6 +222,11 @@ class Dispatcher:
         return {
             "host": self.manager.host,
             "version": __version__,
+            "concurrency": {
+                "backend": green.BACKEND,
+                "source": concurrency.chosen().source,
+                "loaded": concurrency.loaded_modules(),
+            },
             "host_state": self._host_state_or_error(source),
             "libvirt": {
                 "connected": agent.connected,

@@ -1,9 +1,10 @@
 """Concurrency: the one API the agent spawns, waits, sleeps and locks through.
 
-Two implementations, chosen once at import by ``COMPUTE_AGENT_CONCURRENCY``:
+Two implementations, chosen once at import (:mod:`compute_agent.concurrency`
+says how: ``COMPUTE_AGENT_CONCURRENCY``, else ``[DEFAULT] concurrency_backend``):
 ``eventlet`` (the default, ``_green_eventlet``) and ``threads`` (native
-threads, ``_green_threads``; the agent then never imports eventlet, though
-oslo.messaging's oslo.service still does, without patching). No other module
+threads, ``_green_threads``; the process then never loads eventlet or
+greenlet, and oslo.service runs its threading backend). No other module
 imports either, nor relies on a behaviour of one of them.
 
 The API:
@@ -27,15 +28,16 @@ Invariants callers rely on:
 - Cancellation is cooperative: ``cancel()`` raises :data:`Cancelled` inside
   the task at its next switch point (``sleep``, ``yield_now``, a wait on an
   ``Event``/``Future``/``Task``, a ``Semaphore`` acquire). Catch
-  ``Cancelled`` only to clean up, and re-raise it. ``cancel`` returns once
-  the task has seen it and run to its next switch point (under threads
-  within a bounded wait; not at all for a task blocked in a C call, which
-  sees it only when the call returns: wait with ``result()`` to know the
-  task ended).
-- Under eventlet tasks start in the order spawned and run until they reach a
-  switch point; under threads they also start in the order spawned (each
-  once the one before reached a switch point, within a bounded wait), then
-  run in parallel (bar the GIL), in any order.
+  ``Cancelled`` only to clean up, and re-raise it. When ``cancel`` returns
+  is not part of the API (eventlet runs the task to its next switch point
+  first, threads return at once): code that needs the task to have ended,
+  its clean-up done, waits for it (``result()``); a task blocked in a C
+  call sees the cancel only when the call returns.
+- No order is promised: eventlet happens to start tasks in the order
+  spawned and run each until a switch point, threads run them in parallel
+  (bar the GIL), in any order. Code that needs an order makes it explicit
+  (a FIFO of tickets, an ``Event``), so that it holds on both; a yield is
+  for fairness on the hub, never for correctness.
 - Shared state touched by more than one task (dicts, sets, counters changed
   in several steps) is guarded by a ``native_lock()`` held briefly and never
   across a switch point. Under eventlet a task is never preempted between
@@ -50,16 +52,18 @@ Invariants callers rely on:
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
-BACKEND_VARIABLE = "COMPUTE_AGENT_CONCURRENCY"
-_CHOSEN = os.environ.get(BACKEND_VARIABLE, "eventlet")
+from compute_agent import concurrency
 
-if _CHOSEN not in ("eventlet", "threads"):
-    raise ImportError(f"{BACKEND_VARIABLE}={_CHOSEN!r}: expected 'eventlet' or 'threads'")
+BACKEND_VARIABLE = concurrency.VARIABLE
+try:
+    _CHOSEN = concurrency.chosen().backend
+except concurrency.BackendChoiceError as exc:
+    raise ImportError(str(exc)) from None
 
 if _CHOSEN == "threads" and not TYPE_CHECKING:
+    concurrency.prepare_threads()
     from compute_agent._green_threads import *  # noqa: F403
 else:
     from compute_agent._green_eventlet import *  # noqa: F403

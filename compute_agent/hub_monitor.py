@@ -52,8 +52,13 @@ class CollectionTimer:
         self._started = 0.0
         self.collections = 0
         self.max = 0.0
-        self._window_total = 0.0
-        self._window_max = (0.0, -1)
+        # (seconds, generation) of each collection since the last take(). Python
+        # runs one collection at a time, so the callback is its only writer;
+        # take() runs in another thread and swaps the list whole (one store):
+        # an append lands in the list it took or in the new one, never lost.
+        # No lock: one taken here could be wanted again by a collection
+        # triggered while its own thread holds it.
+        self._window: list[tuple[float, int]] = []
 
     def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
@@ -62,15 +67,15 @@ class CollectionTimer:
         took = time.perf_counter() - self._started
         self.collections += 1
         self.max = max(self.max, took)
-        self._window_total += took
-        if took > self._window_max[0]:
-            self._window_max = (took, info.get("generation", -1))
+        self._window.append((took, info.get("generation", -1)))
 
     def take(self) -> tuple[float, float, int]:
         """Total and longest collection time since the last call, and the longest's generation."""
-        result = (self._window_total, *self._window_max)
-        self._window_total, self._window_max = 0.0, (0.0, -1)
-        return result
+        window, self._window = self._window, []
+        if not window:
+            return 0.0, 0.0, -1
+        longest = max(window)
+        return math.fsum(t for t, _ in window), longest[0], longest[1]
 
 
 class SliceTracer:

@@ -112,9 +112,8 @@ class LifecycleHandler:
 
     def on_event(self, event: LifecycleEvent) -> None:
         """Take one event, on the hub; schedules work and returns at once."""
-        self.figures.received += 1
         if self._is_stopping():
-            self.figures.ignored += 1
+            add_counts(self._guard, self.figures, received=1, ignored=1)
             LOG.debug(
                 "ignoring %s event for %s: the agent is stopping", event.transition, event.name
             )
@@ -122,10 +121,11 @@ class LifecycleHandler:
         uuid = event.uuid.lower()
         LOG.debug("lifecycle event %s for %s (%s)", event.transition, event.name, uuid)
         with self._guard:
+            self.figures.received += 1
             pending = self._delayed.pop(uuid, None)
         if pending is not None:
             pending.cancel()
-            self.figures.cancelled += 1
+            add_counts(self._guard, self.figures, cancelled=1)
             LOG.info(
                 "instance %s: pending stop event cancelled by a later %s event",
                 uuid,
@@ -134,8 +134,8 @@ class LifecycleHandler:
         if self._watch is not None:
             self._watch.event(uuid, STATE_AFTER.get(event.transition))
         if event.transition in DELAYED and self.stopped_delay > 0:
-            self.figures.delayed += 1
             with self._guard:
+                self.figures.delayed += 1
                 self._delayed[uuid] = green.call_later(
                     self.stopped_delay, self._delay_over, uuid, event
                 )

@@ -79,12 +79,14 @@ class BackgroundHandler(logging.Handler):
         self.dropped = 0
         from compute_agent import green  # here: a client importing log loads no eventlet
 
+        self._dropped_guard = green.native_lock()  # any thread logs
         self._pending = green.native_queue()
         self._writer = green.native_thread(self._write_loop, name="log-writer")
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._pending.qsize() >= self.limit:
-            self.dropped += 1
+            with self._dropped_guard:
+                self.dropped += 1
             return
         try:
             from compute_agent import green  # loaded by __init__

@@ -27,7 +27,7 @@ from compute_agent.db.models import Instance
 from compute_agent.guest_ops import VM_STATE_OF, destroy_until_gone
 from compute_agent.locks import KeyedLocks
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
-from compute_agent.utils import printable, utcnow
+from compute_agent.utils import add_counts, printable, utcnow
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.spec import DomainSpec, render_domain_name, validate_uuid
 
@@ -138,6 +138,7 @@ class InstanceOperations:
             green.Semaphore(max_concurrent_builds) if max_concurrent_builds > 0 else None
         )
         self.builds = BuildFigures()
+        self._builds_guard = green.native_lock()  # builds run on many request threads
 
     def statistics(self) -> BuildStatistics:
         return BuildStatistics(**asdict(self.builds))
@@ -168,17 +169,16 @@ class InstanceOperations:
             source=str(source),
             reason="build requested",
         )
-        self.builds.queued += 1
+        add_counts(self._builds_guard, self.builds, queued=1)
         try:
             with self._build_slot():
-                self.builds.queued -= 1
-                self.builds.running += 1
+                add_counts(self._builds_guard, self.builds, queued=-1, running=1)
                 try:
                     return self._build_locked(request.uuid, spec, source)
                 finally:
-                    self.builds.running -= 1
+                    add_counts(self._builds_guard, self.builds, running=-1)
         except BaseException:
-            self.builds.failed += 1
+            add_counts(self._builds_guard, self.builds, failed=1)
             raise
 
     @contextlib.contextmanager
@@ -222,7 +222,7 @@ class InstanceOperations:
                 source,
                 "build finished",
             )
-            self.builds.completed += 1
+            add_counts(self._builds_guard, self.builds, completed=1)
             return inst
 
     def _cleanup_failed_build(self, inst: Instance) -> None:

@@ -74,6 +74,9 @@ class PeriodicTask:
         self._clock = clock
         self._wake = green.Event()
         self._pending: list[green.Future] = []
+        # run_now() comes from request threads: a request must never be added
+        # after stop() failed the pending ones (it would wait for ever).
+        self._pending_guard = green.native_lock()
         self._stopping = False
         self._thread: green.Task | None = None
         self._next_due: float | None = None
@@ -109,16 +112,20 @@ class PeriodicTask:
         request, so the request is covered by the next run instead.
         """
         fut = green.Future()
-        if self._stopping:
+        with self._pending_guard:
+            stopping = self._stopping
+            if not stopping:
+                self._pending.append(fut)
+        if stopping:
             fut.set_exception(TaskStopped(f"task {self.name} is stopping"))
             return fut
-        self._pending.append(fut)
         self._wake.set()
         return fut
 
     def stop(self, grace: float) -> None:
         """Stop scheduling; let a running call finish for up to ``grace`` s."""
-        self._stopping = True
+        with self._pending_guard:
+            self._stopping = True
         self._wake.set()
         thread = self._thread
         if thread is None:
@@ -151,7 +158,8 @@ class PeriodicTask:
                 continue
             if due and self._next_due is not None:
                 self.max_lateness = max(self.max_lateness, now - self._next_due)
-            waiters, self._pending = self._pending, []
+            with self._pending_guard:
+                waiters, self._pending = self._pending, []
             self._run_once(waiters)
 
     def _run_once(self, waiters: list[green.Future]) -> None:
@@ -209,7 +217,8 @@ class PeriodicTask:
             fut.set_exception(exc)
 
     def _fail_pending(self, exc: Exception) -> None:
-        waiters, self._pending = self._pending, []
+        with self._pending_guard:
+            waiters, self._pending = self._pending, []
         self._fail_waiters(waiters, exc)
 
     # -- figures ----------------------------------------------------------

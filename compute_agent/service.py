@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 from oslo_config import cfg
 
-from compute_agent import exception, green, servicegroup
+from compute_agent import concurrency, exception, green, servicegroup
 from compute_agent.db.api import Database
 from compute_agent.db.busy import BusyWaiter
 from compute_agent.db.models import Service as ServiceRow
@@ -117,12 +117,16 @@ class NodeService:
         assert self.row is not None
         # Logged here, not at the claim: a start refused after the claim
         # (a socket that cannot be bound) stays one line.
+        choice = concurrency.chosen()
         LOG.info(
-            "compute-agent starting on host %s (service id %d, owner %s, database %s)",
+            "compute-agent starting on host %s (service id %d, owner %s, database %s, "
+            "concurrency backend %s from %s)",
             self.host,
             self.row.id,
             self.owner[:8],
             self.db.safe_url,
+            green.BACKEND,
+            choice.source,
         )
         self.lag_monitor.start()
         # The heartbeat is never delayed by the fuzzy start: a new service must

@@ -118,3 +118,14 @@ def sqlite_db(tmp_path) -> Iterator[Database]:
     migration.upgrade(database)
     yield database
     database.dispose()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.hub_only("why")``: skipped on native threads, saying why."""
+    if green.HAS_HUB:
+        return
+    for item in items:
+        marker = item.get_closest_marker("hub_only")
+        if marker is not None:
+            why = marker.args[0] if marker.args else "checks the eventlet hub"
+            item.add_marker(pytest.mark.skip(reason=f"hub only: {why}"))

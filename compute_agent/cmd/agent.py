@@ -1,13 +1,19 @@
 """``compute-agent``: the node service."""
 
-from compute_agent import green
+import sys
+
+from compute_agent import concurrency
+
+# Before green (and oslo.messaging) load: they run on the backend chosen here.
+concurrency.select_or_exit(sys.argv[1:], "compute-agent")
+
+from compute_agent import green  # noqa: E402
 
 green.monkey_patch()
 
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
-import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402
@@ -188,6 +194,10 @@ def reload(conf: cfg.ConfigOpts) -> None:
 
 def run(argv: Sequence[str]) -> int:
     load_config(CONF, argv, PROG)
+    try:
+        concurrency.check_configured(CONF.concurrency_backend)
+    except concurrency.BackendChoiceError as exc:
+        raise Fatal(str(exc), EXIT_USAGE) from None
     try:
         log.setup(CONF, background=True)
     except OSError as exc:

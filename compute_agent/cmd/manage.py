@@ -13,6 +13,12 @@ command hangs. Every failure is one line on stderr.
 """
 
 import os
+import sys
+
+from compute_agent import concurrency
+
+# Before green (and oslo.messaging) load: they run on the backend chosen here.
+concurrency.select_or_exit(sys.argv[1:], "compute-agent-manage")
 
 # A short-lived, single-threaded CLI needs no green DNS, and importing it
 # (dnspython) is a third of the CLI's start-up time. Only eventlet's import
@@ -37,7 +43,6 @@ import io  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import re  # noqa: E402
-import sys  # noqa: E402
 import uuid as uuidlib  # noqa: E402
 from collections.abc import Callable, Sequence  # noqa: E402
 from typing import Any, TextIO  # noqa: E402
@@ -117,6 +122,8 @@ TASK_COLUMNS = (
 STATUS_FIELDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("host", ("host",)),
     ("version", ("version",)),
+    ("concurrency_backend", ("concurrency", "backend")),
+    ("concurrency_source", ("concurrency", "source")),
     ("service_up", ("host_state", "service", "up")),
     ("service_disabled", ("host_state", "service", "disabled")),
     ("disabled_reason", ("host_state", "service", "disabled_reason")),
@@ -787,6 +794,10 @@ def _parse(argv: Sequence[str]) -> None:
 def run(argv: Sequence[str]) -> int:
     register_cli(CONF)
     _parse(argv)
+    try:
+        concurrency.check_configured(CONF.concurrency_backend)
+    except concurrency.BackendChoiceError as exc:
+        raise Fatal(str(exc), EXIT_USAGE) from None
     log.setup(CONF)
     # Alembic, imported only now (after logging is set up), logs its plugins at INFO.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

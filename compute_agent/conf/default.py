@@ -40,6 +40,18 @@ opts = [
         ],
         help="The virt driver the agent manages instances through.",
     ),
+    cfg.StrOpt(
+        "concurrency_backend",
+        default="eventlet",
+        choices=[
+            ("eventlet", "green threads on one hub (eventlet, in bugfix-only maintenance)"),
+            ("threads", "native threads; eventlet and greenlet are never loaded"),
+        ],
+        help="How the agent runs concurrent work. Read once at start, from the config "
+        "files only (not the command line); the environment variable "
+        "COMPUTE_AGENT_CONCURRENCY, if set, takes precedence. The start-up log line, "
+        "`compute-agent-manage status` and /metrics say which backend runs.",
+    ),
     cfg.IntOpt(
         "report_interval",
         default=10,

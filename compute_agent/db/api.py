@@ -146,6 +146,7 @@ class Database:
             self._count_one,
             transaction_pooling=transaction_pooling,
         )
+        self._statements_guard = green.native_lock()  # statements run on many threads
         event.listen(self.engine, "before_cursor_execute", self._count)
         for name in ("begin", "commit", "rollback"):
             event.listen(self.engine, name, self._count_one)
@@ -164,11 +165,14 @@ class Database:
         self, conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool
     ) -> None:
         """Count what the server runs: each row of an executemany is a statement."""
-        self.statements += len(parameters) if many else 1
+        n = len(parameters) if many else 1
+        with self._statements_guard:
+            self.statements += n
 
     def _count_one(self, *args: Any) -> None:
         """BEGIN, COMMIT, ROLLBACK and the pool's check run on the server too."""
-        self.statements += 1
+        with self._statements_guard:
+            self.statements += 1
 
     def _run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if not self.offloaded or getattr(self._in_native, "active", False):

@@ -91,6 +91,13 @@ class AgentCollector:
         )
         _add_histogram(lag, [], figures.HUB_LAG)
         yield lag
+        backend = GaugeMetricFamily(
+            PREFIX + "concurrency_backend",
+            "1 for the concurrency backend this agent runs on (eventlet or threads).",
+            labels=["backend"],
+        )
+        backend.add_metric([green.BACKEND], 1.0)
+        yield backend
         beat = service.heartbeat_at or service.started_at
         yield _gauge(
             "heartbeat_age_seconds",

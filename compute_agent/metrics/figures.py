@@ -1,10 +1,12 @@
 """Counters and histograms updated where events happen, read at scrape time.
 
-They are written on the hub only and read by the scrape's native thread.
-No lock is needed: a write is a few bytecodes, and a reader copies a list
-or a dict in one C call, which the GIL makes atomic. A reader may see a
-histogram's sum one observation ahead of its buckets; Prometheus tolerates
-that, and the count is always taken from the same copy as the buckets.
+They are written from any thread (requests run on RPC workers and the
+admin socket's, libvirt calls on the pool's threads, under threads mode
+on their own) and read by the scrape's native thread. A change is a
+read-modify-write, which the GIL does not make atomic: each family holds a
+native lock, taken for the few bytecodes of one change or one copy and
+never across a switch point, so it never blocks the hub for longer. A
+reader gets a histogram's buckets, count and sum from one moment.
 Nothing here imports prometheus_client, so the hot paths stay light.
 """
 
@@ -13,6 +15,8 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Sequence
+
+from compute_agent import green
 
 # Seconds: from a hub stall worth noticing to a sync of thousands of instances.
 DURATION_BUCKETS = (
@@ -28,25 +32,30 @@ class Histogram:
 
     def __init__(self, buckets: Sequence[float] = DURATION_BUCKETS) -> None:
         self.bounds = tuple(sorted(float(b) for b in buckets))
+        self._lock = green.native_lock()
         self._counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
-        self.sum = 0.0
+        self._sum = 0.0
 
     def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
+        i = bisect.bisect_left(self.bounds, value)
+        with self._lock:
+            self._counts[i] += 1
+            self._sum += value
 
     def clear(self) -> None:
-        self._counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
+        with self._lock:
+            self._counts = [0] * (len(self.bounds) + 1)
+            self._sum = 0.0
 
     def snapshot(self) -> tuple[list[tuple[float, int]], int, float]:
         """Cumulative buckets ``(bound, count)`` ending with +Inf, the count, the sum."""
-        counts = list(self._counts)
+        with self._lock:
+            counts, total_sum = list(self._counts), self._sum
         total, cumulative = 0, []
         for bound, n in zip((*self.bounds, math.inf), counts, strict=True):
             total += n
             cumulative.append((bound, total))
-        return cumulative, total, self.sum
+        return cumulative, total, total_sum
 
 
 class HistogramFamily:
@@ -55,19 +64,25 @@ class HistogramFamily:
     def __init__(self, labels: tuple[str, ...], buckets: Sequence[float] = DURATION_BUCKETS):
         self.labels = labels
         self.buckets = tuple(buckets)
+        self._lock = green.native_lock()
         self._children: dict[tuple[str, ...], Histogram] = {}
 
     def observe(self, values: tuple[str, ...], value: float) -> None:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = Histogram(self.buckets)
+            with self._lock:  # two first observations must not make two children
+                child = self._children.get(values)
+                if child is None:
+                    child = self._children[values] = Histogram(self.buckets)
         child.observe(value)
 
     def items(self) -> list[tuple[tuple[str, ...], Histogram]]:
-        return list(self._children.items())
+        with self._lock:
+            return list(self._children.items())
 
     def clear(self) -> None:
-        self._children = {}
+        with self._lock:
+            self._children = {}
 
 
 class CounterFamily:
@@ -76,16 +91,20 @@ class CounterFamily:
     def __init__(self, labels: tuple[str, ...], preset: Sequence[tuple[str, ...]] = ()) -> None:
         self.labels = labels
         self._preset = tuple(preset)
+        self._lock = green.native_lock()
         self._values: dict[tuple[str, ...], float] = dict.fromkeys(self._preset, 0.0)
 
     def inc(self, values: tuple[str, ...], amount: float = 1.0) -> None:
-        self._values[values] = self._values.get(values, 0.0) + amount
+        with self._lock:
+            self._values[values] = self._values.get(values, 0.0) + amount
 
     def items(self) -> list[tuple[tuple[str, ...], float]]:
-        return list(self._values.items())
+        with self._lock:
+            return list(self._values.items())
 
     def clear(self) -> None:
-        self._values = dict.fromkeys(self._preset, 0.0)
+        with self._lock:
+            self._values = dict.fromkeys(self._preset, 0.0)
 
 
 SYNC_OUTCOMES = ("checked", "changed", "skipped", "errors")

@@ -85,6 +85,7 @@ class MetricsServer:
         self._thread: Any = None
         self.scrapes = 0
         self.errors = 0
+        self._counts_guard = green.native_lock()  # the scrape workers count together
         self.last_error: str | None = None
 
     @property
@@ -287,11 +288,13 @@ class MetricsServer:
         try:
             body = self._body(arrived)
         except Exception as exc:  # noqa: BLE001 - reported to the scraper, never ends the server
-            self.errors += 1
-            self.last_error = f"{type(exc).__name__}: {exc}"
+            with self._counts_guard:
+                self.errors += 1
+                self.last_error = f"{type(exc).__name__}: {exc}"
             _reply(conn, 500, f"cannot render metrics: {self.last_error}\n".encode())
             return
-        self.scrapes += 1
+        with self._counts_guard:
+            self.scrapes += 1
         _reply(conn, 200, body, content_type=CONTENT_TYPE, head=head)
 
 

@@ -66,6 +66,8 @@ class FakeDriver(ComputeDriver):
         self.method_latency = dict(method_latency or {})
         self.domains: dict[str, FakeDomain] = {}
         self.calls: collections.Counter[str] = collections.Counter()
+        # The counts and a fault's remaining hits: calls come from many threads.
+        self._calls_guard = green.native_lock()
         self.faults: dict[str, Fault] = {}
         self.ignores_shutdown: set[str] = set()
         # method -> fn(domain name), run once the method has done its work:
@@ -132,16 +134,20 @@ class FakeDriver(ComputeDriver):
     # -- the call path: count, fault, latency -----------------------------
 
     def _call(self, method: str, name: str | None = None) -> None:
-        self.calls[method] += 1
+        with self._calls_guard:
+            self.calls[method] += 1
         if not self._connected:
             raise exception.HypervisorUnavailable("fake hypervisor is not connected")
         delay = self.method_latency.get(method, self.latency)
         fault = self.faults.get(method)
         if fault is not None and (fault.names is None or name in fault.names):
-            if fault.remaining is None or fault.remaining > 0:
-                fault.hits += 1
-                if fault.remaining is not None:
-                    fault.remaining -= 1
+            with self._calls_guard:  # n remaining hits fail exactly n calls
+                hit = fault.remaining is None or fault.remaining > 0
+                if hit:
+                    fault.hits += 1
+                    if fault.remaining is not None:
+                        fault.remaining -= 1
+            if hit:
                 if fault.kind == "hang":
                     self._hang()
                     raise exception.HypervisorUnavailable(f"{method} hung and was released")
@@ -174,7 +180,8 @@ class FakeDriver(ComputeDriver):
     # -- the driver interface ---------------------------------------------
 
     def init_host(self, host: str) -> None:
-        self.calls["init_host"] += 1
+        with self._calls_guard:
+            self.calls["init_host"] += 1
         self._connected = True
 
     def cleanup_host(self) -> None:

@@ -22,6 +22,7 @@ class AgentProcess:
         config_files: list[pathlib.Path],
         extra_env: dict | None = None,
         metrics_port: int | None = 0,
+        drop_env: tuple[str, ...] = (),
     ) -> None:
         """``metrics_port``: [metrics] listen_port, given in a last config file.
 
@@ -35,6 +36,8 @@ class AgentProcess:
         for path in files:
             args += ["--config-file", str(path)]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **(extra_env or {}))
+        for name in drop_env:
+            env.pop(name, None)
         self.proc = subprocess.Popen(
             args,
             stderr=subprocess.PIPE,
@@ -204,3 +207,36 @@ def manage_on_terminal(
         subprocess.CompletedProcess(args, proc.returncode, out, ""),
         terminal.decode("utf-8", "replace"),
     )
+
+
+# Runs the CLI as its entry point does, then records which green modules it loaded.
+_CLI_THEN_MODULES = """
+import json, runpy, sys
+out, sys.argv = sys.argv[1], ["compute-agent-manage", *sys.argv[2:]]
+try:
+    runpy.run_module("compute_agent.cmd.manage", run_name="__main__", alter_sys=True)
+finally:
+    with open(out, "w") as f:
+        json.dump(sorted(m for m in sys.modules if m.split(".")[0] in ("eventlet", "greenlet")), f)
+"""
+
+
+def manage_loaded(
+    *args: str,
+    config_files: list[pathlib.Path],
+    drop_env: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run ``compute-agent-manage``; also return the eventlet/greenlet modules it had loaded."""
+    import json
+
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as record:
+        cmd = [sys.executable, "-c", _CLI_THEN_MODULES, record.name]
+        for path in config_files:
+            cmd += ["--config-file", str(path)]
+        env = {k: v for k, v in os.environ.items() if k not in drop_env}
+        env.update(extra_env or {})
+        done = subprocess.run(
+            [*cmd, *args], capture_output=True, text=True, timeout=120, cwd=REPO, env=env
+        )
+        return done, json.load(record)

@@ -1,14 +1,19 @@
-"""A real agent on the native-threads backend (``COMPUTE_AGENT_CONCURRENCY=threads``).
+"""A real agent on the native-threads backend.
 
-The agent runs on ``test:///default`` and SQLite; the CLI talks to it over the
-admin socket, a scheduler over RPC on the shared RabbitMQ (its own exchange
-and host name, ``tests.functional.rabbit``), and SIGTERM stops it within its
-shutdown timeout.
+Chosen by ``[DEFAULT] concurrency_backend = threads`` (the first test) or by
+``COMPUTE_AGENT_CONCURRENCY=threads`` (the second). The agent runs on
+``test:///default`` and SQLite; the CLI talks to it over the admin socket, a
+scheduler over RPC on the shared RabbitMQ (its own exchange and host name,
+``tests.functional.rabbit``), and SIGTERM stops it within its shutdown
+timeout. Neither the agent nor the CLI loads eventlet or greenlet, or
+prints a deprecation warning.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import urllib.request
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -16,18 +21,46 @@ import pytest
 
 from compute_agent import __version__, exception
 from compute_agent.rpcapi import ComputeAPI
-from tests.functional.agent_process import AgentProcess, manage, manage_all, synced_config
+from tests.functional.agent_process import (
+    AgentProcess,
+    free_port,
+    manage,
+    manage_all,
+    manage_loaded,
+    synced_config,
+)
 from tests.functional.rabbit import RabbitRun
 
 THREADS_DEFAULT = "report_interval = 1\n"
 THREADS_COMPUTE = "[compute]\nstats_interval = 1\nshutdown_timeout = 10\n"
+VARIABLE = "COMPUTE_AGENT_CONCURRENCY"
+NO_GREEN = {"eventlet": False, "greenlet": False}
+# eventlet's notice ("Eventlet is deprecated") and any library's DeprecationWarning.
+DEPRECATION = re.compile(r"deprecat", re.IGNORECASE)
 
 
 def test_an_agent_on_native_threads_serves_the_cli_and_stops_cleanly(tmp_path):
-    files = synced_config(tmp_path, "threads-host", default=THREADS_DEFAULT, rest=THREADS_COMPUTE)
-    agent = AgentProcess(files, extra_env={"COMPUTE_AGENT_CONCURRENCY": "threads"})
+    default = THREADS_DEFAULT + "concurrency_backend = threads\n"
+    files = synced_config(tmp_path, "threads-host", default=default, rest=THREADS_COMPUTE)
+    port = free_port()
+    # The config file chooses; the variable (set for the threads pass of the suite) must not.
+    agent = AgentProcess(files, metrics_port=port, drop_env=(VARIABLE,))
     try:
         agent.wait_for("heartbeat 3")
+        assert f"concurrency backend threads from [DEFAULT] concurrency_backend in {files[1]}" in (
+            agent.output
+        )
+        version, loaded = manage_loaded("db", "version", config_files=files, drop_env=(VARIABLE,))
+        assert (version.returncode, version.stderr, loaded) == (0, "", []), version.stderr
+        status, loaded = manage_loaded(
+            "status", "-f", "json", config_files=files, drop_env=(VARIABLE,)
+        )
+        assert (status.returncode, status.stderr, loaded) == (0, "", []), status.stderr
+        backend = json.loads(status.stdout)["concurrency"]
+        assert backend["backend"] == "threads" and backend["loaded"] == NO_GREEN, backend
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+            text = reply.read().decode()
+        assert 'compute_agent_concurrency_backend{backend="threads"} 1.0' in text
         booted = manage(
             "instances", "boot", "--name", "t1", "--vcpus", "1", "--memory-mb", "64",
             config_files=files,
@@ -48,6 +81,7 @@ def test_an_agent_on_native_threads_serves_the_cli_and_stops_cleanly(tmp_path):
     assert took < 10, agent.output
     assert "compute-agent stopped" in agent.output
     assert "Traceback" not in agent.output, agent.output
+    assert not DEPRECATION.search(agent.output), agent.output
 
 
 def test_an_agent_on_native_threads_serves_rpc_and_stops_cleanly(tmp_path):
@@ -60,6 +94,11 @@ def test_an_agent_on_native_threads_serves_rpc_and_stops_cleanly(tmp_path):
     api = None
     try:
         agent.wait_for("RPC serving")
+        status, loaded = manage_loaded(
+            "status", "-f", "json", config_files=files, extra_env={VARIABLE: "threads"}
+        )
+        assert (status.returncode, status.stderr, loaded) == (0, "", []), status.stderr
+        assert json.loads(status.stdout)["concurrency"]["loaded"] == NO_GREEN
         api = ComputeAPI(run.conf(), timeout=15)
         assert api.ping(host) == {"host": host, "version": __version__}
         request = {"uuid": str(uuidlib.uuid4()), "name": "t-rpc", "vcpus": 1, "memory_mb": 64}
@@ -103,3 +142,4 @@ def test_an_agent_on_native_threads_serves_rpc_and_stops_cleanly(tmp_path):
     assert took < 5, agent.output
     assert "RPC stopped" in agent.output and "compute-agent stopped" in agent.output
     assert "Traceback" not in agent.output, agent.output
+    assert not DEPRECATION.search(agent.output), agent.output

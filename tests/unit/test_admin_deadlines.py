@@ -222,11 +222,13 @@ def test_when_every_connection_runs_a_request_the_reserve_then_a_refusal(
 ):
     release = green.Event()
     monkeypatch.setattr(agent.manager, "list_instances", lambda: [] if release.wait() else [])
-    calls = [
-        green.spawn(AdminClient(sock_path, timeout=30).call, "list_instances") for _ in range(5)
-    ]
+    calls = []
     try:
-        wait_for(lambda: small_server.figures()["busy"] == 5)  # 4 + the reserved one
+        # One at a time: a connection whose request is not read yet would be the
+        # oldest still sending, and the next one would push it out.
+        for n in range(1, 6):
+            calls.append(green.spawn(AdminClient(sock_path, timeout=30).call, "list_instances"))
+            wait_for(lambda n=n: small_server.figures()["busy"] == n)  # 4 + the reserved one
         with pytest.raises(RemoteError, match="TooManyConnections"):
             AdminClient(sock_path, timeout=5).call("ping")
         assert small_server.figures()["refused"] == 1

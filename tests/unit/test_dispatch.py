@@ -4,7 +4,7 @@ import uuid
 
 import pytest
 
-from compute_agent import __version__, exception
+from compute_agent import __version__, exception, green
 from compute_agent.dispatch import MAX_ARGS_BYTES, Dispatcher
 from compute_agent.manager import ComputeManager
 from compute_agent.service import NodeService
@@ -114,6 +114,11 @@ def test_status_for_the_admin(dispatcher):
     assert status["hub_lag"]["samples"] >= 0 and status["events"]["received"] >= 0
     assert status["builds"] == {"queued": 0, "running": 0, "completed": 0, "failed": 0}
     assert status["intake"]["slots"] == 64 and status["intake"]["waiting"] == 0
+    # Which backend runs, and whether the green modules are loaded: the threads run
+    # of this test proves the process holds neither.
+    hub = green.BACKEND == "eventlet"
+    assert status["concurrency"]["backend"] == green.BACKEND
+    assert status["concurrency"]["loaded"] == {"eventlet": hub, "greenlet": hub}
 
 
 def test_status_answers_while_the_database_is_down(dispatcher, monkeypatch):

@@ -41,6 +41,7 @@ def _hub_ident() -> int:
     return green.native_thread_id()
 
 
+@pytest.mark.hub_only("under threads every call runs in its caller's own thread")
 def test_sqlite_statements_run_in_native_threads_not_on_the_hub(sqlite_db):
     threads: set[int] = set()
     sa_event = pytest.importorskip("sqlalchemy").event

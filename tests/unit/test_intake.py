@@ -8,6 +8,7 @@ from compute_agent import exception, green
 from compute_agent.dispatch import Dispatcher
 from compute_agent.intake import IntakeGate, RefusalLog
 from compute_agent.states import ActionSource
+from tests.helpers import eventually
 
 
 def _hold(gate: IntakeGate, name: str, order: list[str], release: green.Event) -> None:
@@ -16,15 +17,32 @@ def _hold(gate: IntakeGate, name: str, order: list[str], release: green.Event) -
         release.wait()
 
 
+def _arrive(gate: IntakeGate, name: str, order: list[str], release: green.Event) -> green.Task:
+    """Send ``name`` to the gate and wait until it holds a slot or a place in the queue.
+
+    One at a time, so that arrival order is the order of these calls on
+    either backend (threads start in any order).
+    """
+    before = gate.running + gate.waiting
+    task = green.spawn(_hold, gate, name, order, release, name=name)
+    eventually(lambda: gate.running + gate.waiting > before, 10, f"{name} at the gate", every=0.002)
+    return task
+
+
 def test_gate_admits_at_most_slots_and_serves_in_arrival_order():
     gate = IntakeGate(2)
     order: list[str] = []
-    release = green.Event()
-    threads = [green.spawn(_hold, gate, f"r{i}", order, release, name=f"r{i}") for i in range(6)]
-    green.sleep(0.05)
+    releases = [green.Event() for _ in range(6)]
+    threads = [_arrive(gate, f"r{i}", order, releases[i]) for i in range(6)]
+    eventually(lambda: len(order) == 2, 10, "two admitted", every=0.002)
     assert order == ["r0", "r1"]
     assert (gate.running, gate.waiting, gate.max_waiting) == (2, 4, 4)
-    release.set()
+    # Each leaving request hands its slot to the oldest waiter.
+    for i in range(4):
+        releases[i].set()
+        eventually(lambda i=i: len(order) == i + 3, 10, f"r{i + 2} admitted", every=0.002)
+    releases[4].set()
+    releases[5].set()
     for t in threads:
         t.wait()
     assert order == [f"r{i}" for i in range(6)]
@@ -36,10 +54,8 @@ def test_a_newcomer_never_overtakes_waiters():
     gate = IntakeGate(1)
     order: list[str] = []
     release = green.Event()
-    first = green.spawn(_hold, gate, "first", order, release, name="first")
-    green.sleep(0.01)
-    second = green.spawn(_hold, gate, "second", order, release, name="second")
-    green.sleep(0.01)
+    first = _arrive(gate, "first", order, release)
+    second = _arrive(gate, "second", order, release)
     release.set()  # first leaves; second holds the slot handed to it
     late = green.spawn(_hold, gate, "late", order, release, name="late")
     for t in (first, second, late):
@@ -51,11 +67,12 @@ def test_a_killed_waiter_leaves_the_queue_and_the_slot_is_not_lost():
     gate = IntakeGate(1)
     order: list[str] = []
     release = green.Event()
-    holder = green.spawn(_hold, gate, "holder", order, release, name="holder")
-    green.sleep(0.01)
-    doomed = green.spawn(_hold, gate, "doomed", order, release, name="doomed")
-    green.sleep(0.01)
+    holder = _arrive(gate, "holder", order, release)
+    doomed = _arrive(gate, "doomed", order, release)
+    assert gate.waiting == 1
     green.kill(doomed)
+    with pytest.raises(green.Cancelled):
+        doomed.result(10)
     assert gate.waiting == 0
     release.set()
     holder.wait()

@@ -121,6 +121,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "exception",
             "states",
             "utils",
+            "concurrency",
             "green",
             "_green_eventlet",
             "_green_threads",

@@ -139,6 +139,7 @@ def test_failed_start_is_cleaned_up(driver, monkeypatch):
     assert not driver.instance_exists(Inst(spec.uuid, spec.name))
 
 
+@pytest.mark.hub_only("under threads every call runs in its caller's own thread")
 def test_no_libvirt_call_ever_runs_on_the_hub(driver, host, monkeypatch):
     hub_thread = green.native_thread_id()
     on_hub = []

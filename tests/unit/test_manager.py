@@ -116,10 +116,13 @@ def test_closing_libvirt_under_a_running_sync(conf, sqlite_db, tmp_path):
 
     def close_mid_run():
         while manager.power_sync.progress[0] < 100:
-            green.yield_now()
+            green.sleep(0.005)  # a poll: a spin would hold the GIL from the sync under threads
         kill_connection(driver)
-        while driver.connected:
-            green.sleep(0.01)
+        # The loss is noticed, then the row disabled, by other tasks (threads: in
+        # parallel with this one): wait for the row, not for the flag before it.
+        deadline = green.monotonic() + 10
+        while not service_row(sqlite_db).disabled_reason and green.monotonic() < deadline:
+            green.sleep(0.005)
         disabled_seen.append(service_row(sqlite_db).disabled_reason)
 
     summaries = []
@@ -130,8 +133,8 @@ def test_closing_libvirt_under_a_running_sync(conf, sqlite_db, tmp_path):
         summaries.append(summary)
         return summary
 
+    manager.power_sync.run = recording_run  # before start: its first run may begin at once
     service.start()
-    service.runner.tasks[POWER_SYNC].fn = recording_run  # before its first run starts
     try:
         green.spawn(close_mid_run).wait()
         assert wait_until(lambda: len(summaries) >= 2, timeout=10)

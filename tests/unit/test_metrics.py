@@ -25,6 +25,7 @@ from compute_agent.service import NodeService
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.virt.fake import FakeDriver
 from tests.helpers import eventually
+from tests.unit.hammer import THREADS, WRITES, hammer
 
 # Quotes and a backslash, which a build accepts, and a line break, which only a
 # row written by something else could hold: the characters the text format escapes.
@@ -127,6 +128,8 @@ def test_collector_serves_instances_and_escapes_their_names(agent):
         for s in samples(text, "compute_agent_instances")
     }
     assert counts == {("active", "running"): 1}
+    (backend,) = samples(text, "compute_agent_concurrency_backend")
+    assert backend.labels == {"backend": green.BACKEND} and backend.value == 1
     (ok,) = [
         s
         for s in samples(text, "compute_agent_requests_total")
@@ -356,3 +359,51 @@ def test_a_scrape_gets_through_a_flood(agent):
         for client in clients:
             client.wait()
         server.stop()
+
+
+def test_counters_count_every_increment_from_many_threads():
+    family = figures.CounterFamily(("kind",), preset=[("preset",)])
+
+    def work(i: int) -> None:
+        mine = (f"thread-{i}",)
+        for _ in range(WRITES):
+            family.inc(("shared",))
+            family.inc(mine, 2)
+            family.inc(("preset",), 0.5)
+
+    hammer(work)
+    values = dict(family.items())
+    assert values.pop(("shared",)) == THREADS * WRITES
+    assert values.pop(("preset",)) == THREADS * WRITES * 0.5
+    assert values == {(f"thread-{i}",): 2 * WRITES for i in range(THREADS)}
+
+
+def test_histograms_count_every_observation_from_many_threads():
+    single = figures.Histogram((1.0, 2.0))
+    family = figures.HistogramFamily(("kind",), buckets=(1.0, 2.0))
+    torn: list[tuple[int, float]] = []
+
+    def work(i: int) -> None:
+        for n in range(WRITES):
+            single.observe(0.5 if n % 2 else 1.5)
+            family.observe(("shared",), 2.5)
+            family.observe((f"thread-{i % 2}",), 0.5)  # pairs of threads create each child
+            if i == 0 and n % 100 == 0:
+                # A reader sees buckets, count and sum of one moment.
+                buckets, count, total = family.items()[0][1].snapshot()
+                if total != count * 2.5 or buckets[-1][1] != count:
+                    torn.append((count, total))
+
+    hammer(work)
+    assert torn == []
+    buckets, count, total = single.snapshot()
+    assert buckets == [
+        (1.0, THREADS * WRITES // 2),
+        (2.0, THREADS * WRITES),
+        (math.inf, THREADS * WRITES),
+    ]
+    assert (count, total) == (THREADS * WRITES, THREADS * WRITES // 2 * (0.5 + 1.5))
+    children = {values: child.snapshot() for values, child in family.items()}
+    assert children[("shared",)][1:] == (THREADS * WRITES, THREADS * WRITES * 2.5)
+    for half in ("thread-0", "thread-1"):
+        assert children[(half,)][1:] == (THREADS // 2 * WRITES, THREADS // 2 * WRITES * 0.5)

@@ -260,6 +260,7 @@ def test_default_bulk_reads_per_instance_and_yields(sqlite_db):
     assert set(states.values()) == {P.RUNNING}
 
 
+@pytest.mark.hub_only("one hub thread runs both; native threads are preempted anyway")
 def test_sync_yields_after_every_instance(sqlite_db, driver):
     for _ in range(50):
         add(sqlite_db, driver, power="nostate")

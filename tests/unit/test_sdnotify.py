@@ -84,6 +84,7 @@ def test_watchdog_interval_is_half_the_timeout(env, interval):
     assert Notifier({"NOTIFY_SOCKET": "/x", **env}).watchdog_interval == interval
 
 
+@pytest.mark.hub_only("no hub to freeze")
 def test_watchdog_pings_come_from_the_hub_and_stop_while_it_is_frozen(notify_socket):
     sock, name = notify_socket
     notifier = Notifier({"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "200000"})  # ping every 0.1 s

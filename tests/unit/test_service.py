@@ -75,6 +75,7 @@ def test_native_blocking_task_never_delays_the_heartbeat(service, sqlite_db):
     assert sqlite_db.service_get("test-host", BINARY).report_count >= 29
 
 
+@pytest.mark.hub_only("no hub for a task to block")
 def test_hub_blocking_task_does_delay_the_heartbeat(service):
     """The control for the test above: the same blocking on the hub is caught."""
     service.start()
