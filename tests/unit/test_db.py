@@ -14,6 +14,7 @@ from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.db.engine import normalize_url
 from compute_agent.db.models import Base
 from compute_agent.utils import mask_url_password, utcnow
+from tests.conftest import backend_params
 from tests.helpers import create_instance
 
 
@@ -32,7 +33,7 @@ def test_schema_at_head_passes_check(db):
     migration.check_schema(db)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
+@pytest.mark.parametrize("backend", backend_params("sqlite", "postgresql", "mysql"))
 def test_unmigrated_and_newer_schema_refused(backend, db_url_factory):
     empty = Database(db_url_factory(backend))
     try:
