@@ -48,10 +48,11 @@ from bench import stress_load
 from bench.common import load_average, save, server_database, table
 from bench.rpc_common import REPO, BenchRabbit, Child, stop_children
 from compute_agent import green
-from compute_agent.admin.client import AdminClient, ClientError
+from compute_agent.admin.client import AdminClient
 from compute_agent.db import migration
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
+from compute_agent.exception import ClientError
 from compute_agent.rpc import TOPIC
 from compute_agent.states import PowerState
 from compute_agent.utils import utcnow

@@ -37,13 +37,13 @@ def test_schema_at_head_passes_check(db):
 def test_unmigrated_and_newer_schema_refused(backend, db_url_factory):
     empty = Database(db_url_factory(backend))
     try:
-        with pytest.raises(migration.SchemaError, match="no schema.*db sync"):
+        with pytest.raises(exception.SchemaError, match="no schema.*db sync"):
             migration.check_schema(empty)
         migration.upgrade(empty)
         migration.check_schema(empty)
         with empty.engine.begin() as conn:
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
-        with pytest.raises(migration.SchemaError, match="newer than this agent"):
+        with pytest.raises(exception.SchemaError, match="newer than this agent"):
             migration.check_schema(empty)
     finally:
         empty.dispose()
