@@ -44,7 +44,6 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench import stress_load
 from bench.common import load_average, save, server_database, table
 from bench.rpc_common import REPO, BenchRabbit, Child, stop_children
 from compute_agent import green
@@ -56,7 +55,7 @@ from compute_agent.exception import ClientError
 from compute_agent.rpc import TOPIC
 from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
-from tests import nodefile
+from tests import load, nodefile
 from tests.functional.frozen_proxy import FrozenProxy
 
 HUB_BUDGET_S = 0.050
@@ -255,7 +254,7 @@ def drain_casts(run: Run, builds: int, timeout: float) -> None:
     t0 = time.monotonic()
     drained = wait_until(
         lambda: (
-            stress_load.queue_depth(run.rabbit.url, queue) == 0
+            load.queue_depth(run.rabbit.url, queue) == 0
             and active_rows(run.db, run.agent.host) >= builds
         ),
         timeout,
@@ -263,7 +262,7 @@ def drain_casts(run: Run, builds: int, timeout: float) -> None:
     run.work.update(
         drained=drained,
         drain_s=round(time.monotonic() - t0, 1),
-        left_in_queue=stress_load.queue_depth(run.rabbit.url, queue),
+        left_in_queue=load.queue_depth(run.rabbit.url, queue),
         builds_done=active_rows(run.db, run.agent.host),
     )
 
@@ -274,7 +273,7 @@ def drain_casts(run: Run, builds: int, timeout: float) -> None:
 def load_cast_flood(run: Run) -> None:
     stops = [("stop_instance", {"instance_uuid": str(uuidlib.uuid4())}) for _ in range(5000)]
     builds = [("build_instance", {"instance": new_instance(i)}) for i in range(500)]
-    sent, errors = stress_load.cast_flood(run.api, run.agent.host, stops + builds)
+    sent, errors = load.cast_flood(run.api, run.agent.host, stops + builds)
     run.work.update(casts_sent=sent, send_errors=errors)
     drain_casts(run, len(builds), timeout=240)
     run.work["served"] = f"{sent - (run.work['left_in_queue'] or 0)} casts, " + (
@@ -284,7 +283,7 @@ def load_cast_flood(run: Run) -> None:
 
 def load_build_casts(run: Run) -> None:
     builds = [("build_instance", {"instance": new_instance(i)}) for i in range(1000)]
-    sent, errors = stress_load.cast_flood(run.api, run.agent.host, builds)
+    sent, errors = load.cast_flood(run.api, run.agent.host, builds)
     run.work.update(casts_sent=sent, send_errors=errors)
     drain_casts(run, len(builds), timeout=240)
     run.work["served"] = f"{run.work['builds_done']}/1000 built"
@@ -292,7 +291,7 @@ def load_build_casts(run: Run) -> None:
 
 def load_admin_boots(run: Run) -> None:
     calls = [("build_instance", {"instance": new_instance(i)}) for i in range(2000)]
-    done, errors = stress_load.admin_calls(run.agent.socket, calls, clients=20)
+    done, errors = load.admin_calls(run.agent.socket, calls, clients=20)
     run.work.update(
         calls_ok=done, call_errors=errors, builds_done=active_rows(run.db, run.agent.host)
     )
@@ -463,7 +462,7 @@ def run_once(scenario: Scenario, backend: str) -> dict[str, Any]:
             startup_s = time.monotonic() - t_start
             before = agent.status()
             offset = agent.log_size()
-            pinger = Child("bench.stress_load", ["ping", agent.socket], "stress-pinger")
+            pinger = Child("tests.load", ["ping", agent.socket], "stress-pinger")
             run = Run(agent, db, states, rabbit, api, proxy)
             cpu_before = agent_cpu_s(agent.proc.pid)
             t0 = time.monotonic()
