@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import shutil
 import signal
 import statistics
@@ -57,16 +56,18 @@ from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
 from tests import load, nodefile
 from tests.functional.frozen_proxy import FrozenProxy
+from tests.load import (
+    HEARTBEAT_BUDGET_S,
+    HUB_BUDGET_S,
+    LAG_LINE,
+    LAG_WARNING_S,
+    ms_or_below,
+    summarise,
+    worst_lag_lines,
+    worst_own,
+)
 
-HUB_BUDGET_S = 0.050
-HEARTBEAT_BUDGET_S = 0.5
-LAG_WARNING_S = 0.020
 BIG_HOST = 10_000
-LAG_LINE = re.compile(r"hub lag ([\d.]+) s: greenthread '(.*?)' ran ([\d.]+) s without yielding")
-# What the hub-lag line says of the time the hub's thread was runnable but
-# given no CPU: the host's other processes (this benchmark's own clients
-# included), not the agent.
-CPU_WAIT = re.compile(r"it waited ([\d.]+) s for a CPU")
 HEARTBEAT_FAILED = "periodic task heartbeat failed"
 SILENT_WAIT_S = 45.0  # how long silent_db waits for the heartbeat's first failure line
 STATES = [PowerState.RUNNING, PowerState.RUNNING, PowerState.PAUSED, PowerState.SHUTDOWN]
@@ -532,12 +533,12 @@ def _figures(
         "database": backend,
         # None: below the warning threshold for the whole window.
         "hub_worst_s": hub_worst if hub_worst else None,
-        "hub_worst_own_s": _worst_own(log),
+        "hub_worst_own_s": worst_own(log),
         "hub_worst_blamed": worst_line[1] if worst_line else None,
         "hub_lag_warnings": len(lags),
         # The three longest, whole: each says how much CPU the hub's thread
         # used meanwhile and how long garbage collection took.
-        "hub_lag_worst_lines": _worst_lag_lines(log, 3),
+        "hub_lag_worst_lines": worst_lag_lines(log, 3),
         "hub_lag_max_since_start_s": after["hub_lag"]["max_s"],
         "hub_lag_max_before_load_s": before["hub_lag"]["max_s"],
         "hub_lag_p99_last_1000_s": after["hub_lag"]["p99_s"],
@@ -551,82 +552,7 @@ def _figures(
     }
 
 
-def _worst_own(log: str) -> float | None:
-    """The worst stretch less the time the hub's thread waited for a CPU meanwhile."""
-    own = []
-    for line in log.splitlines():
-        if (lag := LAG_LINE.search(line)) is not None:
-            waited = CPU_WAIT.search(line)
-            own.append(max(0.0, float(lag[1]) - (float(waited[1]) if waited else 0.0)))
-    return max(own, default=None)
-
-
-def _worst_lag_lines(log: str, count: int) -> list[str]:
-    lines = [(float(m[1]), line) for line in log.splitlines() if (m := LAG_LINE.search(line))]
-    return [line for _, line in sorted(lines)[-count:]]
-
-
 # -- the table ------------------------------------------------------------------
-
-
-def _median_spread(values: list[float | None], fmt: Callable[[float], str]) -> tuple[Any, str]:
-    """The median (None counts as 0: below what is measured) and 'median (min-max)'."""
-    nums = [v or 0.0 for v in values]
-    med = statistics.median(nums)
-    if len(nums) == 1:
-        return med, fmt(med)
-    return med, f"{fmt(med)} ({fmt(min(nums))}-{fmt(max(nums))})"
-
-
-def _ms(v: float) -> str:
-    return "<20" if v < LAG_WARNING_S else f"{v * 1000:.0f}"
-
-
-def _s(v: float) -> str:
-    return f"{v:.2f}"
-
-
-def summarise(name: str, backend: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    hub, hub_text = _median_spread([r["hub_worst_s"] for r in runs], _ms)
-    own, own_text = _median_spread([r.get("hub_worst_own_s") for r in runs], _ms)
-    beat, beat_text = _median_spread([r["heartbeat_late_s"] for r in runs], _s)
-    if not any(r["heartbeat_late_grew"] for r in runs):
-        beat_text = "<= " + beat_text  # the worst since start, none during the load
-    _, p99_text = _median_spread([r["ping"].get("p99_s") for r in runs], _ms)
-    _, pmax_text = _median_spread([r["ping"].get("max_s") for r in runs], _ms)
-    ok = hub <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
-    own_ok = own <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
-    if name == "silent_db":  # and the outage is reported: a failure line, status answers
-        ok = ok and all(
-            r["work"]["first_heartbeat_failure_s"] is not None
-            and r["work"]["status"].get("answered_s") is not None
-            for r in runs
-        )
-    return {
-        "scenario": name,
-        "database": backend,
-        "runs": len(runs),
-        "hub_worst_median_s": hub,
-        "hub_worst_own_median_s": own,
-        "heartbeat_late_median_s": beat,
-        "verdict": "PASS" if ok else "FAIL",
-        "verdict_own": "PASS" if own_ok else "FAIL",
-        "row": [
-            name,
-            backend,
-            len(runs),
-            hub_text,
-            own_text,
-            runs[-1]["hub_worst_blamed"] or "-",
-            beat_text,
-            p99_text,
-            pmax_text,
-            runs[-1]["work"].get("served", "-"),
-            f"{statistics.median(r['load_s'] for r in runs):.0f} s",
-            "PASS" if ok else "**FAIL**",
-            "PASS" if own_ok else "**FAIL**",
-        ],
-    }
 
 
 HEADERS = [
@@ -671,10 +597,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append(result)
                 print(
                     f"  {scenario.name} on {backend}, run {i + 1}: hub worst "
-                    f"{_ms(result['hub_worst_s'] or 0)} ms, heartbeat late "
+                    f"{ms_or_below(result['hub_worst_s'] or 0)} ms, heartbeat late "
                     f"{result['heartbeat_late_s']:.2f} s, ping p99/worst "
-                    f"{_ms(result['ping'].get('p99_s') or 0)}/"
-                    f"{_ms(result['ping'].get('max_s') or 0)} ms; "
+                    f"{ms_or_below(result['ping'].get('p99_s') or 0)}/"
+                    f"{ms_or_below(result['ping'].get('max_s') or 0)} ms; "
                     f"{result['work'].get('served')}; {result['wall_s']:.0f} s in all",
                     flush=True,
                 )

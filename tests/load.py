@@ -27,8 +27,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -406,6 +408,95 @@ def wait_until(check: Callable[[], Any], timeout: float, interval: float = 0.2) 
                 return last
         time.sleep(interval)
     raise TimeoutError(f"not done within {timeout} s (last: {last!r})")
+
+
+# -- reading a loaded agent: its hub-lag lines, and the verdict over runs -----
+
+# The hub budget (issue 11): no stretch of the hub over 50 ms, no heartbeat
+# over 0.5 s late; the agent warns of a stretch over 20 ms.
+HUB_BUDGET_S = 0.050
+HEARTBEAT_BUDGET_S = 0.5
+LAG_WARNING_S = 0.020
+LAG_LINE = re.compile(r"hub lag ([\d.]+) s: greenthread '(.*?)' ran ([\d.]+) s without yielding")
+# What the hub-lag line says of the time the hub's thread was runnable but
+# given no CPU: the host's other processes (the load's own clients
+# included), not the agent.
+CPU_WAIT = re.compile(r"it waited ([\d.]+) s for a CPU")
+
+
+def worst_own(log: str) -> float | None:
+    """The worst stretch less the time the hub's thread waited for a CPU meanwhile."""
+    own = []
+    for line in log.splitlines():
+        if (lag := LAG_LINE.search(line)) is not None:
+            waited = CPU_WAIT.search(line)
+            own.append(max(0.0, float(lag[1]) - (float(waited[1]) if waited else 0.0)))
+    return max(own, default=None)
+
+
+def worst_lag_lines(log: str, count: int) -> list[str]:
+    lines = [(float(m[1]), line) for line in log.splitlines() if (m := LAG_LINE.search(line))]
+    return [line for _, line in sorted(lines)[-count:]]
+
+
+def _median_spread(values: list[float | None], fmt: Callable[[float], str]) -> tuple[Any, str]:
+    """The median (None counts as 0: below what is measured) and 'median (min-max)'."""
+    nums = [v or 0.0 for v in values]
+    med = statistics.median(nums)
+    if len(nums) == 1:
+        return med, fmt(med)
+    return med, f"{fmt(med)} ({fmt(min(nums))}-{fmt(max(nums))})"
+
+
+def ms_or_below(v: float) -> str:
+    return "<20" if v < LAG_WARNING_S else f"{v * 1000:.0f}"
+
+
+def _s(v: float) -> str:
+    return f"{v:.2f}"
+
+
+def summarise(name: str, backend: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    hub, hub_text = _median_spread([r["hub_worst_s"] for r in runs], ms_or_below)
+    own, own_text = _median_spread([r.get("hub_worst_own_s") for r in runs], ms_or_below)
+    beat, beat_text = _median_spread([r["heartbeat_late_s"] for r in runs], _s)
+    if not any(r["heartbeat_late_grew"] for r in runs):
+        beat_text = "<= " + beat_text  # the worst since start, none during the load
+    _, p99_text = _median_spread([r["ping"].get("p99_s") for r in runs], ms_or_below)
+    _, pmax_text = _median_spread([r["ping"].get("max_s") for r in runs], ms_or_below)
+    ok = hub <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
+    own_ok = own <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
+    if name == "silent_db":  # and the outage is reported: a failure line, status answers
+        ok = ok and all(
+            r["work"]["first_heartbeat_failure_s"] is not None
+            and r["work"]["status"].get("answered_s") is not None
+            for r in runs
+        )
+    return {
+        "scenario": name,
+        "database": backend,
+        "runs": len(runs),
+        "hub_worst_median_s": hub,
+        "hub_worst_own_median_s": own,
+        "heartbeat_late_median_s": beat,
+        "verdict": "PASS" if ok else "FAIL",
+        "verdict_own": "PASS" if own_ok else "FAIL",
+        "row": [
+            name,
+            backend,
+            len(runs),
+            hub_text,
+            own_text,
+            runs[-1]["hub_worst_blamed"] or "-",
+            beat_text,
+            p99_text,
+            pmax_text,
+            runs[-1]["work"].get("served", "-"),
+            f"{statistics.median(r['load_s'] for r in runs):.0f} s",
+            "PASS" if ok else "**FAIL**",
+            "PASS" if own_ok else "**FAIL**",
+        ],
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -76,3 +76,18 @@ def test_an_unknown_name_is_a_usage_error_in_one_line():
     assert run.stderr.strip().splitlines() == [
         "unknown benchmark(s): no_such_bench; see python -m bench --list"
     ]
+
+
+def test_tests_import_nothing_from_bench():
+    """One direction: bench uses the helpers in tests/ (load.py, nodefile, ...), never back."""
+    importers = []
+    for path in sorted((BENCH.parent / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            if any(n == "bench" or n.startswith("bench.") for n in names):
+                importers.append(str(path.relative_to(BENCH.parent)))
+    assert importers == []
