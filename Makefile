@@ -14,7 +14,7 @@ run: host-min $(STAMP)
 	$(BIN)/compute-agent-manage --config-file $(CONFIG) db sync
 	exec $(BIN)/compute-agent --config-file $(CONFIG)
 
-# The inner loop, about a minute: ruff, mypy and the unit tests in three
+# The inner loop, about a minute: ruff, mypy and the unit tests in four
 # processes (tools/unit_shards.py), with no database server, broker, libvirtd,
 # apt or sudo. It deselects the tests that need a PostgreSQL, MariaDB or
 # PgBouncer server (server_db) and the soaks (slow); `make test` runs them.
