@@ -6,7 +6,8 @@ pytest-xdist cannot do this here: its workers talk to their controller
 through a native thread, which eventlet's monkey-patching (tests/conftest.py)
 stalls. Files are dealt out heaviest first to the lightest shard: a file
 weighs the seconds its tests took in the last run here (kept in
-.venv/unit-durations.json), or its size in kB when not yet timed. Each
+.venv/unit-durations.json; a fresh checkout starts from the committed
+tools/unit-durations.json), or its size in kB when not yet timed. Each
 shard's output is printed whole when it ends (without the per-test
 durations this collects), and the exit status is the first failing shard's.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 UNIT = Path(__file__).resolve().parent.parent / "tests" / "unit"
 NO_TESTS = 5  # pytest's status for a shard whose tests were all deselected
 TIMINGS = UNIT.parent.parent / ".venv" / "unit-durations.json"
+SEED = Path(__file__).resolve().parent / "unit-durations.json"
 DURATION = re.compile(r"^([\d.]+)s (?:call|setup|teardown)\s+(tests/unit/[^:]+\.py)::")
 DURATIONS_HEADER = re.compile(r"^=+ (slowest|\d+ durations)|^\(\d+ durations < ")
 
@@ -47,10 +49,12 @@ def shards(files: list[Path], count: int, weights: dict[str, float]) -> list[lis
 
 
 def _timings() -> dict[str, float]:
-    try:
-        return {str(k): float(v) for k, v in json.loads(TIMINGS.read_text()).items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
+    for path in (TIMINGS, SEED):
+        try:
+            return {str(k): float(v) for k, v in json.loads(path.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            continue
+    return {}
 
 
 def main(argv: list[str]) -> int:
