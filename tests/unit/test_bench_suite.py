@@ -91,3 +91,28 @@ def test_tests_import_nothing_from_bench():
             if any(n == "bench" or n.startswith("bench.") for n in names):
                 importers.append(str(path.relative_to(BENCH.parent)))
     assert importers == []
+
+
+def test_every_bench_module_imports():
+    """A name moved out from under a benchmark (say, a helper it imports) fails here, not in a run.
+
+    In a process of its own, patched first as ``python -m bench`` patches it.
+    """
+    code = (
+        "from compute_agent import green\n"
+        "green.monkey_patch()\n"
+        "import importlib, pathlib\n"
+        "names = [p.stem for p in pathlib.Path('bench').glob('*.py') if p.stem[0] != '_']\n"
+        "for name in names:\n"
+        "    importlib.import_module('bench.' + name)\n"
+        "print(len(names))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=BENCH.parent,
+        timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) == len([p for p in BENCH.glob("*.py") if p.stem[0] != "_"])
