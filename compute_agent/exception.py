@@ -5,6 +5,7 @@
     ComputeAgentError
     ├── InvalidInput                 input: the request itself is wrong; do not retry it as is
     │   ├── ConfigError              the configuration cannot be used (one line for the operator)
+    │   │   └── BackendChoiceError   an unknown concurrency backend, or one chosen too late
     │   ├── ColumnError              a CLI ``-c`` column the output does not have (a ValueError too)
     │   └── RequestTimeout           admin socket: a client sent its request too slowly (dropped)
     ├── StateError                   state: the request does not fit what is there now
@@ -75,6 +76,10 @@ class InvalidInput(ComputeAgentError):
 
 class ConfigError(InvalidInput):
     """The configuration cannot be used; the message is one line for the operator."""
+
+
+class BackendChoiceError(ConfigError, ValueError):
+    """The concurrency backend asked for is unknown or comes too late; one line."""
 
 
 class ColumnError(InvalidInput, ValueError):

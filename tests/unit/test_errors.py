@@ -32,7 +32,13 @@ from tests.helpers import create_instance
 E = exception
 
 CATEGORIES = {
-    E.InvalidInput: [E.InvalidInput, E.ConfigError, E.ColumnError, E.RequestTimeout],
+    E.InvalidInput: [
+        E.InvalidInput,
+        E.ConfigError,
+        E.BackendChoiceError,
+        E.ColumnError,
+        E.RequestTimeout,
+    ],
     E.StateError: [
         E.InstanceNotFound,
         E.InstanceInvalidState,
