@@ -1,5 +1,5 @@
-# The two commands of the README: `make run` and `make test`.
-# Each does its own set-up on a fresh Debian 12 machine.
+# The commands of the README: `make run`, `make check` and `make test`.
+# run and test do their own set-up on a fresh Debian 12 machine.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -7,11 +7,26 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 CONFIG := etc/compute-agent.conf
 PYTEST_ARGS ?=
-.PHONY: run test setup host host-min libvirtd lint genconfig bench clean
+
+.PHONY: run check test setup host host-min libvirtd lint genconfig bench clean
 
 run: host-min $(STAMP)
 	$(BIN)/compute-agent-manage --config-file $(CONFIG) db sync
 	exec $(BIN)/compute-agent --config-file $(CONFIG)
+
+# The inner loop, about a minute: ruff, mypy and the unit tests in four
+# processes (tools/unit_shards.py), with no database server, broker, libvirtd,
+# apt or sudo. It deselects the tests that need a PostgreSQL, MariaDB or
+# PgBouncer server (server_db) and the soaks (slow); `make test` runs them.
+# COMPUTE_AGENT_TEST_NO_SERVERS makes an unmarked test that reaches for a
+# server fail and say so. One thing it cannot do without apt: libvirt-python
+# is only an sdist on PyPI, so the first `pip install` (the .venv) builds it
+# and needs libvirt-dev, pkg-config, gcc and python3-dev once (`make host-min`).
+CHECK_MARKS := not server_db and not slow
+check: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	COMPUTE_AGENT_TEST_NO_SERVERS=1 $(BIN)/python tools/unit_shards.py -m "$(CHECK_MARKS)" $(PYTEST_ARGS)
 
 test: host libvirtd $(STAMP)
 	$(BIN)/ruff check .

@@ -33,7 +33,6 @@ from bench.common import (
     load_average,
     make_conf,
     make_db,
-    percentile,
     save,
     server_database,
     table,
@@ -43,6 +42,7 @@ from compute_agent import green
 from compute_agent.db.models import Instance
 from compute_agent.manager import ComputeManager
 from compute_agent.service import NodeService
+from compute_agent.utils import percentile
 from compute_agent.virt.fake import FakeDriver
 
 REQUESTS = 200

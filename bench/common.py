@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 import pathlib
 import platform
@@ -110,13 +109,6 @@ class Ticker:
     def stop(self) -> list[float]:
         self._gt.cancel()
         return self.lateness
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def ms(seconds: float) -> str:

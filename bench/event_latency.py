@@ -30,7 +30,6 @@ from bench.common import (
     make_conf,
     make_db,
     ms,
-    percentile,
     remove_domains,
     save,
     skip_without_libvirtd,
@@ -40,6 +39,7 @@ from compute_agent import green
 from compute_agent.manager import ComputeManager
 from compute_agent.service import NodeService
 from compute_agent.states import PowerState
+from compute_agent.utils import percentile
 from compute_agent.virt.libvirt.driver import LibvirtDriver
 
 GUESTS = 10

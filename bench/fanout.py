@@ -26,14 +26,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.common import ms, name_for, percentile, save, server_database, table, uuid_for
+from bench.common import ms, name_for, save, server_database, table, uuid_for
 from bench.rpc_common import BenchRabbit, Child, interrupts_to_main, stop_children
 from compute_agent import green
 from compute_agent.db import migration
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
 from compute_agent.rpcapi import ComputeAPI
-from compute_agent.utils import utcnow
+from compute_agent.utils import percentile, utcnow
 
 AGENTS = 20
 INSTANCES = 500

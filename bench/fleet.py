@@ -40,7 +40,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.common import name_for, percentile, save, table, uuid_for
+from bench.common import name_for, save, table, uuid_for
 from bench.rpc_common import REPO, BenchRabbit, interrupts_to_main
 from compute_agent import green
 from compute_agent.db import migration
@@ -48,7 +48,7 @@ from compute_agent.db.api import Database
 from compute_agent.db.models import Instance, Service
 from compute_agent.rpc import BINARY
 from compute_agent.rpcapi import ComputeAPI
-from compute_agent.utils import utcnow
+from compute_agent.utils import percentile, utcnow
 
 SERVER_URL = os.environ.get(
     "COMPUTE_AGENT_TEST_POSTGRESQL", "postgresql+pg8000://postgres@127.0.0.1:5432/postgres"

@@ -140,12 +140,14 @@ def compare(rev: str, runs: int) -> dict[str, Any]:
     return report
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.hot_paths", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--probe", action="store_true", help="run the probe once, print JSON")
     parser.add_argument("--compare", metavar="REV", help="interleave with a checkout of REV")
     parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv or [])
     if args.probe:
         print(json.dumps(probe()))
         return
@@ -161,4 +163,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -304,7 +304,8 @@ def nonreader_drill(megabytes: float) -> None:
         server.stop()
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = argv or []
     if argv[:1] == ["libvirt"]:
         libvirt_drill()
         return

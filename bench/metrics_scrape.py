@@ -43,7 +43,6 @@ from bench.common import (
     load_average,
     make_conf,
     make_db,
-    percentile,
     save,
     skip_without_libvirtd,
     table,
@@ -54,6 +53,7 @@ from compute_agent.manager import ComputeManager
 from compute_agent.metrics.collector import AgentCollector
 from compute_agent.metrics.server import MetricsServer
 from compute_agent.service import NodeService
+from compute_agent.utils import percentile
 from compute_agent.virt.driver import DomainStats
 from compute_agent.virt.libvirt.driver import STATS_GROUPS, STATS_NOWAIT, LibvirtDriver
 

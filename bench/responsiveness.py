@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.common import Ticker, fake_driver, make_conf, make_db, ms, percentile, save, table
+from bench.common import Ticker, fake_driver, make_conf, make_db, ms, save, table
 from compute_agent import green
 from compute_agent.manager import POWER_SYNC, ComputeManager
 from compute_agent.service import HEARTBEAT, NodeService
+from compute_agent.utils import percentile
 
 INSTANCES = 1000
 LATENCY = 0.020

@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.common import make_db, ms, name_for, percentile, save, table, uuid_for
+from bench.common import make_db, ms, name_for, save, table, uuid_for
 from bench.rpc_common import BenchRabbit, Child, build_conf, interrupts_to_main, stop_children
 from compute_agent import green
 from compute_agent.db.models import Instance
@@ -28,6 +28,7 @@ from compute_agent.rpc.server import RPCServer
 from compute_agent.rpcapi import ComputeAPI
 from compute_agent.service import NodeService
 from compute_agent.states import PowerState
+from compute_agent.utils import percentile
 from compute_agent.virt.fake import FakeDriver
 
 INSTANCES = 1000

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 import shutil
 import signal
 import statistics
@@ -44,29 +43,31 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench import stress_load
 from bench.common import load_average, save, server_database, table
 from bench.rpc_common import REPO, BenchRabbit, Child, stop_children
 from compute_agent import green
-from compute_agent.admin.client import AdminClient, ClientError
+from compute_agent.admin.client import AdminClient
 from compute_agent.db import migration
 from compute_agent.db.api import Database
 from compute_agent.db.models import Instance
+from compute_agent.exception import ClientError
 from compute_agent.rpc import TOPIC
 from compute_agent.states import PowerState
 from compute_agent.utils import utcnow
-from tests import nodefile
+from tests import load, nodefile
 from tests.functional.frozen_proxy import FrozenProxy
+from tests.load import (
+    HEARTBEAT_BUDGET_S,
+    HUB_BUDGET_S,
+    LAG_LINE,
+    LAG_WARNING_S,
+    ms_or_below,
+    summarise,
+    worst_lag_lines,
+    worst_own,
+)
 
-HUB_BUDGET_S = 0.050
-HEARTBEAT_BUDGET_S = 0.5
-LAG_WARNING_S = 0.020
 BIG_HOST = 10_000
-LAG_LINE = re.compile(r"hub lag ([\d.]+) s: greenthread '(.*?)' ran ([\d.]+) s without yielding")
-# What the hub-lag line says of the time the hub's thread was runnable but
-# given no CPU: the host's other processes (this benchmark's own clients
-# included), not the agent.
-CPU_WAIT = re.compile(r"it waited ([\d.]+) s for a CPU")
 HEARTBEAT_FAILED = "periodic task heartbeat failed"
 SILENT_WAIT_S = 45.0  # how long silent_db waits for the heartbeat's first failure line
 STATES = [PowerState.RUNNING, PowerState.RUNNING, PowerState.PAUSED, PowerState.SHUTDOWN]
@@ -254,7 +255,7 @@ def drain_casts(run: Run, builds: int, timeout: float) -> None:
     t0 = time.monotonic()
     drained = wait_until(
         lambda: (
-            stress_load.queue_depth(run.rabbit.url, queue) == 0
+            load.queue_depth(run.rabbit.url, queue) == 0
             and active_rows(run.db, run.agent.host) >= builds
         ),
         timeout,
@@ -262,7 +263,7 @@ def drain_casts(run: Run, builds: int, timeout: float) -> None:
     run.work.update(
         drained=drained,
         drain_s=round(time.monotonic() - t0, 1),
-        left_in_queue=stress_load.queue_depth(run.rabbit.url, queue),
+        left_in_queue=load.queue_depth(run.rabbit.url, queue),
         builds_done=active_rows(run.db, run.agent.host),
     )
 
@@ -273,7 +274,7 @@ def drain_casts(run: Run, builds: int, timeout: float) -> None:
 def load_cast_flood(run: Run) -> None:
     stops = [("stop_instance", {"instance_uuid": str(uuidlib.uuid4())}) for _ in range(5000)]
     builds = [("build_instance", {"instance": new_instance(i)}) for i in range(500)]
-    sent, errors = stress_load.cast_flood(run.api, run.agent.host, stops + builds)
+    sent, errors = load.cast_flood(run.api, run.agent.host, stops + builds)
     run.work.update(casts_sent=sent, send_errors=errors)
     drain_casts(run, len(builds), timeout=240)
     run.work["served"] = f"{sent - (run.work['left_in_queue'] or 0)} casts, " + (
@@ -283,7 +284,7 @@ def load_cast_flood(run: Run) -> None:
 
 def load_build_casts(run: Run) -> None:
     builds = [("build_instance", {"instance": new_instance(i)}) for i in range(1000)]
-    sent, errors = stress_load.cast_flood(run.api, run.agent.host, builds)
+    sent, errors = load.cast_flood(run.api, run.agent.host, builds)
     run.work.update(casts_sent=sent, send_errors=errors)
     drain_casts(run, len(builds), timeout=240)
     run.work["served"] = f"{run.work['builds_done']}/1000 built"
@@ -291,7 +292,7 @@ def load_build_casts(run: Run) -> None:
 
 def load_admin_boots(run: Run) -> None:
     calls = [("build_instance", {"instance": new_instance(i)}) for i in range(2000)]
-    done, errors = stress_load.admin_calls(run.agent.socket, calls, clients=20)
+    done, errors = load.admin_calls(run.agent.socket, calls, clients=20)
     run.work.update(
         calls_ok=done, call_errors=errors, builds_done=active_rows(run.db, run.agent.host)
     )
@@ -462,7 +463,7 @@ def run_once(scenario: Scenario, backend: str) -> dict[str, Any]:
             startup_s = time.monotonic() - t_start
             before = agent.status()
             offset = agent.log_size()
-            pinger = Child("bench.stress_load", ["ping", agent.socket], "stress-pinger")
+            pinger = Child("tests.load", ["ping", agent.socket], "stress-pinger")
             run = Run(agent, db, states, rabbit, api, proxy)
             cpu_before = agent_cpu_s(agent.proc.pid)
             t0 = time.monotonic()
@@ -532,12 +533,12 @@ def _figures(
         "database": backend,
         # None: below the warning threshold for the whole window.
         "hub_worst_s": hub_worst if hub_worst else None,
-        "hub_worst_own_s": _worst_own(log),
+        "hub_worst_own_s": worst_own(log),
         "hub_worst_blamed": worst_line[1] if worst_line else None,
         "hub_lag_warnings": len(lags),
         # The three longest, whole: each says how much CPU the hub's thread
         # used meanwhile and how long garbage collection took.
-        "hub_lag_worst_lines": _worst_lag_lines(log, 3),
+        "hub_lag_worst_lines": worst_lag_lines(log, 3),
         "hub_lag_max_since_start_s": after["hub_lag"]["max_s"],
         "hub_lag_max_before_load_s": before["hub_lag"]["max_s"],
         "hub_lag_p99_last_1000_s": after["hub_lag"]["p99_s"],
@@ -551,82 +552,7 @@ def _figures(
     }
 
 
-def _worst_own(log: str) -> float | None:
-    """The worst stretch less the time the hub's thread waited for a CPU meanwhile."""
-    own = []
-    for line in log.splitlines():
-        if (lag := LAG_LINE.search(line)) is not None:
-            waited = CPU_WAIT.search(line)
-            own.append(max(0.0, float(lag[1]) - (float(waited[1]) if waited else 0.0)))
-    return max(own, default=None)
-
-
-def _worst_lag_lines(log: str, count: int) -> list[str]:
-    lines = [(float(m[1]), line) for line in log.splitlines() if (m := LAG_LINE.search(line))]
-    return [line for _, line in sorted(lines)[-count:]]
-
-
 # -- the table ------------------------------------------------------------------
-
-
-def _median_spread(values: list[float | None], fmt: Callable[[float], str]) -> tuple[Any, str]:
-    """The median (None counts as 0: below what is measured) and 'median (min-max)'."""
-    nums = [v or 0.0 for v in values]
-    med = statistics.median(nums)
-    if len(nums) == 1:
-        return med, fmt(med)
-    return med, f"{fmt(med)} ({fmt(min(nums))}-{fmt(max(nums))})"
-
-
-def _ms(v: float) -> str:
-    return "<20" if v < LAG_WARNING_S else f"{v * 1000:.0f}"
-
-
-def _s(v: float) -> str:
-    return f"{v:.2f}"
-
-
-def summarise(name: str, backend: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    hub, hub_text = _median_spread([r["hub_worst_s"] for r in runs], _ms)
-    own, own_text = _median_spread([r.get("hub_worst_own_s") for r in runs], _ms)
-    beat, beat_text = _median_spread([r["heartbeat_late_s"] for r in runs], _s)
-    if not any(r["heartbeat_late_grew"] for r in runs):
-        beat_text = "<= " + beat_text  # the worst since start, none during the load
-    _, p99_text = _median_spread([r["ping"].get("p99_s") for r in runs], _ms)
-    _, pmax_text = _median_spread([r["ping"].get("max_s") for r in runs], _ms)
-    ok = hub <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
-    own_ok = own <= HUB_BUDGET_S and beat <= HEARTBEAT_BUDGET_S
-    if name == "silent_db":  # and the outage is reported: a failure line, status answers
-        ok = ok and all(
-            r["work"]["first_heartbeat_failure_s"] is not None
-            and r["work"]["status"].get("answered_s") is not None
-            for r in runs
-        )
-    return {
-        "scenario": name,
-        "database": backend,
-        "runs": len(runs),
-        "hub_worst_median_s": hub,
-        "hub_worst_own_median_s": own,
-        "heartbeat_late_median_s": beat,
-        "verdict": "PASS" if ok else "FAIL",
-        "verdict_own": "PASS" if own_ok else "FAIL",
-        "row": [
-            name,
-            backend,
-            len(runs),
-            hub_text,
-            own_text,
-            runs[-1]["hub_worst_blamed"] or "-",
-            beat_text,
-            p99_text,
-            pmax_text,
-            runs[-1]["work"].get("served", "-"),
-            f"{statistics.median(r['load_s'] for r in runs):.0f} s",
-            "PASS" if ok else "**FAIL**",
-            "PASS" if own_ok else "**FAIL**",
-        ],
-    }
 
 
 HEADERS = [
@@ -671,10 +597,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs.append(result)
                 print(
                     f"  {scenario.name} on {backend}, run {i + 1}: hub worst "
-                    f"{_ms(result['hub_worst_s'] or 0)} ms, heartbeat late "
+                    f"{ms_or_below(result['hub_worst_s'] or 0)} ms, heartbeat late "
                     f"{result['heartbeat_late_s']:.2f} s, ping p99/worst "
-                    f"{_ms(result['ping'].get('p99_s') or 0)}/"
-                    f"{_ms(result['ping'].get('max_s') or 0)} ms; "
+                    f"{ms_or_below(result['ping'].get('p99_s') or 0)}/"
+                    f"{ms_or_below(result['ping'].get('max_s') or 0)} ms; "
                     f"{result['work'].get('served')}; {result['wall_s']:.0f} s in all",
                     flush=True,
                 )

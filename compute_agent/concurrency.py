@@ -26,6 +26,9 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# In the tree; named here too, where its callers have always found it.
+from compute_agent.exception import BackendChoiceError as BackendChoiceError
+
 VARIABLE = "COMPUTE_AGENT_CONCURRENCY"
 OPTION = "concurrency_backend"
 # oslo.config reads [DEFAULT] options from OS_DEFAULT__<NAME> before the files.
@@ -35,10 +38,6 @@ DEFAULT = "eventlet"
 PROJECT = "compute-agent"
 # The modules a threads-mode process never loads.
 GREEN_MODULES = ("eventlet", "greenlet")
-
-
-class BackendChoiceError(ValueError):
-    """The backend asked for is unknown or comes too late; the message is one line."""
 
 
 @dataclass(frozen=True)

@@ -4,21 +4,41 @@
 
     ComputeAgentError
     ├── InvalidInput                 input: the request itself is wrong; do not retry it as is
+    │   ├── ConfigError              the configuration cannot be used (one line for the operator)
+    │   │   └── BackendChoiceError   an unknown concurrency backend, or one chosen too late
+    │   ├── ColumnError              a CLI ``-c`` column the output does not have (a ValueError too)
+    │   └── RequestTimeout           admin socket: a client sent its request too slowly (dropped)
     ├── StateError                   state: the request does not fit what is there now
     │   ├── InstanceNotFound
     │   ├── InstanceInvalidState
     │   │   └── InstanceExists
     │   ├── ForeignDomain            a domain of the instance's name is another's: never touched
-    │   └── ServiceRowError          the host's service row is not this agent's to use
-    │       ├── ServiceNotFound
-    │       ├── ServiceOwned
-    │       └── OwnershipLost
+    │   ├── ServiceRowError          the host's service row is not this agent's to use
+    │   │   ├── ServiceNotFound
+    │   │   ├── ServiceOwned
+    │   │   └── OwnershipLost
+    │   ├── OwnedElsewhere           another agent holds this host's lock file
+    │   ├── SchemaError              the database schema is not the one this agent was built for
+    │   └── BindError                an address the agent would serve on cannot be taken
+    │       ├── AdminSocketError     the admin socket (or another agent answers on it)
+    │       └── MetricsBindError     the metrics endpoint's address
     ├── Unavailable                  this host cannot serve now; retry later
     │   ├── HypervisorUnavailable    hypervisor
-    │   └── DatabaseUnavailable      database
-    │       └── DatabaseBusy         refused for load (too many clients): wait, retry
-    └── Stopping                     stopping: the agent, or the task asked, is stopping
-        └── TaskStopped
+    │   ├── DatabaseUnavailable      database
+    │   │   └── DatabaseBusy         refused for load (too many clients): wait, retry
+    │   ├── AgentUnreachable         CLI: no agent answers on the admin socket
+    │   │   └── AgentTimeout         it took the connection but did not answer in time
+    │   ├── TooManyConnections       admin socket: a connection refused at the limit
+    │   └── Evicted                  admin socket: a slow client dropped to make room
+    ├── Stopping                     stopping: the agent, or the task asked, is stopping
+    │   └── TaskStopped
+    └── AdminCallError               CLI: a call on the admin socket failed once connected
+        ├── ClientError              the call could not be made or its reply not be read
+        ├── ProtocolError            a reply line that is not a message of the protocol
+        └── RemoteError              the agent answered with its typed error (``type`` names it)
+
+    Fatal                            an entry point stops: one line on stderr, an exit status
+    PolicyGap (a LookupError)        a bug: the sync policy has no rule for an input
 
 The categories are the agent's own; a caller over RPC only ever sees the
 four :data:`PUBLIC_ERRORS`, chosen by :func:`public_error` at the front
@@ -26,6 +46,11 @@ door (``docs/rpc.md``, "Errors"); the admin socket, local and read by an
 operator, reports the precise class (:func:`operator_error`). Code that
 must tell a hypervisor outage from a database one catches the leaf; code
 that only needs "cannot serve now" catches :class:`Unavailable`.
+
+The admin socket's refusals (RequestTimeout, TooManyConnections, Evicted)
+are logged and counted, never raised to a caller. Fatal and PolicyGap stand
+outside the tree on purpose: no handler of the agent's errors may take an
+entry point's exit or a bug for a refusal.
 """
 
 from __future__ import annotations
@@ -47,6 +72,22 @@ class ComputeAgentError(Exception):
 
 class InvalidInput(ComputeAgentError):
     """A request, argument or field failed validation."""
+
+
+class ConfigError(InvalidInput):
+    """The configuration cannot be used; the message is one line for the operator."""
+
+
+class BackendChoiceError(ConfigError, ValueError):
+    """The concurrency backend asked for is unknown or comes too late; one line."""
+
+
+class ColumnError(InvalidInput, ValueError):
+    """A ``-c`` column the output does not have (a usage error)."""
+
+
+class RequestTimeout(InvalidInput):
+    """Logged (counted) for an admin client dropped for sending too slowly."""
 
 
 # -- state ----------------------------------------------------------------
@@ -96,6 +137,26 @@ class OwnershipLost(ServiceRowError):
     """Another agent took this host's service row while this one ran: it must stop writing."""
 
 
+class OwnedElsewhere(StateError):
+    """Another agent holds this host (its lock file); the message names it in one line."""
+
+
+class SchemaError(StateError):
+    """The database schema does not match what this agent was built for."""
+
+
+class BindError(StateError):
+    """An address the agent would serve on cannot be taken; the message is one line."""
+
+
+class AdminSocketError(BindError):
+    """The admin socket cannot be bound: the entry point stops the agent with this one line."""
+
+
+class MetricsBindError(BindError):
+    """The metrics endpoint's address cannot be listened on; the message is one line."""
+
+
 # -- hypervisor, database -------------------------------------------------
 
 
@@ -141,6 +202,28 @@ class DatabaseBusy(DatabaseUnavailable):
     """
 
 
+class AgentUnreachable(Unavailable):
+    """No agent answers on the admin socket (the CLI's view)."""
+
+    what = "agent unreachable"
+
+
+class AgentTimeout(AgentUnreachable):
+    """The agent took the connection but did not answer before the deadline.
+
+    A stopped (SIGSTOPped, hung) agent: the kernel still accepts connections
+    into the listen backlog, so only a deadline tells it from a slow one.
+    """
+
+
+class TooManyConnections(Unavailable):
+    """Logged (counted) for an admin connection refused at the limit."""
+
+
+class Evicted(Unavailable):
+    """Logged (counted) for an admin client dropped to make room for a new one."""
+
+
 # -- stopping -------------------------------------------------------------
 
 
@@ -150,6 +233,48 @@ class Stopping(ComputeAgentError):
 
 class TaskStopped(Stopping):
     """The periodic task was stopped before the requested run could happen."""
+
+
+# -- the CLI's call on the admin socket ---------------------------------------
+
+
+class AdminCallError(ComputeAgentError):
+    """A call on the admin socket failed once an agent was reached (the CLI's view)."""
+
+
+class ClientError(AdminCallError):
+    """The call could not be made or its reply could not be read."""
+
+
+class ProtocolError(AdminCallError):
+    """A line from the agent that is not a message of the admin protocol."""
+
+
+class RemoteError(AdminCallError):
+    """The agent's typed error: ``type`` is the class name, as in this module."""
+
+    def __init__(self, type_: str, message: str) -> None:
+        super().__init__(message)
+        self.type = type_
+        self.args = (type_, message)
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+# -- outside the tree -----------------------------------------------------
+
+
+class Fatal(Exception):
+    """Stop the program with one line on stderr and the given exit status (1: failed)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class PolicyGap(LookupError):
+    """An input the sync policy table has no rule for: a bug, which the unit tests catch."""
 
 
 # -- the wire -------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 
 from compute_agent import green
 from compute_agent.metrics import figures
+from compute_agent.utils import percentile
 
 LOG = logging.getLogger(__name__)
 
@@ -191,13 +192,13 @@ class HubLagMonitor:
             )
 
     def statistics(self) -> LagFigures:
-        ordered = sorted(self._recent)
+        ordered = list(self._recent)
         return LagFigures(
             samples=self.samples,
             last_s=round(self.last, 4),
             max_s=round(self.max, 4),
-            p50_s=round(_percentile(ordered, 0.50), 4),
-            p99_s=round(_percentile(ordered, 0.99), 4),
+            p50_s=round(percentile(ordered, 0.50), 4),
+            p99_s=round(percentile(ordered, 0.99), 4),
             warnings=self.warnings,
             worst_offender=self.worst_offender,
             gc_collections=self._collections.collections,
@@ -246,14 +247,6 @@ def _collections_note(collections: tuple[float, float, int]) -> str:
         f"; garbage collection took {total:.3f} s "
         f"(longest {longest:.3f} s, generation {generation})"
     )
-
-
-def _percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted list (0.0 when empty)."""
-    if not ordered:
-        return 0.0
-    rank = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
-    return ordered[rank]
 
 
 def _difference(now: float | None, before: float | None) -> float | None:

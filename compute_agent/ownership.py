@@ -32,14 +32,12 @@ import os
 import uuid
 from dataclasses import dataclass
 
+from compute_agent.exception import OwnedElsewhere
+
 LOCK_NAME = "compute-agent.lock"
 # Tokens of predecessors kept in the lock file: restarts that all died
 # before their claim; a bound so a crash loop cannot grow the file.
 KEEP_PREVIOUS = 16
-
-
-class OwnedElsewhere(Exception):
-    """Another agent holds this host; the message names it in one line."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ module; none of them judges a passing state on its own:
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from typing import Protocol
 
 from compute_agent import green
 from compute_agent.states import PowerState
@@ -103,29 +104,39 @@ class SteadyWatch:
         return len(self._first)
 
 
+class Clock(Protocol):
+    """What :func:`wait_steady` needs of time: :mod:`compute_agent.green`, or a test's own."""
+
+    def monotonic(self) -> float: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
 def wait_steady(
     read: Callable[[], PowerState | None],
     delay: float,
     expected: Collection[PowerState] = (),
+    clock: Clock = green,
 ) -> PowerState | None:
     """Read until the state is steady, under the caller's lock; return it.
 
     An unsteady state (not in ``expected``) is read again until it changes
     to a steady one or has stayed the same for ``delay`` seconds; a change
     starts the clock again. After ``MAX_DELAYS`` delays of flapping the
-    last state read is returned. None (no domain) is steady.
+    last state read is returned. None (no domain) is steady. ``clock``
+    lets a test pass the time it waits instead of sleeping it.
     """
     state = read()
     if delay <= 0:
         return state
     poll = min(POLL_S, delay / 4)
-    started = since = green.monotonic()
+    started = since = clock.monotonic()
     while is_unsteady(state, expected):
-        now = green.monotonic()
+        now = clock.monotonic()
         if now - since >= delay or now - started >= MAX_DELAYS * delay:
             break
-        green.sleep(poll)
+        clock.sleep(poll)
         fresh = read()
         if fresh is not state:
-            state, since = fresh, green.monotonic()
+            state, since = fresh, clock.monotonic()
     return state

@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from compute_agent.exception import PolicyGap
 from compute_agent.states import PowerState, VmState
 
 ENFORCE = "enforce"
@@ -39,10 +40,6 @@ ACTIONS = (ENFORCE, REPORT)
 # Every observation the sync can make: a PowerState, or None (domain gone).
 OBSERVATIONS: tuple[PowerState | None, ...] = (*PowerState, None)
 GONE_LABEL = "domain gone"
-
-
-class PolicyGap(LookupError):
-    """An input the table has no rule for: a bug, which the unit tests catch."""
 
 
 @dataclass(frozen=True)

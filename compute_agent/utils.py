@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import math
 import re
 import uuid as uuidlib
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, TypeGuard
 
@@ -80,6 +82,18 @@ def freeze_long_lived_objects() -> None:
     the RPC server serves: its driver (kombu, amqp) is imported only then.
     """
     gc.freeze()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of ``values`` (0.5: median; 0.0 when empty).
+
+    The one the agent's figures and the benchmarks report: a value that was
+    measured, never one interpolated between two.
+    """
+    ordered = sorted(values)
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
 def add_counts(lock: AbstractContextManager[Any], target: object, **deltas: int) -> None:

@@ -31,7 +31,21 @@ PGBOUNCER_URL = os.environ.get(
     "COMPUTE_AGENT_TEST_PGBOUNCER", "postgresql+pg8000://postgres@127.0.0.1:6432/postgres"
 )
 PGBOUNCER = "postgresql-pgbouncer"
-BACKENDS = ["sqlite", "postgresql", "mysql", PGBOUNCER]
+SERVER_BACKENDS = ("postgresql", "mysql", PGBOUNCER)
+# A test that needs a database server carries this mark: `make check` (no
+# server) deselects it, `make test` runs it.
+SERVER_DB = pytest.mark.server_db
+# Set by `make check`: a test that reaches for a server without the mark fails
+# and says so, rather than passing here and failing on a machine without one.
+NO_SERVERS = os.environ.get("COMPUTE_AGENT_TEST_NO_SERVERS") == "1"
+
+
+def backend_params(*backends: str) -> list:
+    """``backends`` as pytest params, the server ones marked :data:`SERVER_DB`."""
+    return [pytest.param(b, marks=SERVER_DB) if b in SERVER_BACKENDS else b for b in backends]
+
+
+BACKENDS = backend_params("sqlite", "postgresql", "mysql", PGBOUNCER)
 
 
 @pytest.fixture
@@ -79,6 +93,8 @@ def db_url_factory(tmp_path_factory) -> Iterator:
         if backend == "sqlite":
             path = tmp_path_factory.mktemp("sqlite") / "test.sqlite"
             return f"sqlite:///{path}"
+        if NO_SERVERS:
+            pytest.fail(f"this test needs a {backend} server: mark it server_db (conftest.py)")
         server = _ServerDatabase("postgresql" if backend == PGBOUNCER else backend)
         made.append(server)
         if backend == PGBOUNCER:

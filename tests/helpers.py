@@ -105,3 +105,22 @@ def eventually(
             said = detail() if detail else last
             raise AssertionError(f"{what}: not so within {timeout} s; last: {said!r}")
         time.sleep(every)
+
+
+class VirtualClock:
+    """A clock the test controls: ``sleep`` moves time on at once (as Trio's autojump).
+
+    For code that takes a clock (``monotonic`` and ``sleep``), so a test of
+    what happens after some seconds does not spend them.
+    """
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += max(0.0, seconds)

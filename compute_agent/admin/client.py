@@ -16,6 +16,13 @@ from collections.abc import Callable
 from typing import Any
 
 from compute_agent.admin import protocol
+from compute_agent.exception import (
+    AgentTimeout,
+    AgentUnreachable,
+    ClientError,
+    ProtocolError,
+    RemoteError,
+)
 
 CONNECT_TIMEOUT = 5.0
 # How long a call waits for the agent's answer unless told otherwise.
@@ -37,31 +44,6 @@ READ_ONLY = frozenset(
 )
 
 ProgressCallback = Callable[[int, int], None]
-
-
-class AgentUnreachable(Exception):
-    """No agent answers on the socket."""
-
-
-class AgentTimeout(AgentUnreachable):
-    """The agent took the connection but did not answer before the deadline.
-
-    A stopped (SIGSTOPped, hung) agent: the kernel still accepts connections
-    into the listen backlog, so only a deadline tells it from a slow one.
-    """
-
-
-class ClientError(Exception):
-    """The call could not be made or its reply could not be read."""
-
-
-class RemoteError(Exception):
-    """The agent's typed error: ``type`` is the class name, as in ``exception``."""
-
-    def __init__(self, type_: str, message: str) -> None:
-        super().__init__(f"{type_}: {message}")
-        self.type = type_
-        self.message = message
 
 
 class AdminClient:
@@ -186,7 +168,7 @@ class AdminClient:
             del buffer[: end + 1]
             try:
                 message = protocol.parse_reply(line)
-            except protocol.ProtocolError as exc:
+            except ProtocolError as exc:
                 raise ClientError(str(exc)) from None
             if "progress" in message:
                 clock.extend()

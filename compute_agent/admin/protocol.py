@@ -16,6 +16,7 @@ import json
 from typing import Any
 
 from compute_agent import exception
+from compute_agent.exception import ProtocolError
 from compute_agent.utils import printable, request_args
 
 # A request line, its newline included, may not exceed this. Arguments are
@@ -79,10 +80,6 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any]]:
     if not isinstance(method, str) or not method:
         raise exception.InvalidInput("request needs a method, a non-empty string")
     return method, request_args(method, message.get("args"), "args")
-
-
-class ProtocolError(Exception):
-    """A line from the agent that is not a message of this protocol."""
 
 
 def parse_reply(line: bytes) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 
 from compute_agent import exception, green
 from compute_agent.admin import protocol
+from compute_agent.exception import AdminSocketError, Evicted, RequestTimeout, TooManyConnections
 from compute_agent.intake import RefusalLog
 from compute_agent.states import ActionSource
 from compute_agent.utils import add_counts, printable
@@ -74,10 +75,6 @@ MUTATING = frozenset(
         "reap_deleted_instances",
     }
 )
-
-
-class AdminSocketError(Exception):
-    """The socket cannot be bound: the entry point stops the agent with this one line."""
 
 
 @dataclass(frozen=True)
@@ -520,18 +517,6 @@ class _Connection:
 
 class _TooSlow(Exception):
     """The request line did not arrive in full before its deadline."""
-
-
-class RequestTimeout(Exception):
-    """Logged (counted) for a client dropped for sending too slowly."""
-
-
-class Evicted(Exception):
-    """Logged (counted) for a client dropped to make room for a new one."""
-
-
-class TooManyConnections(Exception):
-    """Logged (counted) for a connection refused at the limit."""
 
 
 class _LineReader:

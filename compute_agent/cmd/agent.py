@@ -20,12 +20,11 @@ import sqlalchemy as sa  # noqa: E402
 from oslo_config import cfg  # noqa: E402
 
 from compute_agent import exception, log, sdnotify  # noqa: E402
-from compute_agent.admin.server import AdminSocketError, AdminSocketServer  # noqa: E402
+from compute_agent.admin.server import AdminSocketServer  # noqa: E402
 from compute_agent.cmd.common import (  # noqa: E402
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    Fatal,
     ensure_state_path,
     fail,
     load_config,
@@ -36,10 +35,17 @@ from compute_agent.db.api import Database  # noqa: E402
 from compute_agent.db.busy import BusyWaiter  # noqa: E402
 from compute_agent.db.engine import Deadlines  # noqa: E402
 from compute_agent.dispatch import Dispatcher  # noqa: E402
+from compute_agent.exception import (  # noqa: E402
+    AdminSocketError,
+    Fatal,
+    MetricsBindError,
+    OwnedElsewhere,
+    SchemaError,
+)
 from compute_agent.manager import ComputeManager  # noqa: E402
 from compute_agent.metrics.collector import AgentCollector  # noqa: E402
-from compute_agent.metrics.server import MetricsBindError, MetricsServer  # noqa: E402
-from compute_agent.ownership import HostLock, OwnedElsewhere, new_token  # noqa: E402
+from compute_agent.metrics.server import MetricsServer  # noqa: E402
+from compute_agent.ownership import HostLock, new_token  # noqa: E402
 from compute_agent.rpc.server import RPCServer  # noqa: E402
 from compute_agent.rpc.transport import check_transport_url  # noqa: E402
 from compute_agent.service import NodeService  # noqa: E402
@@ -74,7 +80,7 @@ def build_service(
         raise Fatal(f"[database] connection is not usable: {exc}", EXIT_USAGE) from None
     try:
         busy.call("checking the database schema", lambda: migration.check_schema(db))
-    except migration.SchemaError as exc:
+    except SchemaError as exc:
         raise Fatal(str(exc)) from None
     except exception.DatabaseUnavailable as exc:
         # Down, refusing, or silent past [database] connect_timeout.

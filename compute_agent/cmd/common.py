@@ -9,19 +9,12 @@ from collections.abc import Sequence
 from oslo_config import cfg
 
 from compute_agent.conf import loader
+from compute_agent.exception import ConfigError, Fatal
 from compute_agent.log import mask_secrets
 
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
-
-
-class Fatal(Exception):
-    """Stop the program with one line on stderr and the given exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def fail(prog: str, message: str, status: int) -> int:
@@ -32,7 +25,7 @@ def fail(prog: str, message: str, status: int) -> int:
 def load_config(conf: cfg.ConfigOpts, argv: Sequence[str], prog: str) -> None:
     try:
         loader.load(conf, argv, prog)
-    except loader.ConfigError as exc:
+    except ConfigError as exc:
         raise Fatal(str(exc), EXIT_USAGE) from None
 
 

@@ -54,21 +54,24 @@ from compute_agent.admin.client import (  # noqa: E402
     DEFAULT_TIMEOUT,
     MAX_TOTAL,
     AdminClient,
-    AgentUnreachable,
-    ClientError,
-    RemoteError,
 )
 from compute_agent.cmd import output  # noqa: E402
 from compute_agent.cmd.common import (  # noqa: E402
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    Fatal,
     ensure_state_path,
     fail,
     load_config,
 )
 from compute_agent.conf import CONF  # noqa: E402
+from compute_agent.exception import (  # noqa: E402
+    AgentUnreachable,
+    ClientError,
+    ColumnError,
+    Fatal,
+    RemoteError,
+)
 from compute_agent.states import PowerState, VmState  # noqa: E402
 from compute_agent.utils import is_uuid  # noqa: E402
 
@@ -812,7 +815,7 @@ def run(argv: Sequence[str]) -> int:
         raise Fatal(f"{exc.type}: {exc.message}", status) from None
     except ClientError as exc:
         raise Fatal(str(exc), EXIT_FAILED) from None
-    except output.ColumnError as exc:
+    except ColumnError as exc:
         raise Fatal(str(exc), EXIT_USAGE) from None
     except exception.DatabaseUnavailable as exc:
         # A db command's own database: down, refusing, or silent past its deadline.

@@ -13,11 +13,9 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
+from compute_agent.exception import ColumnError
+
 FORMATS = ("table", "json", "value")
-
-
-class ColumnError(ValueError):
-    """A ``-c`` column the output does not have (a usage error)."""
 
 
 def cell(value: Any) -> str:

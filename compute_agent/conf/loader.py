@@ -19,14 +19,11 @@ from oslo_config import cfg
 
 from compute_agent import __version__
 from compute_agent.conf.opts import list_opts
+from compute_agent.exception import ConfigError
 from compute_agent.utils import URL_CREDENTIALS
 from compute_agent.virt.spec import DOMAIN_NAME_RE, render_domain_name
 
 LOG = logging.getLogger(__name__)
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message is one line for the operator."""
 
 
 def load(conf: cfg.ConfigOpts, argv: Sequence[str], prog: str) -> None:

@@ -11,12 +11,9 @@ from alembic.script import ScriptDirectory
 
 from compute_agent.db.api import Database
 from compute_agent.db.engine import unreachable_as_typed
+from compute_agent.exception import SchemaError
 
 _SCRIPTS = os.path.join(os.path.dirname(__file__), "migrations")
-
-
-class SchemaError(Exception):
-    """The database schema does not match what this agent was built for."""
 
 
 def _config() -> Config:

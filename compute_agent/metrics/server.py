@@ -19,6 +19,7 @@ from prometheus_client import Metric, ProcessCollector
 from prometheus_client.exposition import generate_latest
 
 from compute_agent import green
+from compute_agent.exception import MetricsBindError
 
 _socket = green.native_socket_module()
 _select = green.native_select_module()
@@ -38,10 +39,6 @@ MAX_CLIENTS = 4
 # Whole requests waiting for one of them, served in turn; one more gets 503.
 MAX_QUEUED = 64
 ACCEPT_POLL_S = 0.5
-
-
-class MetricsBindError(Exception):
-    """The endpoint's address cannot be listened on; the message is one line."""
 
 
 class Source(Protocol):

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from bench import flood
+from tests import load
 from tests.functional.rabbit import TRANSPORT_URL, RabbitRun
 
 HUB_LAG_BOUND = 0.25
@@ -33,8 +33,8 @@ def run() -> Iterator[RabbitRun]:
 
 
 @pytest.fixture
-def agent(run: RabbitRun, tmp_path) -> Iterator[flood.AgentUnderTest]:
-    proc = flood.AgentUnderTest(
+def agent(run: RabbitRun, tmp_path) -> Iterator[load.AgentUnderTest]:
+    proc = load.AgentUnderTest(
         run.host("intake"), run.exchange, TRANSPORT_URL, state_path=str(tmp_path)
     )
     try:
@@ -44,8 +44,8 @@ def agent(run: RabbitRun, tmp_path) -> Iterator[flood.AgentUnderTest]:
         proc.stop()
 
 
-def _assert_hub_kept_its_budget(agent: flood.AgentUnderTest, pings: flood.Latencies) -> None:
-    figures = flood.agent_figures(agent.socket, timeout=10)
+def _assert_hub_kept_its_budget(agent: load.AgentUnderTest, pings: load.Latencies) -> None:
+    figures = load.agent_figures(agent.socket, timeout=10)
     assert figures["hub_lag_max_s"] < HUB_LAG_BOUND, (figures, agent.lines[-20:])
     assert figures["heartbeat_max_lateness_s"] < HEARTBEAT_BOUND, figures
     assert pings.failures == 0, pings.first_error
@@ -53,27 +53,27 @@ def _assert_hub_kept_its_budget(agent: flood.AgentUnderTest, pings: flood.Latenc
     assert agent.client(5.0).call("ping")["host"] == agent.host
 
 
-def _served(agent: flood.AgentUnderTest, requests: int, builds: int) -> bool:
-    figures = flood.agent_figures(agent.socket, timeout=10)
+def _served(agent: load.AgentUnderTest, requests: int, builds: int) -> bool:
+    figures = load.agent_figures(agent.socket, timeout=10)
     b = figures["builds"]
     return figures["intake"]["done"] >= requests and b["completed"] >= builds
 
 
-def test_a_flood_of_refused_casts_then_builds(run: RabbitRun, agent: flood.AgentUnderTest):
+def test_a_flood_of_refused_casts_then_builds(run: RabbitRun, agent: load.AgentUnderTest):
     stops, builds = 2000, 200
-    client, transport = flood.rpc_client(run.conf(), agent.host)
-    pinger = flood.Pinger(agent.socket).start()
+    client, transport = load.rpc_client(run.conf(), agent.host)
+    pinger = load.Pinger(agent.socket).start()
     try:
-        flood.send_casts(client, "stop_instance", flood.stop_payloads(stops))
-        flood.send_casts(client, "build_instance", flood.build_payloads(builds))
+        load.send_casts(client, "stop_instance", load.stop_payloads(stops))
+        load.send_casts(client, "build_instance", load.build_payloads(builds))
         # status answers while the flood is served.
         assert agent.client(5.0).call("status")["intake"]["slots"] == 64
-        flood.wait_until(lambda: _served(agent, stops + builds, builds), SERVE_TIMEOUT, 0.5)
+        load.wait_until(lambda: _served(agent, stops + builds, builds), SERVE_TIMEOUT, 0.5)
     finally:
         pings = pinger.stop()
         transport.cleanup()
     _assert_hub_kept_its_budget(agent, pings)
-    assert flood.agent_figures(agent.socket)["builds"]["failed"] == 0
+    assert load.agent_figures(agent.socket)["builds"]["failed"] == 0
     # Stopping flushes the summary of the last window: every refusal is accounted for.
     assert agent.stop() == 0
     refused = [line for line in agent.lines if "refused" in line]
@@ -87,30 +87,30 @@ def test_a_flood_of_refused_casts_then_builds(run: RabbitRun, agent: flood.Agent
     assert len(first) + sum(more) == stops, refused
 
 
-def test_a_flood_of_build_casts(run: RabbitRun, agent: flood.AgentUnderTest):
+def test_a_flood_of_build_casts(run: RabbitRun, agent: load.AgentUnderTest):
     builds = 500
-    client, transport = flood.rpc_client(run.conf(), agent.host)
-    pinger = flood.Pinger(agent.socket).start()
+    client, transport = load.rpc_client(run.conf(), agent.host)
+    pinger = load.Pinger(agent.socket).start()
     try:
-        flood.send_casts(client, "build_instance", flood.build_payloads(builds))
-        flood.wait_until(lambda: _served(agent, builds, builds), SERVE_TIMEOUT, 0.5)
+        load.send_casts(client, "build_instance", load.build_payloads(builds))
+        load.wait_until(lambda: _served(agent, builds, builds), SERVE_TIMEOUT, 0.5)
     finally:
         pings = pinger.stop()
         transport.cleanup()
     _assert_hub_kept_its_budget(agent, pings)
-    figures = flood.agent_figures(agent.socket)
+    figures = load.agent_figures(agent.socket)
     assert figures["builds"] == {"queued": 0, "running": 0, "completed": builds, "failed": 0}
 
 
-def test_a_flood_of_admin_boots(agent: flood.AgentUnderTest):
+def test_a_flood_of_admin_boots(agent: load.AgentUnderTest):
     boots = 600
-    pinger = flood.Pinger(agent.socket).start()
+    pinger = load.Pinger(agent.socket).start()
     started = time.monotonic()
     try:
-        done = flood.admin_boots(agent.socket, boots, concurrency=16)
+        done = load.admin_boots(agent.socket, boots, concurrency=16)
     finally:
         pings = pinger.stop()
     assert done["ok"] == boots, done
     assert time.monotonic() - started < SERVE_TIMEOUT
     _assert_hub_kept_its_budget(agent, pings)
-    assert flood.agent_figures(agent.socket)["intake"]["done"] == boots
+    assert load.agent_figures(agent.socket)["intake"]["done"] == boots

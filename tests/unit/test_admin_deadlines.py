@@ -14,8 +14,9 @@ import pytest
 
 from compute_agent import green
 from compute_agent.admin import protocol
-from compute_agent.admin.client import AdminClient, AgentTimeout, RemoteError, _Deadline
+from compute_agent.admin.client import AdminClient, _Deadline
 from compute_agent.admin.server import AdminSocketServer
+from compute_agent.exception import AgentTimeout, RemoteError
 from tests.unit.test_admin_socket import agent, sock_path  # noqa: F401 - fixtures
 
 # Generous: a loaded 2-core machine may be late, never early.

@@ -14,15 +14,16 @@ import pytest
 
 from compute_agent import green
 from compute_agent.admin import protocol
-from compute_agent.admin.client import (
-    AdminClient,
+from compute_agent.admin.client import AdminClient
+from compute_agent.admin.server import AdminSocketServer
+from compute_agent.dispatch import Dispatcher
+from compute_agent.exception import (
+    AdminSocketError,
     AgentTimeout,
     AgentUnreachable,
     ClientError,
     RemoteError,
 )
-from compute_agent.admin.server import AdminSocketError, AdminSocketServer
-from compute_agent.dispatch import Dispatcher
 from compute_agent.manager import ComputeManager
 from compute_agent.service import NodeService
 from compute_agent.states import PowerState

@@ -7,6 +7,7 @@ import sys
 import pytest
 from oslo_config import cfg
 
+from compute_agent import exception
 from compute_agent.conf import loader, register_all
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -60,16 +61,16 @@ def test_values_from_file(tmp_path):
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path, text, message):
-    with pytest.raises(loader.ConfigError, match=None) as info:
+    with pytest.raises(exception.ConfigError, match=None) as info:
         load_file(tmp_path, text)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
 
 
 def test_missing_and_unreadable_files(tmp_path):
-    with pytest.raises(loader.ConfigError, match="not found"):
+    with pytest.raises(exception.ConfigError, match="not found"):
         loader.load(fresh(), ["--config-file", str(tmp_path / "nope.conf")], "t")
-    with pytest.raises(loader.ConfigError, match="cannot be read"):
+    with pytest.raises(exception.ConfigError, match="cannot be read"):
         loader.load(fresh(), ["--config-file", str(tmp_path)], "t")
 
 

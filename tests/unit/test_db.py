@@ -14,6 +14,7 @@ from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.db.engine import normalize_url
 from compute_agent.db.models import Base
 from compute_agent.utils import mask_url_password, utcnow
+from tests.conftest import backend_params
 from tests.helpers import create_instance
 
 
@@ -32,17 +33,17 @@ def test_schema_at_head_passes_check(db):
     migration.check_schema(db)
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mysql"])
+@pytest.mark.parametrize("backend", backend_params("sqlite", "postgresql", "mysql"))
 def test_unmigrated_and_newer_schema_refused(backend, db_url_factory):
     empty = Database(db_url_factory(backend))
     try:
-        with pytest.raises(migration.SchemaError, match="no schema.*db sync"):
+        with pytest.raises(exception.SchemaError, match="no schema.*db sync"):
             migration.check_schema(empty)
         migration.upgrade(empty)
         migration.check_schema(empty)
         with empty.engine.begin() as conn:
             conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
-        with pytest.raises(migration.SchemaError, match="newer than this agent"):
+        with pytest.raises(exception.SchemaError, match="newer than this agent"):
             migration.check_schema(empty)
     finally:
         empty.dispose()

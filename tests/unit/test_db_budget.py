@@ -21,9 +21,9 @@ from compute_agent.db.engine import Deadlines, is_busy
 from compute_agent.rpc import BINARY
 from compute_agent.service import NodeService
 from tests.busy_role import BusyAccount
-from tests.conftest import PGBOUNCER, SERVER_URLS
+from tests.conftest import PGBOUNCER, SERVER_DB, SERVER_URLS, backend_params
 
-SERVERS = ["postgresql", "mysql"]
+SERVERS = backend_params("postgresql", "mysql")
 POOL_SIZE = 3
 WORKERS = 8
 HOLD_S = 0.5
@@ -192,6 +192,7 @@ def test_a_heartbeat_refused_for_load_is_retried_before_the_next(busy, conf, cap
     assert row is not None and row.report_count == 1
 
 
+@SERVER_DB
 def test_pgbouncer_client_connections_share_few_server_ones(db_url_factory):
     """Through the pooler, eight agents idle hold no server connection between transactions."""
     url = db_url_factory(PGBOUNCER)
@@ -216,6 +217,7 @@ def test_pgbouncer_client_connections_share_few_server_ones(db_url_factory):
         count.close()
 
 
+@SERVER_DB
 def test_pgbouncer_statement_deadline_holds_per_transaction_and_leaks_nowhere(db_url_factory):
     """SET LOCAL: the deadline in every transaction of the agent, none left for the next client."""
     url = db_url_factory(PGBOUNCER)
@@ -240,6 +242,7 @@ def test_pgbouncer_statement_deadline_holds_per_transaction_and_leaks_nowhere(db
         plain.dispose()
 
 
+@SERVER_DB
 def test_pgbouncer_without_transaction_pooling_says_what_to_set(db_url_factory):
     db = Database(db_url_factory(PGBOUNCER))
     try:

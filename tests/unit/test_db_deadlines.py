@@ -8,6 +8,7 @@ import sqlalchemy as sa
 from compute_agent import exception
 from compute_agent.db.api import Database
 from compute_agent.db.engine import Deadlines, connect_args, unreachable_as_typed
+from tests.conftest import SERVER_DB
 
 DEADLINES = Deadlines(connect=1.5, statement=7.0, sqlite_busy=3.0)
 
@@ -51,6 +52,7 @@ def _raw(database: Database):
         fairy.close()
 
 
+@SERVER_DB
 def test_postgresql_connection_carries_both_deadlines(db_url_factory):
     database = Database(db_url_factory("postgresql"), deadlines=DEADLINES)
     try:
@@ -63,6 +65,7 @@ def test_postgresql_connection_carries_both_deadlines(db_url_factory):
         database.dispose()
 
 
+@SERVER_DB
 def test_mysql_connection_carries_the_statement_deadline(db_url_factory):
     database = Database(db_url_factory("mysql"), deadlines=DEADLINES)
     try:

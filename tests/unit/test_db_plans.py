@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from sqlalchemy import event
 
-from bench.db_scale import add_dead, dead_uuid
 from compute_agent.db import purge
 from compute_agent.utils import utcnow
+from tests.conftest import backend_params
+from tests.dead_rows import add_dead, dead_uuid
 from tests.helpers import bulk_create_instances
 
 HOST = "bench-host"  # the host add_dead writes
@@ -28,7 +29,7 @@ LIVE = 1000
 DEAD = {"sqlite": 10_000, "postgresql": 100_000}
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=backend_params("sqlite", "postgresql"))
 def big(request, db_url_factory) -> Iterator[Any]:
     from compute_agent.db import migration
     from compute_agent.db.api import Database

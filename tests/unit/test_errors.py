@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import pathlib
+import re
 import shutil
 import tempfile
 
@@ -11,9 +14,10 @@ import pytest
 from oslo_messaging._drivers import common as oslo_common
 
 from compute_agent import exception, periodic
-from compute_agent.admin.client import AdminClient, RemoteError
+from compute_agent.admin.client import AdminClient
 from compute_agent.admin.server import AdminSocketServer
 from compute_agent.dispatch import Dispatcher
+from compute_agent.exception import RemoteError
 from compute_agent.locks import KeyedLocks
 from compute_agent.manager import ComputeManager
 from compute_agent.power_sync import PowerSync
@@ -28,7 +32,13 @@ from tests.helpers import create_instance
 E = exception
 
 CATEGORIES = {
-    E.InvalidInput: [E.InvalidInput],
+    E.InvalidInput: [
+        E.InvalidInput,
+        E.ConfigError,
+        E.BackendChoiceError,
+        E.ColumnError,
+        E.RequestTimeout,
+    ],
     E.StateError: [
         E.InstanceNotFound,
         E.InstanceInvalidState,
@@ -37,10 +47,23 @@ CATEGORIES = {
         E.ServiceNotFound,
         E.ServiceOwned,
         E.OwnershipLost,
+        E.OwnedElsewhere,
+        E.SchemaError,
+        E.AdminSocketError,
+        E.MetricsBindError,
     ],
-    E.Unavailable: [E.HypervisorUnavailable, E.DatabaseUnavailable],
+    E.Unavailable: [
+        E.HypervisorUnavailable,
+        E.DatabaseUnavailable,
+        E.AgentUnreachable,
+        E.AgentTimeout,
+        E.TooManyConnections,
+        E.Evicted,
+    ],
     E.Stopping: [E.TaskStopped],
+    E.AdminCallError: [E.ClientError, E.ProtocolError, E.RemoteError],
 }
+PACKAGE = pathlib.Path(exception.__file__).parent
 
 
 def test_every_error_is_in_exactly_one_category():
@@ -50,6 +73,55 @@ def test_every_error_is_in_exactly_one_category():
             assert issubclass(cls, base)
             others = [b for b in CATEGORIES if b is not base]
             assert not any(issubclass(cls, b) for b in others), cls
+
+
+def _exception_classes(tree: ast.Module, known: set[str]) -> list[str]:
+    """Classes in ``tree`` whose base is an exception class (by name)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef):
+            bases = {
+                b.attr if isinstance(b, ast.Attribute) else getattr(b, "id", "") for b in node.bases
+            }
+            if any(b in known or b.endswith(("Error", "Exception")) for b in bases):
+                found.append(node.name)
+    return found
+
+
+def test_every_public_exception_class_lives_in_the_tree():
+    """Only a private class (``_TooSlow``, in a private module) may live outside exception.py."""
+    known = {n for n, v in vars(E).items() if isinstance(v, type) and issubclass(v, BaseException)}
+    outside = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "exception.py" or path.name.startswith("_") and path.name != "__init__.py":
+            continue
+        names = _exception_classes(ast.parse(path.read_text()), known | {"BaseException"})
+        outside += [f"{path.relative_to(PACKAGE)}:{n}" for n in names if not n.startswith("_")]
+    assert outside == []
+
+
+def test_the_documented_tree_names_every_class_in_the_module():
+    documented = set(re.findall(r"^    [│├└─ ]*([A-Z][A-Za-z]+)", exception.__doc__ or "", re.M))
+    defined = {
+        n
+        for n, v in vars(E).items()
+        if isinstance(v, type) and issubclass(v, BaseException) and v.__module__ == E.__name__
+    }
+    assert documented == defined
+
+
+def test_the_classes_outside_the_categories_keep_their_kind():
+    # Neither an entry point's exit nor a bug may be taken for one of the agent's refusals.
+    assert not issubclass(E.Fatal, E.ComputeAgentError)
+    assert issubclass(E.PolicyGap, LookupError) and not issubclass(E.PolicyGap, E.ComputeAgentError)
+    assert E.Fatal("x").status == 1 and E.Fatal("x", 2).status == 2
+    assert issubclass(E.ColumnError, ValueError)
+    remote = E.RemoteError("InvalidInput", "bad name")
+    assert (str(remote), remote.type, remote.message) == (
+        "InvalidInput: bad name",
+        "InvalidInput",
+        "bad name",
+    )
 
 
 def test_a_database_outage_is_not_a_hypervisor_outage():

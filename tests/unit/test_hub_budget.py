@@ -34,6 +34,7 @@ from compute_agent.power_sync import PowerSync
 from compute_agent.states import PowerState as P
 from compute_agent.utils import freeze_long_lived_objects
 from compute_agent.virt.fake import FakeDriver
+from tests.conftest import SERVER_DB
 from tests.helpers import bulk_create_instances, create_instance, wait_until
 
 
@@ -199,6 +200,7 @@ def test_log_lines_never_wait_for_a_slow_reader():
         handler.close()
 
 
+@SERVER_DB
 def test_pg8000_builds_no_ssl_context_per_connection(db_url_factory, monkeypatch):
     url = db_url_factory("postgresql")
     made = []

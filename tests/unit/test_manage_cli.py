@@ -15,11 +15,12 @@ import pytest
 
 from compute_agent import exception, green
 from compute_agent.admin import client as client_module
-from compute_agent.admin.client import AdminClient, AgentUnreachable
+from compute_agent.admin.client import AdminClient
 from compute_agent.admin.server import AdminSocketServer
 from compute_agent.cmd import manage, output
-from compute_agent.cmd.common import EXIT_FAILED, EXIT_OK, Fatal
+from compute_agent.cmd.common import EXIT_FAILED, EXIT_OK
 from compute_agent.dispatch import Dispatcher
+from compute_agent.exception import AgentUnreachable, Fatal
 from compute_agent.manager import ComputeManager
 from compute_agent.service import NodeService
 from compute_agent.states import PowerState
@@ -65,7 +66,7 @@ def test_value_and_json_of_a_list_with_columns():
         {"name": "web"},
         {"name": "database 2"},
     ]
-    with pytest.raises(output.ColumnError, match="unknown column 'colour'"):
+    with pytest.raises(exception.ColumnError, match="unknown column 'colour'"):
         render(output.emit_list, "table", ROWS, COLUMNS, ["colour"])
 
 

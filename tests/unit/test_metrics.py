@@ -15,12 +15,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from compute_agent import exception, green
 from compute_agent.dispatch import Dispatcher
+from compute_agent.exception import MetricsBindError
 from compute_agent.manager import ComputeManager
 from compute_agent.metrics import figures
 from compute_agent.metrics import server as server_mod
 from compute_agent.metrics.collector import AgentCollector
 from compute_agent.metrics.instances import InstanceIndex
-from compute_agent.metrics.server import MetricsBindError, MetricsServer
+from compute_agent.metrics.server import MetricsServer
 from compute_agent.service import NodeService
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.virt.fake import FakeDriver

@@ -10,7 +10,8 @@ import sqlalchemy as sa
 from compute_agent import exception, green
 from compute_agent.db.api import Database
 from compute_agent.db.models import Service
-from compute_agent.ownership import LOCK_NAME, HostLock, OwnedElsewhere, new_token
+from compute_agent.exception import OwnedElsewhere
+from compute_agent.ownership import LOCK_NAME, HostLock, new_token
 from compute_agent.service import BINARY, EXIT_DISPLACED, NodeService
 from compute_agent.utils import utcnow
 

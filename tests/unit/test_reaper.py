@@ -6,7 +6,6 @@ import uuid as uuidlib
 import pytest
 
 from compute_agent import exception, green
-from compute_agent.conf import loader
 from compute_agent.dispatch import Dispatcher
 from compute_agent.locks import KeyedLocks
 from compute_agent.manager import REAPER, ComputeManager
@@ -301,7 +300,7 @@ def test_options_defaults_and_validation(tmp_path):
         ("running_deleted_instance_max_per_run = 0", "running_deleted_instance_max_per_run"),
         ("running_deleted_instance_poll_interval = soon", "running_deleted_instance_poll_interval"),
     ):
-        with pytest.raises(loader.ConfigError) as info:
+        with pytest.raises(exception.ConfigError) as info:
             load_file(tmp_path, f"[compute]\n{text}\n")
         assert name in str(info.value) and "\n" not in str(info.value)
 

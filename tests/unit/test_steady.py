@@ -2,6 +2,7 @@
 
 from compute_agent import green, steady
 from compute_agent.states import PowerState as P
+from tests.helpers import VirtualClock
 
 
 class Clock:
@@ -53,7 +54,7 @@ def test_steady_states_count_at_once_and_clear_the_clock():
 
 def test_wait_steady_waits_out_a_boot_pause_and_counts_expected_states_at_once():
     states = iter([P.PAUSED, P.PAUSED, P.RUNNING])
-    assert steady.wait_steady(lambda: next(states), 5) is P.RUNNING
+    assert steady.wait_steady(lambda: next(states), 5, clock=VirtualClock()) is P.RUNNING
     reads = []
 
     def shut_off():
@@ -65,10 +66,18 @@ def test_wait_steady_waits_out_a_boot_pause_and_counts_expected_states_at_once()
 
 
 def test_wait_steady_returns_a_state_that_persisted_and_gives_up_on_flapping():
-    started = green.monotonic()
-    assert steady.wait_steady(lambda: P.SHUTDOWN, 0.2) is P.SHUTDOWN
-    assert green.monotonic() - started >= 0.2
+    clock = VirtualClock()
+    started = clock.monotonic()
+    assert steady.wait_steady(lambda: P.SHUTDOWN, 0.2, clock=clock) is P.SHUTDOWN
+    assert clock.monotonic() - started >= 0.2
     flip = iter([P.SHUTDOWN, P.PAUSED] * 1000)
+    started = clock.monotonic()
+    assert steady.wait_steady(lambda: next(flip), 0.2, clock=clock) in (P.SHUTDOWN, P.PAUSED)
+    assert clock.monotonic() - started < steady.MAX_DELAYS * 0.2 + 2  # bounded
+
+
+def test_wait_steady_waits_on_the_real_clock_by_default():
+    """The default clock is the agent's own: the delay is really waited."""
     started = green.monotonic()
-    assert steady.wait_steady(lambda: next(flip), 0.2) in (P.SHUTDOWN, P.PAUSED)
-    assert green.monotonic() - started < steady.MAX_DELAYS * 0.2 + 2  # bounded
+    assert steady.wait_steady(lambda: P.SHUTDOWN, 0.05) is P.SHUTDOWN
+    assert green.monotonic() - started >= 0.05

@@ -1,4 +1,4 @@
-"""The stress benchmark's own parts: what it reads from the agent, and its frozen proxy."""
+"""The stress benchmark's parts in tests/load.py: what it reads from the agent, its verdict."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
-from bench import stress
 from compute_agent import green
 from compute_agent.hub_monitor import HubLagMonitor
+from tests import load
 from tests.functional.frozen_proxy import FrozenProxy
 
 
@@ -18,7 +18,7 @@ def test_the_lag_warning_the_benchmark_parses_is_the_one_the_monitor_logs(caplog
     monitor = HubLagMonitor(interval=0.01, warn_after=0.02)
     with caplog.at_level(logging.WARNING, logger="compute_agent.hub_monitor"):
         monitor.record(0.1234, 0.125, "rpc-stop_instance")
-    [match] = list(stress.LAG_LINE.finditer(caplog.text))
+    [match] = list(load.LAG_LINE.finditer(caplog.text))
     assert (float(match[1]), match[2], float(match[3])) == (0.123, "rpc-stop_instance", 0.125)
 
 
@@ -28,7 +28,7 @@ def test_the_agents_own_stretch_leaves_out_the_wait_for_a_cpu(caplog):
         monitor.record(0.080, 0.085, "hub", 0.002, runnable=0.060)
         monitor.record(0.030, 0.031, "rpc-ping", 0.029, runnable=0.0)
     assert "waited 0.060 s for a CPU" in caplog.text
-    assert abs(stress._worst_own(caplog.text) - 0.030) < 1e-9
+    assert abs(load.worst_own(caplog.text) - 0.030) < 1e-9
 
 
 def _run(hub: float | None, beat: float, grew: bool = True) -> dict:
@@ -52,7 +52,7 @@ def _run(hub: float | None, beat: float, grew: bool = True) -> dict:
     ],
 )
 def test_the_verdict_is_on_the_median_of_the_runs(runs, verdict):
-    assert stress.summarise("build_casts", "sqlite", runs)["verdict"] == verdict
+    assert load.summarise("build_casts", "sqlite", runs)["verdict"] == verdict
 
 
 def test_the_frozen_proxy_forwards_then_moves_nothing():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from compute_agent import sync_policy
+from compute_agent import exception, sync_policy
 from compute_agent.states import PowerState as P
 from compute_agent.states import VmState as V
 from compute_agent.sync_policy import ENFORCE, REPORT, Decision, decide
@@ -50,7 +50,7 @@ def test_the_table_has_a_rule_for_every_input_and_nothing_else():
 
 def test_a_missing_rule_is_an_error(monkeypatch):
     monkeypatch.delitem(sync_policy.TABLE, (V.SUSPENDED, None, REPORT))
-    with pytest.raises(sync_policy.PolicyGap):
+    with pytest.raises(exception.PolicyGap):
         decide("suspended", None, REPORT)
 
 

@@ -10,6 +10,7 @@ from oslo_config import cfg
 from oslo_messaging._drivers import impl_rabbit
 from oslo_messaging.transport import TransportURL
 
+from compute_agent import exception
 from compute_agent.conf import loader, register_all
 
 
@@ -36,7 +37,7 @@ def test_a_slash_in_a_rabbit_password_is_refused_without_quoting_it(tmp_path) ->
         f"rabbit://u:Rq{token}%2Fx@127.0.0.1:5672/",
         f"rabbit://a:ok-{token}@h1:5672,u:Rq{token}/x@h2:5672/",  # the second host's
     ):
-        with pytest.raises(loader.ConfigError, match="transport_url") as caught:
+        with pytest.raises(exception.ConfigError, match="transport_url") as caught:
             _load(tmp_path, url)
         assert token not in str(caught.value)
 
