@@ -44,5 +44,7 @@ def test_every_benchmark_the_docs_name_exists():
     named |= set(re.findall(r"`bench/([a-z_]+)\.py`", text))
     assert named, "no benchmark named in the docs"
     known = set(registered()) | {"common", "agent_runner", "rpc_client", "rpc_common"}
-    unknown = sorted(n for n in named if n not in known or not (REPO / "bench" / f"{n}.py").exists())
+    unknown = sorted(
+        n for n in named if n not in known or not (REPO / "bench" / f"{n}.py").exists()
+    )
     assert unknown == [], f"the docs name benchmarks that do not exist: {unknown}"
