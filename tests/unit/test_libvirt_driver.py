@@ -294,3 +294,29 @@ def test_a_killed_waiter_does_not_let_its_running_call_be_closed_under(driver, m
         green.sleep(0.02)
     assert len(closed) == 1
     assert driver.host.inflight == 0
+
+
+def test_a_loss_reported_twice_at_once_starts_one_reconnection(driver, monkeypatch):
+    """A failing call and the close callback can report one loss together (from
+    several threads under the threads backend): one down, one reconnection, one up."""
+    changes = []
+    driver.add_connection_listener(lambda up, why: changes.append(up))
+    generation = driver.host.generation
+    pool = driver.host.pool
+    real_reset = pool.reset
+
+    def slow_reset(new_generation):  # widens the window between the check and the bump
+        green.native_sleep(0.05)
+        return real_reset(new_generation)
+
+    monkeypatch.setattr(pool, "reset", slow_reset)
+    reports = [green.spawn(driver.host._lost, f"report {i}", generation) for i in range(8)]
+    for report in reports:
+        report.wait()
+    for _ in range(200):
+        if driver.connected:
+            break
+        green.sleep(0.02)
+    assert driver.connected
+    green.sleep(0.3)  # a second reconnection, if one was started, would have come by now
+    assert changes == [False, True]

@@ -132,6 +132,11 @@ class Host:
         self._events = green.NativeQueue()
         self._dispatcher: green.Task | None = None
         self._reconnector: green.Task | None = None
+        self._reconnecting = False  # a reconnection is due or under way
+        # The generation, the events connection and _reconnecting change together,
+        # from the hub, a failing call's task or the events' dispatcher (several
+        # threads under the threads backend): held briefly, never across a switch.
+        self._guard = green.native_lock()
         self._stopping = False
         self.last_error: str | None = None
         # Set before start() to receive domain lifecycle events.
@@ -224,14 +229,22 @@ class Host:
             raise exception.HypervisorUnavailable(
                 f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
             ) from None
-        self._generation += 1
-        generation = self._generation
+        with self._guard:
+            self._generation += 1
+            generation = self._generation
+            stale = self.pool.reset(generation)
         lifecycle_id = green.execute(self._register_native, raw, generation)
-        self._close_all(self.pool.reset(generation))
-        if self.shared_state:
-            self._events_connection = Connection(raw, generation, lifecycle_id)
-        else:
-            self._events_connection = self.pool.adopt(raw, lifecycle_id)
+        self._close_all(stale)
+        with self._guard:
+            if generation == self._generation:
+                if self.shared_state:
+                    self._events_connection = Connection(raw, generation, lifecycle_id)
+                else:
+                    self._events_connection = self.pool.adopt(raw, lifecycle_id)
+                raw = None
+        if raw is not None:  # lost (or stopped) while registering: not ours any more
+            self._close_all([Connection(raw, generation, lifecycle_id)])
+            raise exception.HypervisorUnavailable(f"libvirt at {self.uri} lost while connecting")
         self.last_error = None
         LOG.info("connected to libvirt at %s", self.uri)
 
@@ -281,13 +294,19 @@ class Host:
         for connection in connections:
             green.execute(self._close_connection, connection)
 
-    def _discard(self) -> None:
-        """End the current generation: close what carries no call, now."""
+    def _end_generation_locked(self) -> list[Connection]:
+        """Start a new generation (under ``_guard``); the idle connections to close."""
         self._generation += 1
         idle = self.pool.reset(self._generation)
         events, self._events_connection = self._events_connection, None
         if events is not None and events not in idle and self.shared_state:
             idle.append(events)  # in the pool when private, closed with it
+        return idle
+
+    def _discard(self) -> None:
+        """End the current generation: close what carries no call, now."""
+        with self._guard:
+            idle = self._end_generation_locked()
         if idle:
             green.spawn(self._close_all, idle, name="libvirt-discard")
 
@@ -304,15 +323,19 @@ class Host:
 
     def _lost(self, reason: str, generation: int) -> None:
         """The connections of ``generation`` are gone; reconnect unless already doing so."""
-        if self._stopping or generation != self._generation:
-            return
-        was_connected = self.connected
-        self._discard()
-        self.last_error = reason
+        with self._guard:  # one decision: a failing call and the close callback may race
+            if self._stopping or generation != self._generation:
+                return
+            was_connected = self._events_connection is not None
+            idle = self._end_generation_locked()
+            self.last_error = reason
+            reconnect, self._reconnecting = not self._reconnecting, True
+        if idle:
+            green.spawn(self._close_all, idle, name="libvirt-discard")
         if was_connected:
             LOG.error("lost the libvirt connection to %s: %s", self.uri, reason)
         self._on_connection(False, reason)
-        if self._reconnector is None:
+        if reconnect:
             self._reconnector = green.spawn(self._reconnect_loop, name="libvirt-reconnect")
 
     def _reconnect_loop(self) -> None:
@@ -333,8 +356,14 @@ class Host:
                     exc,
                 )
                 continue
+            with self._guard:
+                done = self._events_connection is not None  # else lost again meanwhile
+                if done:
+                    self._reconnecting = False
+                    self._reconnector = None
+            if not done:
+                continue
             LOG.info("libvirt connection restored after %d attempt(s)", attempts)
-            self._reconnector = None
             self._on_connection(True, f"reconnected after {attempts} attempt(s)")
             return
 
