@@ -275,7 +275,7 @@ class InstanceOperations:
     def reboot(self, uuid: str, hard: bool, source: ActionSource) -> Instance:
         """Reboot; a hard reboot of an instance whose domain is gone re-creates it."""
         if not isinstance(hard, bool):
-            raise exception.InvalidInput(f"hard must be true or false, not {hard!r}")
+            raise exception.InvalidInput(f"hard must be true or false, not {printable(hard)}")
         action = "reboot_hard" if hard else "reboot"
         with self._claim(uuid, action, REBOOTABLE, TaskState.REBOOTING, source) as inst:
             try:

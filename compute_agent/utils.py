@@ -32,7 +32,10 @@ def printable(value: object, limit: int = 80) -> str:
     and log lines; escaped, they can neither break a line in two nor carry a
     character (a lone surrogate) that a log file cannot encode.
     """
-    text = str(value)[:limit]
+    try:
+        text = str(value)[:limit]
+    except ValueError:  # an int too long to convert (Python's digit limit)
+        text = f"<{type(value).__name__} too long to show>"
     return text if text.isprintable() else repr(text)[1:-1]
 
 

@@ -267,3 +267,15 @@ def test_a_database_outage_aborts_a_power_sync_in_its_own_words(sqlite_db, monke
     summary = sync.run()
     assert summary.aborted == "database unavailable: connection refused"
     assert summary.errors == 0  # an outage is no error of the instance's
+
+
+def test_a_value_echoed_in_an_error_is_cut_and_never_raises():
+    """A client's value goes into one short line, whatever it is (hypothesis found
+    `hard = [[['x' * 300, {...: -10**300}]]]` echoed whole, past the wire's limit)."""
+    from compute_agent.utils import printable
+
+    hostile = [[["x" * 300, {"k\n": -(10**300)}]]]
+    assert len(printable(hostile)) <= 80 * 4  # escaped characters take up to 4 each
+    assert "\n" not in printable(hostile)
+    huge = 10**5000  # str() of it raises ValueError (Python's digit limit)
+    assert printable(huge) == "<int too long to show>"
