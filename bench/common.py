@@ -55,27 +55,33 @@ def make_db(count: int, power_state: str = "running", url: str | None = None) ->
         url = f"sqlite:///{tempfile.mkdtemp(prefix='ca-bench-')}/bench.sqlite"
     db = Database(url)
     migration.upgrade(db)
-    now = utcnow()
-    rows = [
-        dict(
-            uuid=uuid_for(i),
-            host=HOST,
-            domain_name=name_for(i),
-            vm_state="active",
-            task_state=None,
-            power_state=power_state,
-            vcpus=1,
-            memory_mb=64,
-            created_at=now,
-            updated_at=now,
-            deleted=False,
-        )
-        for i in range(count)
-    ]
-    with db.engine.begin() as conn:
-        for start in range(0, len(rows), 5000):
-            conn.execute(sa.insert(Instance), rows[start : start + 5000])
+    insert_hosts(db, [HOST], count, power_state)
     return db
+
+
+def insert_hosts(db: Database, hosts: list[str], count: int, power_state: str = "running") -> None:
+    """``count`` active instances for each of ``hosts``; host h's are numbered from h * count."""
+    now = utcnow()
+    with db.engine.begin() as conn:
+        for h, host in enumerate(hosts):
+            rows = [
+                dict(
+                    uuid=uuid_for(h * count + i),
+                    host=host,
+                    domain_name=name_for(h * count + i),
+                    vm_state="active",
+                    task_state=None,
+                    power_state=power_state,
+                    vcpus=1,
+                    memory_mb=64,
+                    created_at=now,
+                    updated_at=now,
+                    deleted=False,
+                )
+                for i in range(count)
+            ]
+            for start in range(0, len(rows), 5000):
+                conn.execute(sa.insert(Instance), rows[start : start + 5000])
 
 
 def fake_driver(count: int, latency: float = 0.0, bulk: bool = True):

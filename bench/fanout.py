@@ -24,16 +24,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import sqlalchemy as sa
-
-from bench.common import ms, name_for, save, server_database, table, uuid_for
+from bench.common import insert_hosts, ms, save, server_database, table
 from bench.rpc_common import BenchRabbit, Child, interrupts_to_main, stop_children
 from compute_agent import green
 from compute_agent.db import migration
 from compute_agent.db.api import Database
-from compute_agent.db.models import Instance
 from compute_agent.rpcapi import ComputeAPI
-from compute_agent.utils import percentile, utcnow
+from compute_agent.utils import percentile
 
 AGENTS = 20
 INSTANCES = 500
@@ -42,29 +39,6 @@ PING_ROUNDS = 50
 WARMUP_ROUNDS = 5
 SYNC_REPEATS = 3
 POOL_SIZE = 2  # per agent: 20 x (2 + 2 overflow) stays under PostgreSQL's 100 connections
-
-
-def _insert_rows(db: Database, hosts: list[str]) -> None:
-    now = utcnow()
-    with db.engine.begin() as conn:
-        for h, host in enumerate(hosts):
-            rows = [
-                dict(
-                    uuid=uuid_for(h * INSTANCES + i),
-                    host=host,
-                    domain_name=name_for(h * INSTANCES + i),
-                    vm_state="active",
-                    task_state=None,
-                    power_state="running",
-                    vcpus=1,
-                    memory_mb=64,
-                    created_at=now,
-                    updated_at=now,
-                    deleted=False,
-                )
-                for i in range(INSTANCES)
-            ]
-            conn.execute(sa.insert(Instance), rows)
 
 
 def _start_agents(rabbit: BenchRabbit, hosts: list[str], db_url: str) -> list[Child]:
@@ -221,7 +195,7 @@ def _run() -> dict:
     try:
         db = Database(db_url)
         migration.upgrade(db)
-        _insert_rows(db, hosts)
+        insert_hosts(db, hosts, INSTANCES)
         db.dispose()
         children = _start_agents(rabbit, hosts, db_url)
         startup_s = _wait_ready(children)

@@ -40,12 +40,12 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from bench.common import name_for, save, table, uuid_for
+from bench.common import insert_hosts, name_for, save, table, uuid_for
 from bench.rpc_common import REPO, BenchRabbit, interrupts_to_main
 from compute_agent import green
 from compute_agent.db import migration
 from compute_agent.db.api import Database
-from compute_agent.db.models import Instance, Service
+from compute_agent.db.models import Service
 from compute_agent.rpc import BINARY
 from compute_agent.rpcapi import ComputeAPI
 from compute_agent.utils import percentile, utcnow
@@ -242,30 +242,6 @@ class Database_:
         self.admin.dispose()
 
 
-def _insert_rows(db: Database, hosts: list[str], count: int) -> None:
-    now = utcnow()
-    with db.engine.begin() as conn:
-        for h, host in enumerate(hosts):
-            rows = [
-                dict(
-                    uuid=uuid_for(h * count + i),
-                    host=host,
-                    domain_name=name_for(h * count + i),
-                    vm_state="active",
-                    task_state=None,
-                    power_state="running",
-                    vcpus=1,
-                    memory_mb=64,
-                    created_at=now,
-                    updated_at=now,
-                    deleted=False,
-                )
-                for i in range(count)
-            ]
-            if rows:
-                conn.execute(sa.insert(Instance), rows)
-
-
 def _node_file(path: pathlib.Path, h: int, count: int) -> str:
     from tests import nodefile
 
@@ -392,7 +368,7 @@ def _run(args: argparse.Namespace) -> dict:
     }
     try:
         migration.upgrade(store.db)
-        _insert_rows(store.db, hosts, args.instances)
+        insert_hosts(store.db, hosts, args.instances)
         store.db.dispose()
         db_url = store.pooler_url if args.via_pgbouncer else store.url
         for host in hosts:
