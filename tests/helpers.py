@@ -124,3 +124,23 @@ class VirtualClock:
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += max(0.0, seconds)
+
+
+def dead_instance(db, host: str, days_ago: float):
+    """An instance of ``host`` soft-deleted ``days_ago`` days ago (as a delete then wrote it)."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from compute_agent.db.models import Instance
+    from compute_agent.utils import utcnow
+
+    inst = create_instance(db, host=host)
+    db.instance_soft_delete(inst, "rpc", "test")
+    with db.engine.begin() as conn:
+        conn.execute(
+            sa.update(Instance)
+            .where(Instance.id == inst.id)
+            .values(deleted_at=utcnow() - dt.timedelta(days=days_ago))
+        )
+    return inst

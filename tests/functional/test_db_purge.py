@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 
 import pytest
@@ -11,7 +10,7 @@ import sqlalchemy as sa
 from compute_agent.db.models import Instance, InstanceAction
 from compute_agent.utils import utcnow
 from tests.functional.agent_process import REPO, manage, manage_all
-from tests.helpers import create_instance
+from tests.helpers import create_instance, dead_instance
 
 PREFIX = "compute-agent-manage: error: "
 
@@ -35,18 +34,6 @@ def config_of(tmp_path, db) -> list:
     return config(tmp_path, url_of(db), pooled=db.transaction_pooling)
 
 
-def make_dead(db, days_ago: float):
-    inst = create_instance(db, host="purge-host")
-    db.instance_soft_delete(inst, "rpc", "test")
-    with db.engine.begin() as conn:
-        conn.execute(
-            sa.update(Instance)
-            .where(Instance.id == inst.id)
-            .values(deleted_at=utcnow() - dt.timedelta(days=days_ago))
-        )
-    return inst
-
-
 def counts(db) -> tuple[int, int]:
     with db.engine.connect() as conn:
         return (
@@ -67,8 +54,8 @@ def test_dry_run_then_purge_with_an_archive(db, tmp_path):
     files = config_of(tmp_path, db)
     live = create_instance(db, host="purge-host")
     for _ in range(3):
-        make_dead(db, 10)
-    make_dead(db, 1)
+        dead_instance(db, "purge-host", 10)
+    dead_instance(db, "purge-host", 1)
     before = counts(db)
     dry, table = manage_all(
         [

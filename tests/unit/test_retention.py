@@ -19,19 +19,7 @@ from compute_agent.service import NodeService
 from compute_agent.states import ActionSource
 from compute_agent.utils import utcnow
 from compute_agent.virt.fake import FakeDriver
-from tests.helpers import create_instance, wait_until
-
-
-def dead(db, host: str, days_ago: float):
-    inst = create_instance(db, host=host)
-    db.instance_soft_delete(inst, "rpc", "test")
-    with db.engine.begin() as conn:
-        conn.execute(
-            sa.update(Instance)
-            .where(Instance.id == inst.id)
-            .values(deleted_at=utcnow() - dt.timedelta(days=days_ago))
-        )
-    return inst
+from tests.helpers import create_instance, dead_instance, wait_until
 
 
 def age_actions(db, uuid: str, days: float) -> None:
@@ -56,7 +44,11 @@ def action_uuids(db) -> list[str]:
 def test_a_run_purges_this_hosts_old_rows_as_configured(db):
     live, aged = create_instance(db, host="h1"), create_instance(db, host="h1")
     age_actions(db, aged.uuid, 100)
-    old, recent, elsewhere = dead(db, "h1", 40), dead(db, "h1", 5), dead(db, "h2", 40)
+    old, recent, elsewhere = (
+        dead_instance(db, "h1", 40),
+        dead_instance(db, "h1", 5),
+        dead_instance(db, "h2", 40),
+    )
     retention = Retention(
         db, "h1", deleted_after_days=30, actions_after_days=90, batch=2, pause=0.001
     )
@@ -73,7 +65,7 @@ def test_a_run_purges_this_hosts_old_rows_as_configured(db):
 
 
 def test_zero_days_purges_nothing_and_schedules_nothing(db):
-    dead(db, "h1", 400)
+    dead_instance(db, "h1", 400)
     retention = Retention(db, "h1")
     assert not retention.enabled and retention.interval == 0
     assert retention.run().instances == 0 and len(uuids(db)) == 1
@@ -82,7 +74,7 @@ def test_zero_days_purges_nothing_and_schedules_nothing(db):
 def test_the_hub_runs_other_work_between_two_batches(db):
     """The cause of a short hub stretch: a pause after every batch, other greenthreads run."""
     for _ in range(6):
-        dead(db, "h1", 40)
+        dead_instance(db, "h1", 40)
     ticks = 0
     stop = False
 
@@ -118,7 +110,7 @@ def test_the_hub_runs_other_work_between_two_batches(db):
 
 
 def test_a_database_outage_ends_the_run_in_one_line(db, monkeypatch):
-    dead(db, "h1", 40)
+    dead_instance(db, "h1", 40)
     retention = Retention(db, "h1", deleted_after_days=1)
 
     def down(*_args, **_kwargs):
@@ -150,8 +142,8 @@ def agent(conf, sqlite_db):
 def test_the_agent_purges_in_its_own_task_and_shows_it(agent, sqlite_db, conf):
     service, manager = agent
     live = create_instance(sqlite_db, host=conf.host)
-    gone = [dead(sqlite_db, conf.host, 10) for _ in range(3)]
-    kept = dead(sqlite_db, conf.host, 1)
+    gone = [dead_instance(sqlite_db, conf.host, 10) for _ in range(3)]
+    kept = dead_instance(sqlite_db, conf.host, 1)
     service.start()
     task = service.runner.tasks[PURGE]
     assert task.enabled and task.interval == INTERVAL
@@ -180,7 +172,7 @@ def test_off_by_default_yet_registered(conf, sqlite_db):
     manager = ComputeManager(conf, sqlite_db, FakeDriver())
     service = NodeService(conf, sqlite_db, components=[manager])
     try:
-        dead(sqlite_db, conf.host, 1000)
+        dead_instance(sqlite_db, conf.host, 1000)
         service.start()
         task = service.runner.tasks[PURGE]
         assert not task.enabled
