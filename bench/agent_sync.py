@@ -83,7 +83,11 @@ class Agent:
         self.port = free_port()
         env = {"COMPUTE_AGENT_CONCURRENCY": backend}
         self.proc = AgentProcess(files, extra_env=env, metrics_port=self.port)
-        self.proc.wait_for("admin socket listening", 300)
+        try:
+            self.proc.wait_for("admin socket listening", 300)
+        except AssertionError:
+            self.proc.kill()  # never left behind
+            raise
         self.admin = AdminClient(str(root / "state" / "admin.sock"), timeout=300)
 
     def _insert(self, domains: list[nodefile.TestDomain]) -> None:
@@ -137,9 +141,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", default="eventlet,threads")
     args = parser.parse_args(argv or [])
     root = pathlib.Path(tempfile.mkdtemp(prefix="ca-agent-sync-"))
-    agents = [Agent(root / b, b, args.instances) for b in args.backends.split(",")]
+    agents: list[Agent] = []
     results: dict[tuple[str, str], list[dict[str, Any]]] = {}
     try:
+        for backend in args.backends.split(","):
+            agents.append(Agent(root / backend, backend, args.instances))
         for _ in range(args.runs):
             for agent in agents:  # interleaved: a slow moment hits both
                 agent.unsettle()
