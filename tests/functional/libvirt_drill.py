@@ -198,12 +198,7 @@ class Drill:
             time.sleep(0.2)
 
     def _scrape(self) -> None:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=30) as sock:
-            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
-            data = b""
-            while chunk := sock.recv(1 << 16):
-                data += chunk
-        assert data.startswith(b"HTTP/1.0 200")
+        assert self._metrics(timeout=30).startswith(b"HTTP/1.0 200")
 
     # -- faults ----------------------------------------------------------------
 
@@ -263,8 +258,9 @@ class Drill:
             time.sleep(0.2)
         return lost, disabled
 
-    def _metrics(self) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+    def _metrics(self, timeout: float = 5) -> bytes:
+        """One scrape of /metrics, headers included."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
             sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
             data = b""
             while chunk := sock.recv(1 << 16):
