@@ -564,11 +564,9 @@ def _instance_action(method: str) -> Callable[[cfg.ConfigOpts], int]:
 # -- the parser -------------------------------------------------------------
 
 
-def _common_parents(columns: bool = True) -> list[argparse.ArgumentParser]:
-    """Options of every agent command: output format, columns, reply timeout."""
-    parent = argparse.ArgumentParser(add_help=False)
-    group = parent.add_argument_group("output formatters")
-    group.add_argument(
+def _add_format(parser: Any) -> None:
+    """``-f/--format``: table (the default), json or value."""
+    parser.add_argument(
         "-f",
         "--format",
         dest="out_format",
@@ -576,6 +574,13 @@ def _common_parents(columns: bool = True) -> list[argparse.ArgumentParser]:
         default="table",
         help="the output format (default: table)",
     )
+
+
+def _common_parents(columns: bool = True) -> list[argparse.ArgumentParser]:
+    """Options of every agent command: output format, columns, reply timeout."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("output formatters")
+    _add_format(group)
     if columns:
         group.add_argument(
             "-c",
@@ -648,14 +653,7 @@ def _add_parsers(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser
     purge.add_argument(
         "--dry-run", dest="dry_run", action="store_true", help="count only; remove nothing"
     )
-    purge.add_argument(
-        "-f",
-        "--format",
-        dest="out_format",
-        choices=output.FORMATS,
-        default="table",
-        help="the output format (default: table)",
-    )
+    _add_format(purge)
     purge.set_defaults(func=cmd_db_purge)
 
     sync = subparsers.add_parser(
