@@ -65,9 +65,14 @@ def _sync(probe: dict[str, float]) -> None:
 
 def _events(probe: dict[str, float]) -> None:
     from compute_agent.lifecycle import LifecycleHandler
+    from compute_agent.power_sync import SyncSummary
     from compute_agent.virt.events import LifecycleEvent, Transition
 
-    handler = LifecycleHandler(lambda *a, **k: None, stopped_delay=30, concurrency=4)
+    class NoSync:  # the handler's cost alone: syncs do nothing
+        def sync_one(self, *args: object, **kwargs: object) -> SyncSummary:
+            return SyncSummary()
+
+    handler = LifecycleHandler(NoSync(), stopped_delay=30, concurrency=4)
     events = [
         LifecycleEvent(f"d-{i}", f"{i:08d}-0000-0000-0000-000000000000", Transition.STARTED)
         for i in range(EVENTS)

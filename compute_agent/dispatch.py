@@ -16,13 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from compute_agent import __version__, concurrency, exception, green, servicegroup
 from compute_agent.intake import IntakeGate
-from compute_agent.metrics import figures
+from compute_agent.metrics import registry
 from compute_agent.rpc import BINARY
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.utils import printable, request_args
 
 if TYPE_CHECKING:
-    from compute_agent.admin.server import AdminSocketServer
     from compute_agent.manager import ComputeManager
     from compute_agent.service import NodeService
 
@@ -60,8 +59,6 @@ class Dispatcher:
         self.manager = manager
         self.service = service
         self.intake = intake if intake is not None else IntakeGate(_slots(service))
-        # The admin socket server sets itself here; status shows its figures.
-        self.admin_socket: AdminSocketServer | None = None
         self.methods: dict[str, Method] = {
             "ping": Method(self.ping),
             "get_host_state": Method(self.get_host_state),
@@ -107,8 +104,8 @@ class Dispatcher:
             outcome = type(exc).__name__
             raise
         finally:
-            figures.REQUESTS.inc((front, name, outcome))
-            figures.REQUEST_DURATION.observe((front, name), green.monotonic() - started)
+            registry.REQUESTS.inc((front, name, outcome))
+            registry.REQUEST_DURATION.observe((front, name), green.monotonic() - started)
 
     def _call(self, method: Any, args: Any, source: ActionSource, admin: bool) -> Any:
         spec = self.methods.get(method) if isinstance(method, str) else None
@@ -254,7 +251,4 @@ class Dispatcher:
                 "names": list(sync.unknown_names),
                 "checked_at": sync.unknown_checked_at,
             },
-            "admin_socket": (
-                asdict(self.admin_socket.statistics()) if self.admin_socket is not None else None
-            ),
         }

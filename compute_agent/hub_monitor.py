@@ -22,14 +22,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from compute_agent import green
-from compute_agent.metrics import figures
+from compute_agent.metrics import registry
 from compute_agent.utils import percentile
 
 LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class LagFigures:
+class LagStatistics:
     samples: int
     last_s: float
     max_s: float
@@ -174,7 +174,7 @@ class HubLagMonitor:
         """
         self.samples += 1
         self.last = lag
-        figures.HUB_LAG.observe(lag)
+        registry.HUB_LAG.observe(lag)
         self.max = max(self.max, lag)
         self._recent.append(lag)
         if longest > self._worst_slice:
@@ -191,9 +191,9 @@ class HubLagMonitor:
                 "" if runnable is None else f"; it waited {runnable:.3f} s for a CPU",
             )
 
-    def statistics(self) -> LagFigures:
+    def statistics(self) -> LagStatistics:
         ordered = list(self._recent)
-        return LagFigures(
+        return LagStatistics(
             samples=self.samples,
             last_s=round(self.last, 4),
             max_s=round(self.max, 4),
@@ -204,8 +204,6 @@ class HubLagMonitor:
             gc_collections=self._collections.collections,
             gc_max_s=round(self._collections.max, 4),
         )
-
-    figures = statistics
 
 
 class RunQueueClock:

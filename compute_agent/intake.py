@@ -34,7 +34,7 @@ LOG = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class IntakeFigures:
+class IntakeStatistics:
     """What ``status`` shows of the gate."""
 
     slots: int
@@ -117,8 +117,8 @@ class IntakeGate:
     def waiting(self) -> int:
         return len(self._waiters)
 
-    def statistics(self) -> IntakeFigures:
-        return IntakeFigures(
+    def statistics(self) -> IntakeStatistics:
+        return IntakeStatistics(
             slots=self.slots,
             running=self.running,
             waiting=self.waiting,
@@ -127,8 +127,6 @@ class IntakeGate:
             max_waiting=self.max_waiting,
             max_wait_s=round(self.max_wait, 4),
         )
-
-    figures = statistics
 
 
 class RefusalLog:

@@ -17,6 +17,12 @@ record it as stopped if it is still so; a sync that sees a passing state
 too early asks for a re-check (:meth:`LifecycleHandler.recheck`), which is
 delayed, coalesced and cancelled exactly like a STOPPED event.
 
+So the power sync and this handler each call the other, and each gets the
+other's door at construction, through a named protocol: the handler drives
+an :class:`InstanceSync` (``PowerSync.sync_one``); the sync asks for
+re-checks through ``power_sync.Rechecks``, which the handler implements
+(the manager routes them here while events are on).
+
 Event syncs run a few at a time. A sync that finds a domain to stop (a
 stopped instance started behind the agent's back) hands the stop to a
 greenthread of its own, so a guest taking its time to shut down holds up no
@@ -27,12 +33,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from compute_agent import exception, green, steady
+from compute_agent.counters import Counters
+from compute_agent.power_sync import Rechecks, SyncSummary
 from compute_agent.states import ActionSource, PowerState
-from compute_agent.utils import add_counts
 from compute_agent.virt.events import LifecycleEvent, Transition
 
 LOG = logging.getLogger(__name__)
@@ -46,30 +53,10 @@ STATE_AFTER = {
     Transition.PAUSED: PowerState.PAUSED,
 }
 
-# sync_one(uuid, source, defer_stop=None): PowerSync.sync_one.
-SyncOne = Callable[..., Any]
-
 
 @dataclass(frozen=True)
 class EventStatistics:
     """What became of the lifecycle events received since start."""
-
-    received: int
-    synced: int
-    delayed: int
-    cancelled: int
-    coalesced: int
-    ignored: int
-    not_ours: int
-    stops: int
-    rechecks: int
-    errors: int
-    last_latency_s: float | None
-
-
-@dataclass
-class EventFigures:
-    """The handler's own counters, changed in place on the hub; read :meth:`statistics`."""
 
     received: int = 0
     synced: int = 0
@@ -84,17 +71,35 @@ class EventFigures:
     last_latency_s: float | None = None
 
 
-class LifecycleHandler:
+class InstanceSync(Protocol):
+    """What the handler drives: the sync of one instance (``PowerSync.sync_one``)."""
+
+    def sync_one(
+        self,
+        uuid: str,
+        source: ActionSource = ActionSource.SYNC,
+        defer_stop: Callable[[str], None] | None = None,
+    ) -> SyncSummary: ...
+
+
+class LifecycleHandler(Rechecks):
+    """Events in, syncs out; also the power sync's :class:`Rechecks` while events are on.
+
+    The power sync asks it to look at an instance again (a state it read may
+    be passing); the handler runs that look like a delayed STOPPED event, so
+    a real event for the instance cancels or merges with it.
+    """
+
     def __init__(
         self,
-        sync_one: SyncOne,
+        syncs: InstanceSync,
         *,
         stopped_delay: float,
         concurrency: int = 4,
         is_stopping: Callable[[], bool] = lambda: False,
         watch: steady.SteadyWatch | None = None,
     ) -> None:
-        self._sync_one = sync_one
+        self._syncs = syncs
         self._watch = watch
         self.stopped_delay = stopped_delay
         self._is_stopping = is_stopping
@@ -105,15 +110,15 @@ class LifecycleHandler:
         # Guards the three above: event callbacks, delayed calls and workers
         # may be different threads (held briefly, never across a switch).
         self._guard = green.native_lock()
-        self.figures = EventFigures()
+        self.counters = Counters(EventStatistics)
 
     def statistics(self) -> EventStatistics:
-        return EventStatistics(**asdict(self.figures))
+        return self.counters.snapshot()
 
     def on_event(self, event: LifecycleEvent) -> None:
         """Take one event, on the hub; schedules work and returns at once."""
         if self._is_stopping():
-            add_counts(self._guard, self.figures, received=1, ignored=1)
+            self.counters.add(received=1, ignored=1)
             LOG.debug(
                 "ignoring %s event for %s: the agent is stopping", event.transition, event.name
             )
@@ -121,11 +126,11 @@ class LifecycleHandler:
         uuid = event.uuid.lower()
         LOG.debug("lifecycle event %s for %s (%s)", event.transition, event.name, uuid)
         with self._guard:
-            self.figures.received += 1
+            self.counters.add(received=1)
             pending = self._delayed.pop(uuid, None)
         if pending is not None:
             pending.cancel()
-            add_counts(self._guard, self.figures, cancelled=1)
+            self.counters.add(cancelled=1)
             LOG.info(
                 "instance %s: pending stop event cancelled by a later %s event",
                 uuid,
@@ -135,7 +140,7 @@ class LifecycleHandler:
             self._watch.event(uuid, STATE_AFTER.get(event.transition))
         if event.transition in DELAYED and self.stopped_delay > 0:
             with self._guard:
-                self.figures.delayed += 1
+                self.counters.add(delayed=1)
                 self._delayed[uuid] = green.call_later(
                     self.stopped_delay, self._delay_over, uuid, event
                 )
@@ -155,7 +160,7 @@ class LifecycleHandler:
         with self._guard:
             if uuid in self._delayed:
                 return
-            self.figures.rechecks += 1
+            self.counters.add(rechecks=1)
             self._delayed[uuid] = green.call_later(after, self._delay_over, uuid, event)
 
     def _delay_over(self, uuid: str, event: LifecycleEvent) -> None:
@@ -168,7 +173,7 @@ class LifecycleHandler:
     def _submit(self, uuid: str, event: LifecycleEvent) -> None:
         with self._guard:
             if uuid in self._queued:
-                self.figures.coalesced += 1
+                self.counters.add(coalesced=1)
                 return
             self._queued.add(uuid)
             # Spawned in the same hold (spawning never switches): one lock per event.
@@ -193,27 +198,26 @@ class LifecycleHandler:
             with self._guard:
                 self._queued.discard(uuid)
             if self._is_stopping():
-                add_counts(self._guard, self.figures, ignored=1)
+                self.counters.add(ignored=1)
                 return
             try:
-                self._sync_one(uuid, ActionSource.EVENT, defer_stop=self._stop_outside_slots)
+                self._syncs.sync_one(uuid, ActionSource.EVENT, defer_stop=self._stop_outside_slots)
             except exception.InstanceNotFound:
-                add_counts(self._guard, self.figures, not_ours=1)
+                self.counters.add(not_ours=1)
                 LOG.debug(
                     "%s event for domain %s: no instance of this host", event.transition, event.name
                 )
                 return
             except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
-                add_counts(self._guard, self.figures, errors=1)
+                self.counters.add(errors=1)
                 LOG.warning("sync after %s event for %s failed: %s", event.transition, uuid, exc)
                 return
             latency = round(green.monotonic() - event.received, 4)
-            with self._guard:  # workers may be threads: counts are read-modify-write
-                self.figures.synced += 1
-                self.figures.last_latency_s = latency
+            self.counters.add(synced=1)
+            self.counters.set(last_latency_s=latency)
 
     def _stop_outside_slots(self, uuid: str) -> None:
-        add_counts(self._guard, self.figures, stops=1)
+        self.counters.add(stops=1)
         self._start_worker(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
 
     def _enforce(self, uuid: str) -> None:
@@ -221,9 +225,9 @@ class LifecycleHandler:
         if self._is_stopping():
             return
         try:
-            self._sync_one(uuid, ActionSource.EVENT)
+            self._syncs.sync_one(uuid, ActionSource.EVENT)
         except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
-            add_counts(self._guard, self.figures, errors=1)
+            self.counters.add(errors=1)
             LOG.warning("stopping %s after an event failed: %s", uuid, exc)
 
     @property

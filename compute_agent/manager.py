@@ -11,6 +11,11 @@ coming: the service is disabled with an ``AUTO:`` reason while libvirt is
 away (an operator's own disable is never touched), and a full sync follows
 its return, since events may have been lost meanwhile.
 
+It builds each component with its collaborators as constructor arguments,
+and stands between the power sync and the event handler, which call each
+other: it is the sync's ``Rechecks`` while events are on (docs/architecture.md,
+"How the components are tied together").
+
 Every request method takes plain values (as RPC and the admin socket
 deliver them), validates them, and returns plain dicts.
 """
@@ -30,7 +35,7 @@ from compute_agent.lifecycle import EventStatistics, LifecycleHandler
 from compute_agent.locks import KeyedLocks
 from compute_agent.metrics.instances import InstanceIndex
 from compute_agent.operations import BuildStatistics, InstanceOperations
-from compute_agent.power_sync import PowerSync, SyncStatistics, SyncSummary
+from compute_agent.power_sync import PowerSync, Rechecks, SyncStatistics, SyncSummary
 from compute_agent.reaper import DeletedGuestReaper, ReaperStatistics, ReapSummary
 from compute_agent.recovery import recover_interrupted
 from compute_agent.resume import BootResume, ResumeStatistics
@@ -101,7 +106,7 @@ def instance_dict(inst: AnyInstance) -> dict[str, Any]:
     }
 
 
-class ComputeManager:
+class ComputeManager(Rechecks):
     def __init__(self, conf: cfg.ConfigOpts, db: Database, driver: ComputeDriver) -> None:
         self.conf = conf
         self.db = db
@@ -120,18 +125,9 @@ class ComputeManager:
         # The one "really stopped" rule, shared by the sync, events and operations.
         delay = conf.libvirt.lifecycle_event_delay
         self.steady = steady.SteadyWatch(delay)
-        self.power_sync = PowerSync(
-            db,
-            driver,
-            self.host,
-            self.locks,
-            concurrency=compute.sync_power_state_concurrency,
-            source=compute.power_sync_source,
-            action=compute.power_sync_action,
-            shutdown_timeout=compute.shutdown_timeout,
-            should_stop=self._stopping,
-            watch=self.steady,
-        )
+        # The host's instances for the metrics: each statistics cycle's list,
+        # corrected at once by the power sync's writes.
+        self.instance_index = InstanceIndex()
         self.operations = InstanceOperations(
             db,
             driver,
@@ -154,17 +150,34 @@ class ComputeManager:
             concurrency=compute.max_concurrent_builds,
             should_stop=self._stopping,
         )
-        self.power_sync.resume_due = lambda: self.resume.due
+        # The sync and the event handler call each other: the handler syncs the
+        # instance of an event; the sync asks for a re-check of a passing state,
+        # which this manager routes to the handler (recheck below).
+        events_on = compute.handle_lifecycle_events
+        self.power_sync = PowerSync(
+            db,
+            driver,
+            self.host,
+            self.locks,
+            concurrency=compute.sync_power_state_concurrency,
+            source=compute.power_sync_source,
+            action=compute.power_sync_action,
+            shutdown_timeout=compute.shutdown_timeout,
+            should_stop=self._stopping,
+            watch=self.steady,
+            rechecks=self if events_on else None,
+            on_changes=self.instance_index.update_many,
+            resume_due=lambda: self.resume.due,
+        )
         self.events: LifecycleHandler | None = None
-        if compute.handle_lifecycle_events:
+        if events_on:
             self.events = LifecycleHandler(
-                self.power_sync.sync_one,
+                self.power_sync,
                 stopped_delay=delay,
                 concurrency=compute.sync_power_state_concurrency,
                 is_stopping=self._stopping,
                 watch=self.steady,
             )
-            self.power_sync.recheck_later = self.events.recheck
         self.reaper = DeletedGuestReaper(
             db,
             driver,
@@ -181,6 +194,7 @@ class ComputeManager:
             call_timeout=compute.stats_call_timeout,
             unresponsive_after=compute.stats_unresponsive_after,
             concurrency=compute.sync_power_state_concurrency,
+            on_instances=self.instance_index.replace,
         )
         database = conf.database
         self.retention = Retention(
@@ -190,11 +204,15 @@ class ComputeManager:
             actions_after_days=database.purge_actions_after_days,
             should_stop=self._stopping,
         )
-        # The host's instances for the metrics: each statistics cycle's list,
-        # corrected at once by this agent's operations.
-        self.instance_index = InstanceIndex()
-        self.stats.on_instances = self.instance_index.replace
-        self.power_sync.on_changes = self.instance_index.update_many
+
+    def recheck(self, uuid: str, after: float) -> None:
+        """The power sync's :class:`Rechecks` while events are on: the event handler's.
+
+        It runs the re-check like a delayed STOPPED event, so an event for
+        the instance meanwhile cancels or merges with it.
+        """
+        assert self.events is not None, "built with rechecks=self only while events are on"
+        self.events.recheck(uuid, after)
 
     # -- component life cycle ---------------------------------------------
 

@@ -18,16 +18,17 @@ import contextlib
 import logging
 import unicodedata
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from compute_agent import exception, green, steady
+from compute_agent.counters import Counters
 from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.db.models import Instance
 from compute_agent.guest_ops import VM_STATE_OF, destroy_until_gone
 from compute_agent.locks import KeyedLocks
 from compute_agent.states import ActionSource, PowerState, TaskState, VmState
-from compute_agent.utils import add_counts, printable, utcnow
+from compute_agent.utils import printable, utcnow
 from compute_agent.virt.driver import ComputeDriver
 from compute_agent.virt.spec import DomainSpec, render_domain_name, validate_uuid
 
@@ -93,16 +94,6 @@ def validate_display_name(name: Any) -> str:
 class BuildStatistics:
     """Builds waiting for a slot and running now; completed and failed since start."""
 
-    queued: int
-    running: int
-    completed: int
-    failed: int
-
-
-@dataclass
-class BuildFigures:
-    """The counters behind :class:`BuildStatistics`, changed in place on the hub."""
-
     queued: int = 0
     running: int = 0
     completed: int = 0
@@ -137,11 +128,10 @@ class InstanceOperations:
         self._build_slots = (
             green.Semaphore(max_concurrent_builds) if max_concurrent_builds > 0 else None
         )
-        self.builds = BuildFigures()
-        self._builds_guard = green.native_lock()  # builds run on many request threads
+        self.builds = Counters(BuildStatistics)  # builds run on many request threads
 
     def statistics(self) -> BuildStatistics:
-        return BuildStatistics(**asdict(self.builds))
+        return self.builds.snapshot()
 
     # -- build ------------------------------------------------------------
 
@@ -169,16 +159,16 @@ class InstanceOperations:
             source=str(source),
             reason="build requested",
         )
-        add_counts(self._builds_guard, self.builds, queued=1)
+        self.builds.add(queued=1)
         try:
             with self._build_slot():
-                add_counts(self._builds_guard, self.builds, queued=-1, running=1)
+                self.builds.add(queued=-1, running=1)
                 try:
                     return self._build_locked(request.uuid, spec, source)
                 finally:
-                    add_counts(self._builds_guard, self.builds, running=-1)
+                    self.builds.add(running=-1)
         except BaseException:
-            add_counts(self._builds_guard, self.builds, failed=1)
+            self.builds.add(failed=1)
             raise
 
     @contextlib.contextmanager
@@ -222,7 +212,7 @@ class InstanceOperations:
                 source,
                 "build finished",
             )
-            add_counts(self._builds_guard, self.builds, completed=1)
+            self.builds.add(completed=1)
             return inst
 
     def _cleanup_failed_build(self, inst: Instance) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from compute_agent import exception, green
-from compute_agent.metrics import figures
+from compute_agent.metrics import registry
 from compute_agent.utils import utcnow
 
 LOG = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ TaskStopped = exception.TaskStopped
 
 
 @dataclass(frozen=True)
-class TaskFigures:
+class TaskStatistics:
     """What an operator reads about one periodic task."""
 
     name: str
@@ -46,9 +46,9 @@ class TaskFigures:
 
 @dataclass(frozen=True)
 class RunnerStatistics:
-    """Every task's figures, in the order the tasks were added."""
+    """Every task's statistics, in the order the tasks were added."""
 
-    tasks: tuple[TaskFigures, ...]
+    tasks: tuple[TaskStatistics, ...]
 
 
 class PeriodicTask:
@@ -199,7 +199,7 @@ class PeriodicTask:
             self.running = False
             self.runs += 1
             self.last_duration = self._clock() - start
-            figures.TASK_DURATION.observe((self.name,), self.last_duration)
+            registry.TASK_DURATION.observe((self.name,), self.last_duration)
         if error is None:
             if self._streak:
                 LOG.info("periodic task %s recovered after %d failures", self.name, self._streak)
@@ -221,13 +221,13 @@ class PeriodicTask:
             waiters, self._pending = self._pending, []
         self._fail_waiters(waiters, exc)
 
-    # -- figures ----------------------------------------------------------
+    # -- statistics ----------------------------------------------------------
 
-    def statistics(self) -> TaskFigures:
+    def statistics(self) -> TaskStatistics:
         next_in = None
         if self._next_due is not None and not self._stopping:
             next_in = round(max(0.0, self._next_due - self._clock()), 3)
-        return TaskFigures(
+        return TaskStatistics(
             name=self.name,
             interval=self.interval,
             enabled=self.enabled,
@@ -240,8 +240,6 @@ class PeriodicTask:
             next_run_in_s=next_in,
             max_lateness_s=round(self.max_lateness, 4),
         )
-
-    figures = statistics  # the name the tests and older callers use
 
 
 class PeriodicRunner:
@@ -294,6 +292,3 @@ class PeriodicRunner:
 
     def statistics(self) -> RunnerStatistics:
         return RunnerStatistics(tuple(t.statistics() for t in list(self.tasks.values())))
-
-    def figures(self) -> list[TaskFigures]:
-        return list(self.statistics().tasks)

@@ -16,12 +16,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from compute_agent import exception, green, steady, sync_policy
 from compute_agent.db.api import AnyInstance, Change, Database, InstanceRecord, action_rows, diff
 from compute_agent.locks import KeyedLocks
-from compute_agent.metrics import figures
+from compute_agent.metrics import registry
 from compute_agent.states import ActionSource, PowerState, VmState
 from compute_agent.utils import add_counts, utcnow
 from compute_agent.virt.driver import ComputeDriver
@@ -157,6 +157,21 @@ class _Feed:
                         self._reads, self._read_up_to = reads, start + len(batch)
 
 
+class Rechecks(Protocol):
+    """Who syncs an instance again later, when a state the sync read may be passing.
+
+    The lifecycle handler, while events are on: an event for the instance
+    cancels or merges with the re-check. Without events, the sync's own timer.
+    """
+
+    def recheck(self, uuid: str, after: float) -> None:
+        """Sync ``uuid`` again in ``after`` seconds (once, however often asked meanwhile)."""
+
+
+# Told of the row writes that won, once per batch: (the row as read, the values written).
+OnChanges = Callable[[list[tuple[AnyInstance, dict[str, Any]]]], None]
+
+
 @dataclass(frozen=True)
 class SyncStatistics:
     """The run under way (or the last one) and the last full run's unknown domains."""
@@ -167,7 +182,7 @@ class SyncStatistics:
     unknown_checked_at: str | None  # when they were counted (UTC, ISO 8601)
 
 
-class PowerSync:
+class PowerSync(Rechecks):
     def __init__(
         self,
         db: Database,
@@ -181,7 +196,13 @@ class PowerSync:
         shutdown_timeout: float = 60,
         should_stop: Callable[[], bool] = lambda: False,
         watch: steady.SteadyWatch | None = None,
+        rechecks: Rechecks | None = None,
+        on_changes: OnChanges | None = None,
+        resume_due: Callable[[], bool] = lambda: False,
     ) -> None:
+        """``rechecks`` None: the sync's own timer re-checks. ``resume_due``: true
+        while a resume after a host boot is due (pending, under way or to be
+        tried again; ``BootResume.due``), when stops are held for it."""
         self.db = db
         self.driver = driver
         self.host = host
@@ -196,15 +217,10 @@ class PowerSync:
         self.unknown: tuple[int, list[str], str | None] = (0, [], None)
         # The "really stopped" rule; without one, a re-read counts at once.
         self.watch = watch if watch is not None else steady.SteadyWatch(0)
-        # (uuid, seconds): sync that instance again later. The manager points
-        # it at the lifecycle handler, so that events cancel and coalesce it.
-        self.recheck_later: Callable[[str, float], None] = self._recheck_later
-        # Told of the row writes that won, once per batch: (the row as read, the values written).
-        self.on_changes: Callable[[list[tuple[AnyInstance, dict[str, Any]]]], None] | None = None
-        # True while a resume after a host boot is due (pending, under way, or
-        # to be tried again): the manager points it at ``BootResume.due``.
-        self.resume_due: Callable[[], bool] = lambda: False
-        self._rechecks: set[str] = set()
+        self._rechecks: Rechecks = rechecks if rechecks is not None else self
+        self._on_changes = on_changes
+        self._resume_due = resume_due
+        self._own_rechecks: set[str] = set()
         self._rechecks_lock = green.native_lock()
 
     def statistics(self) -> SyncStatistics:
@@ -229,7 +245,7 @@ class PowerSync:
         finally:
             self._flush_writes(call)
             summary.duration_s = round(green.monotonic() - started, 4)
-            figures.count_sync(summary)
+            registry.count_sync(summary)
         self._log(summary, len(instances))
         return summary
 
@@ -259,19 +275,19 @@ class PowerSync:
                     self._flush_writes(call)
         finally:
             summary.duration_s = round(green.monotonic() - started, 4)
-            figures.count_sync(summary)
+            registry.count_sync(summary)
         return summary
 
-    def _recheck_later(self, uuid: str, after: float) -> None:
-        """Sync ``uuid`` again once a passing state could count (no events)."""
+    def recheck(self, uuid: str, after: float) -> None:
+        """:class:`Rechecks` by the sync's own timer (no events to merge with)."""
         with self._rechecks_lock:
-            if uuid in self._rechecks:
+            if uuid in self._own_rechecks:
                 return
-            self._rechecks.add(uuid)
+            self._own_rechecks.add(uuid)
         green.call_later(after, self._recheck, uuid, name=f"recheck-{uuid[:8]}")
 
     def _recheck(self, uuid: str) -> None:
-        self._rechecks.discard(uuid)
+        self._own_rechecks.discard(uuid)
         if self.should_stop():
             return
         try:
@@ -443,8 +459,8 @@ class PowerSync:
             )
         lost = len(writes) - len(won_writes)
         call.count(changed=len(won_writes), checked=-lost, skipped=lost)
-        if won_writes and self.on_changes is not None:
-            self.on_changes(won_writes)
+        if won_writes and self._on_changes is not None:
+            self._on_changes(won_writes)
 
     def _sync_locked(
         self,
@@ -461,7 +477,7 @@ class PowerSync:
         decision = sync_policy.decide(inst.vm_state, observed, self.action)
         if decision.recheck:
             decision = self._recheck_steady(inst)
-        if decision.vm_state is VmState.STOPPED and self.resume_due():
+        if decision.vm_state is VmState.STOPPED and self._resume_due():
             decision = self._held_for_resume(inst, decision)
         reason = f"hypervisor reports {decision.power_state}"
         audit_stop: Change | None = None
@@ -523,7 +539,7 @@ class PowerSync:
             decision.power_state,
             after,
         )
-        self.recheck_later(inst.uuid, after)
+        self._rechecks.recheck(inst.uuid, after)
         return sync_policy.Decision(decision.power_state)
 
     @staticmethod

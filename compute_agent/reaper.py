@@ -272,10 +272,6 @@ class DeletedGuestReaper:
             last_run=last,
         )
 
-    def figures(self) -> dict[str, Any]:
-        """What ``status`` shows: :meth:`statistics` as a dict."""
-        return asdict(self.statistics())
-
     @staticmethod
     def _log(summary: ReapSummary) -> None:
         acted = summary.reaped + summary.shut_down + summary.logged + summary.ignored

@@ -24,7 +24,7 @@ for the pass (``wait_done``), since it would otherwise record the guests
 stopped; that wait, like the pass, gives way as soon as the agent stops.
 The wait alone cannot keep them safe (a sync already past it, a re-check, an
 event), so while ``due`` no sync records an instance stopped
-(``PowerSync.resume_due``): the sync after the pass does.
+(the ``resume_due`` the sync is built with): the sync after the pass does.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from compute_agent import exception, green
+from compute_agent.counters import Counters
 from compute_agent.db.api import Change, Database, action_rows
 from compute_agent.operations import InstanceOperations
 from compute_agent.states import ActionSource, PowerState, VmState
-from compute_agent.utils import add_counts, utcnow
+from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver
 
 LOG = logging.getLogger(__name__)
@@ -99,26 +100,9 @@ def save_recorded(path: str, boot_id: str) -> None:
 class ResumeStatistics:
     """What ``status`` shows of the resume after a host boot."""
 
-    enabled: bool
-    was_boot: bool | None
-    state: str  # off, no-boot, pending, running, done, failed, interrupted
-    candidates: int
-    resumed: int
-    failed: int
-    skipped: int
-    max_in_flight: int
-    duration_s: float | None
-    last_error: str | None
-
-
-@dataclass
-class ResumeFigures:
-    """The pass's own figures, changed in place on the hub; read :meth:`BootResume.statistics`."""
-
     enabled: bool = False
     was_boot: bool | None = None
-    # off, no-boot, pending, running, done, failed, interrupted
-    state: str = "off"
+    state: str = "off"  # off, no-boot, pending, running, done, failed, interrupted
     candidates: int = 0
     resumed: int = 0
     failed: int = 0
@@ -151,7 +135,7 @@ class BootResume:
         self.boot_id_path = boot_id_path
         self.concurrency = max(0, concurrency)
         self.should_stop = should_stop
-        self.figures = ResumeFigures(enabled=enabled)
+        self.counters = Counters(ResumeStatistics, enabled=enabled)
         self.due = False
         self._boot_id: str | None = None
         self._stopping = False
@@ -174,12 +158,12 @@ class BootResume:
         recorded = load_recorded(self.record_path)
         was_boot = current is not None and recorded is not None and current != recorded
         self._boot_id = current
-        self.figures.was_boot = was_boot
+        self.counters.set(was_boot=was_boot)
         if recorded is None and current is not None:
             LOG.info("no recorded boot id: first start on this host, taken as no host boot")
         if was_boot and self.enabled:
             self.due = True
-            self.figures.state = "pending"
+            self.counters.set(state="pending")
             LOG.warning(
                 "the host booted since the agent last ran: guests that were running "
                 "will be started again before the first power sync"
@@ -191,7 +175,7 @@ class BootResume:
                     "resume_guests_state_on_host_boot is off: the power sync will record "
                     "its guests stopped"
                 )
-            self.figures.state = "no-boot" if self.enabled else "off"
+            self.counters.set(state="no-boot" if self.enabled else "off")
             self._record()
         return was_boot
 
@@ -250,9 +234,16 @@ class BootResume:
         if not self.due:
             return False
         self.db_lost = False
-        fig = self.figures
-        fig.state, fig.last_error = "running", None
-        fig.candidates = fig.resumed = fig.failed = fig.skipped = fig.max_in_flight = 0
+        counters = self.counters
+        counters.set(
+            state="running",
+            last_error=None,
+            candidates=0,
+            resumed=0,
+            failed=0,
+            skipped=0,
+            max_in_flight=0,
+        )
         started = green.monotonic()
         lost: list[str] = []
         try:
@@ -261,7 +252,7 @@ class BootResume:
                 for i in self.db.instance_get_all_by_host(self.host)
                 if i.vm_state == VmState.ACTIVE and i.task_state is None
             ]
-            fig.candidates = len(instances)
+            counters.set(candidates=len(instances))
             LOG.info(
                 "resume after host boot: %d active instance(s) to check, %s at once",
                 len(instances),
@@ -277,7 +268,7 @@ class BootResume:
                     break
                 with self._guard:
                     self._in_flight += 1  # counted from here, so the drain below sees it
-                    fig.max_in_flight = max(fig.max_in_flight, self._in_flight)
+                    counters.raise_to("max_in_flight", self._in_flight)
                 green.spawn(self._one, inst, slots, lost, name="resume-guest")
                 green.yield_now()
             self._drain()
@@ -285,30 +276,30 @@ class BootResume:
             self.db_lost = self.db_lost or isinstance(exc, exception.DatabaseUnavailable)
             lost.append(f"{type(exc).__name__}: {exc}")
         finally:
-            fig.duration_s = round(green.monotonic() - started, 3)
+            counters.set(duration_s=round(green.monotonic() - started, 3))
             self._finish(lost)
         return bool(lost) and self.db_lost and not (self._stopping or self.should_stop())
 
     def _finish(self, lost: list[str]) -> None:
-        fig = self.figures
+        counters = self.counters
         if lost:
-            fig.state, fig.last_error = "failed", lost[0]
+            counters.set(state="failed", last_error=lost[0])
             when = "soon" if self.db_lost else "on reconnection"
             LOG.error("resume after host boot failed (retried %s): %s", when, lost[0])
         elif self._stopping or self.should_stop():
-            fig.state = "interrupted"
+            counters.set(state="interrupted")
             LOG.warning("resume after host boot interrupted by the agent stopping")
         else:
-            fig.state = "done"
+            counters.set(state="done")
             self.due = False
             self._record()
         LOG.warning(
             "resume after host boot: %d resumed, %d failed, %d skipped of %d in %.1f s",
-            fig.resumed,
-            fig.failed,
-            fig.skipped,
-            fig.candidates,
-            fig.duration_s or 0.0,
+            counters.resumed,
+            counters.failed,
+            counters.skipped,
+            counters.candidates,
+            counters.duration_s or 0.0,
         )
 
     def _take(self, slots: Any) -> bool:
@@ -330,31 +321,31 @@ class BootResume:
             state = self.driver.power_state(inst)
             if state not in OFF_STATES:
                 # It runs (or is paused or suspended): nothing to resume.
-                add_counts(self._guard, self.figures, skipped=1)
+                self.counters.add(skipped=1)
                 return
             claimed = True
             result = self.operations.resume(inst.uuid, ActionSource.STARTUP, WHY)
             if result.vm_state == VmState.ACTIVE:
-                add_counts(self._guard, self.figures, resumed=1)
+                self.counters.add(resumed=1)
                 LOG.info("instance %s resumed after host boot", inst.uuid)
             else:
-                add_counts(self._guard, self.figures, failed=1)
+                self.counters.add(failed=1)
                 LOG.error(
                     "instance %s: resume after host boot left it %s", inst.uuid, result.vm_state
                 )
         except exception.Unavailable as exc:  # the hypervisor or the database
-            add_counts(self._guard, self.figures, failed=1)
+            self.counters.add(failed=1)
             self.db_lost = self.db_lost or isinstance(exc, exception.DatabaseUnavailable)
             lost.append(f"{type(exc).__name__}: {exc}")
         except exception.InstanceInvalidState as exc:
             # Changed meanwhile (an operator's request): theirs to settle.
-            add_counts(self._guard, self.figures, skipped=1)
+            self.counters.add(skipped=1)
             LOG.info("instance %s: not resumed: %s", inst.uuid, exc)
         except exception.InstanceNotFound as exc:
-            add_counts(self._guard, self.figures, skipped=1)  # deleted meanwhile
+            self.counters.add(skipped=1)  # deleted meanwhile
             LOG.info("instance %s: not resumed: %s", inst.uuid, exc)
         except Exception as exc:  # noqa: BLE001 - one guest must not end the pass
-            add_counts(self._guard, self.figures, failed=1)
+            self.counters.add(failed=1)
             LOG.error("instance %s: resume after host boot failed: %s", inst.uuid, exc)
             if not claimed:
                 self._audit_failure(inst.uuid, exc)
@@ -391,10 +382,10 @@ class BootResume:
 
     @property
     def running(self) -> bool:
-        return self.figures.state == "running"
+        return bool(self.counters.state == "running")
 
     def statistics(self) -> ResumeStatistics:
-        return ResumeStatistics(**asdict(self.figures))
+        return self.counters.snapshot()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self.statistics())

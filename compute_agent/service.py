@@ -14,9 +14,9 @@ from compute_agent import concurrency, exception, green, servicegroup
 from compute_agent.db.api import Database
 from compute_agent.db.busy import BusyWaiter
 from compute_agent.db.models import Service as ServiceRow
-from compute_agent.hub_monitor import HubLagMonitor, LagFigures
+from compute_agent.hub_monitor import HubLagMonitor, LagStatistics
 from compute_agent.ownership import new_token
-from compute_agent.periodic import PeriodicRunner, PeriodicTask, TaskFigures
+from compute_agent.periodic import PeriodicRunner, PeriodicTask, TaskStatistics
 from compute_agent.rpc import BINARY
 from compute_agent.utils import freeze_long_lived_objects
 
@@ -46,8 +46,8 @@ class ServiceStatistics:
     started_at: float  # monotonic: when the service claimed its row
     heartbeat_at: float | None  # monotonic: the last heartbeat written, None before the first
     disabled: bool  # the row's ``disabled``, as this agent set it
-    tasks: tuple[TaskFigures, ...]
-    hub_lag: LagFigures
+    tasks: tuple[TaskStatistics, ...]
+    hub_lag: LagStatistics
 
 
 class NodeService:

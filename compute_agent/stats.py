@@ -173,7 +173,10 @@ class StatsSampler:
         call_timeout: float,
         unresponsive_after: float,
         concurrency: int = 4,
+        on_instances: Callable[[list[InstanceRecord], float], None] | None = None,
     ) -> None:
+        """``on_instances``: told of each cycle's instance list and when it was
+        read (the metrics' index of the host's instances)."""
         self.db = db
         self.driver = driver
         self.host = host
@@ -184,8 +187,7 @@ class StatsSampler:
         self._in_flight = 0  # calls not yet returned nor past their deadline
         self._stuck_guard = green.native_lock()  # both change on several tasks
         self._cycles = 0
-        # Told of each cycle's instance list and when it was read (the metrics' index).
-        self.on_instances: Callable[[list[InstanceRecord], float], None] | None = None
+        self._on_instances = on_instances
 
     def run(self) -> StatsSummary:
         """One cycle: sample every instance of this host."""
@@ -193,8 +195,8 @@ class StatsSampler:
         self._cycles += 1
         summary = StatsSummary(mode="bulk" if self.driver.has_bulk_stats else "per-instance")
         instances = self.db.instance_get_all_by_host(self.host)
-        if self.on_instances is not None:
-            self.on_instances(instances, started)
+        if self._on_instances is not None:
+            self._on_instances(instances, started)
         summary.instances = len(instances)
         self.store.track({i.uuid for i in instances}, started)
         if self.driver.has_bulk_stats:

@@ -128,8 +128,6 @@ class AdminSocketServer:
         self.evicted = 0
         self.timed_out = 0
         self.max_open = 0
-        # status shows the socket's figures through the dispatcher.
-        dispatcher.admin_socket = self
         self._sock: socket.socket | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our file
         self._accepter: green.Task | None = None
@@ -403,10 +401,6 @@ class AdminSocketServer:
             timed_out=self.timed_out,
         )
 
-    def figures(self) -> dict[str, Any]:
-        """What ``status`` shows of the socket: :meth:`statistics` as a dict."""
-        return asdict(self.statistics())
-
     def _request(self, conn: socket.socket, line: bytes, peer: str) -> None:
         try:
             method, args = protocol.parse_request(line)
@@ -432,6 +426,8 @@ class AdminSocketServer:
         """Run one request; always a reply, never an exception."""
         try:
             result = self.dispatcher.call(method, args, ActionSource.CLI, admin=True)
+            if method == "status":  # admin only: the socket that serves it adds itself
+                result["admin_socket"] = asdict(self.statistics())
         except exception.Stopping as exc:
             LOG.warning("admin request %s not completed: %s", method, exc)
             return _error_reply(exc)

@@ -1,4 +1,4 @@
-"""Metric families built at scrape time from the agent's own figures.
+"""Metric families built at scrape time from the agent's registry and statistics.
 
 Runs in the scrape's native thread. It reads the service's and the
 manager's ``statistics()`` (frozen snapshots of plain attributes), whole
@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 from compute_agent import green
-from compute_agent.metrics import figures
+from compute_agent.metrics import registry
 
 if TYPE_CHECKING:
     from compute_agent.manager import ComputeManager
@@ -34,7 +34,7 @@ PREFIX = "compute_agent_"
 
 
 def _histogram(
-    name: str, doc: str, labels: list[str], family: figures.HistogramFamily
+    name: str, doc: str, labels: list[str], family: registry.HistogramFamily
 ) -> HistogramMetricFamily:
     metric = HistogramMetricFamily(PREFIX + name, doc, labels=labels)
     for values, child in family.items():
@@ -43,7 +43,7 @@ def _histogram(
 
 
 def _add_histogram(
-    metric: HistogramMetricFamily, values: list[str], child: figures.Histogram
+    metric: HistogramMetricFamily, values: list[str], child: registry.Histogram
 ) -> None:
     buckets, _count, total = child.snapshot()
     metric.add_metric(
@@ -52,7 +52,7 @@ def _add_histogram(
 
 
 def _counter(
-    name: str, doc: str, labels: list[str], family: figures.CounterFamily
+    name: str, doc: str, labels: list[str], family: registry.CounterFamily
 ) -> CounterMetricFamily:
     metric = CounterMetricFamily(PREFIX + name, doc, labels=labels)
     for values, n in family.items():
@@ -89,7 +89,7 @@ class AgentCollector:
         lag = HistogramMetricFamily(
             PREFIX + "hub_lag_seconds", "How late the hub woke the lag monitor's greenthread."
         )
-        _add_histogram(lag, [], figures.HUB_LAG)
+        _add_histogram(lag, [], registry.HUB_LAG)
         yield lag
         backend = GaugeMetricFamily(
             PREFIX + "concurrency_backend",
@@ -113,7 +113,7 @@ class AgentCollector:
             "periodic_task_duration_seconds",
             "How long each periodic task's runs took.",
             ["task"],
-            figures.TASK_DURATION,
+            registry.TASK_DURATION,
         )
         failures = CounterMetricFamily(
             PREFIX + "periodic_task_failures",
@@ -127,7 +127,7 @@ class AgentCollector:
             "power_sync_instances",
             "Instances handled by power syncs (periodic, forced and after events), by outcome.",
             ["outcome"],
-            figures.POWER_SYNC_INSTANCES,
+            registry.POWER_SYNC_INSTANCES,
         )
         yield _gauge(
             "libvirt_connected",
@@ -139,7 +139,7 @@ class AgentCollector:
             "libvirt_call_duration_seconds",
             "Calls the driver sent to the native thread pool, by call, waiting included.",
             ["call"],
-            figures.LIBVIRT_CALL_DURATION,
+            registry.LIBVIRT_CALL_DURATION,
         )
         events = CounterMetricFamily(
             PREFIX + "lifecycle_events",
@@ -207,13 +207,13 @@ class AgentCollector:
             "Requests answered, by front door (rpc, admin), method and outcome "
             "(ok, or the error's type).",
             ["front", "method", "outcome"],
-            figures.REQUESTS,
+            registry.REQUESTS,
         )
         yield _histogram(
             "request_duration_seconds",
             "How long requests took, intake wait included.",
             ["front", "method"],
-            figures.REQUEST_DURATION,
+            registry.REQUEST_DURATION,
         )
 
     # -- instances --------------------------------------------------------

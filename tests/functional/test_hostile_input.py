@@ -654,15 +654,15 @@ class Harness:
         # the agent's, which this taps).
         self.defined: list[tuple[str, str]] = []
         host = self.driver.host
-        forward = host.lifecycle_handler
-        assert forward is not None
+        forward = host.on_lifecycle
+        assert host.wants_events
 
         def tap(name: str, uuid: str, event: int, detail: int) -> None:
             if event == libvirt.VIR_DOMAIN_EVENT_DEFINED:
                 self.defined.append((name, uuid.lower()))
             forward(name, uuid, event, detail)
 
-        host.lifecycle_handler = tap
+        host.on_lifecycle = tap
 
     def stop(self) -> None:
         self._close()

@@ -182,8 +182,8 @@ def test_a_client_sending_a_byte_at_a_time_is_dropped_at_the_request_deadline(
     finally:
         green.kill(writer)
         slow.close()
-    wait_for(lambda: small_server.figures()["timed_out"] == 1)
-    assert small_server.figures()["open"] == 0
+    wait_for(lambda: small_server.statistics().timed_out == 1)
+    assert small_server.statistics().open == 0
 
 
 def test_an_idle_connection_is_dropped_and_a_quick_one_answered(small_server, sock_path):
@@ -201,10 +201,10 @@ def test_the_cli_gets_through_connections_held_open(small_server, sock_path, cap
     try:
         for _ in range(3):
             assert AdminClient(sock_path, timeout=5).call("ping")["host"] == "test-host"
-        figures = small_server.figures()
-        assert figures["evicted"] >= 12 - 4 + 1  # the holders past 4, then one for a ping
-        assert figures["open"] <= 4
-        assert figures["refused"] == 0
+        stats = small_server.statistics()
+        assert stats.evicted >= 12 - 4 + 1  # the holders past 4, then one for a ping
+        assert stats.open <= 4
+        assert stats.refused == 0
     finally:
         for s in holders:
             s.close()
@@ -229,10 +229,10 @@ def test_when_every_connection_runs_a_request_the_reserve_then_a_refusal(
         # oldest still sending, and the next one would push it out.
         for n in range(1, 6):
             calls.append(green.spawn(AdminClient(sock_path, timeout=30).call, "list_instances"))
-            wait_for(lambda n=n: small_server.figures()["busy"] == n)  # 4 + the reserved one
+            wait_for(lambda n=n: small_server.statistics().busy == n)  # 4 + the reserved one
         with pytest.raises(RemoteError, match="TooManyConnections"):
             AdminClient(sock_path, timeout=5).call("ping")
-        assert small_server.figures()["refused"] == 1
+        assert small_server.statistics().refused == 1
     finally:
         release.set()
     assert all(c.wait() == [] for c in calls)

@@ -166,7 +166,7 @@ def test_a_full_sync_of_3000_changed_rows_never_holds_the_hub(sqlite_db):
         monitor.stop()
         gc.unfreeze()
     assert summary.changed == 3000
-    figures = monitor.figures()
+    figures = monitor.statistics()
     # Measured: max lag 9-20 ms (before: 180 ms at 10,000 rows).
     assert figures.max_s < 0.25, figures
 

@@ -20,7 +20,7 @@ def test_lag_is_measured_and_the_culprit_named(caplog):
             green.sleep(0.1)
     finally:
         mon.stop()
-    fig = mon.figures()
+    fig = mon.statistics()
     assert fig.max_s >= 0.25
     assert fig.warnings >= 1
     assert fig.worst_offender == "naughty-task"
@@ -33,7 +33,7 @@ def test_idle_hub_has_little_lag():
     mon.start()
     green.sleep(0.3)
     mon.stop()
-    fig = mon.figures()
+    fig = mon.statistics()
     assert fig.samples >= 15
     assert fig.p99_s < 0.05 and fig.warnings == 0
 
@@ -43,7 +43,7 @@ def test_blocking_call_in_tpool_is_not_lag():
     mon.start()
     green.execute(green.native_sleep, 0.3)
     mon.stop()
-    assert mon.figures().max_s < 0.05
+    assert mon.statistics().max_s < 0.05
 
 
 def test_percentile_nearest_rank():

@@ -46,7 +46,7 @@ def test_gate_admits_at_most_slots_and_serves_in_arrival_order():
     for t in threads:
         t.wait()
     assert order == [f"r{i}" for i in range(6)]
-    figures = gate.figures()
+    figures = gate.statistics()
     assert (figures.running, figures.waiting, figures.admitted, figures.done) == (0, 0, 6, 6)
 
 

@@ -126,7 +126,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "_green_eventlet",
             "_green_threads",
             "log",
-            "metrics.figures",
+            "counters",
+            "metrics.registry",
             "metrics.instances",
         ),
     ),
@@ -183,7 +184,7 @@ def _own_imports(path: pathlib.Path) -> set[str]:
                 PACKAGE / short.replace(".", "/")
             ).is_dir():
                 found.add(short)
-    # ``from compute_agent.metrics import figures`` names the package too: keep the module.
+    # ``from compute_agent.metrics import registry`` names the package too: keep the module.
     return {m for m in found if not any(o.startswith(m + ".") for o in found)}
 
 
@@ -202,3 +203,65 @@ def test_every_import_points_down_the_layers():
             if _layer_of(target) > mine:
                 upward.append(f"{module} ({LAYERS[mine][0]}) -> {target}")
     assert upward == []
+
+
+def test_the_power_sync_and_the_event_handler_meet_through_named_protocols():
+    """They call each other, each through a protocol it is given when built.
+
+    The event handler imports the sync's module (it drives ``sync_one`` and
+    implements ``Rechecks``); the sync imports neither the handler nor the
+    manager, which routes re-checks to the handler while events are on.
+    """
+    from compute_agent.lifecycle import LifecycleHandler
+    from compute_agent.manager import ComputeManager
+    from compute_agent.power_sync import PowerSync, Rechecks
+
+    assert "power_sync" in _own_imports(PACKAGE / "lifecycle.py")
+    assert not {"lifecycle", "manager"} & _own_imports(PACKAGE / "power_sync.py")
+    for implementer in (LifecycleHandler, ComputeManager, PowerSync):
+        assert Rechecks in implementer.__mro__, implementer
+
+
+# State that one object sets on another it was given, by design (not a collaborator):
+# a summary or a record the setter owns, an ORM row, a stdlib object.
+STATE_SET_ELSEWHERE = {
+    "manager.py": {"self.service.disabled"},
+    "rpc/server.py": {"self._service.exit_status"},
+    "service.py": {"self.row.report_count"},
+    "db/api.py": {"self._in_native.active"},
+    "power_sync.py": {"call.summary.aborted"},
+}
+
+
+def test_no_component_is_wired_after_it_is_built():
+    """Collaborators arrive through constructors: nothing sets an attribute of a
+    component it holds (``self.x.y = ...``, as ``power_sync.recheck_later =``
+    once was), nor sets itself into what it was given (``dispatcher.admin_socket = self``)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = str(path.relative_to(PACKAGE))
+        tree = ast.parse(path.read_text(), rel)
+        params = {
+            a.arg
+            for node in ast.walk(tree)
+            if isinstance(node, ast.FunctionDef) and node.name == "__init__"
+            for a in node.args.args + node.args.kwonlyargs
+            if a.arg != "self"
+        }
+        for node in ast.walk(tree):
+            targets = node.targets if isinstance(node, ast.Assign) else []
+            if isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                targets = [node.target]
+            for target in targets:
+                for t in target.elts if isinstance(target, ast.Tuple) else [target]:
+                    if not isinstance(t, ast.Attribute):
+                        continue
+                    base = t.value
+                    on_held = isinstance(base, ast.Attribute) and ast.unparse(base).startswith(
+                        "self."
+                    )
+                    on_given = isinstance(base, ast.Name) and base.id in params
+                    text = ast.unparse(t)
+                    if (on_held or on_given) and text not in STATE_SET_ELSEWHERE.get(rel, ()):
+                        found.append(f"{rel}:{node.lineno}: {text} = ...")
+    assert found == []

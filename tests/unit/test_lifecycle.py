@@ -25,14 +25,7 @@ class Agent:
         self.stopping = False
         self.sync = PowerSync(db, self.driver, HOST, KeyedLocks(), action="report")
         self.synced: list[str] = []
-
-        def sync_one(uid, source, **kw):
-            self.synced.append(uid)
-            return self.sync.sync_one(uid, source, **kw)
-
-        self.events = LifecycleHandler(
-            sync_one, stopped_delay=delay, is_stopping=lambda: self.stopping
-        )
+        self.events = LifecycleHandler(self, stopped_delay=delay, is_stopping=lambda: self.stopping)
         self.driver.set_event_listener(self.events.on_event)
 
     def instance(self, state=P.RUNNING, vm_state="active", power="running"):
@@ -40,6 +33,11 @@ class Agent:
         inst = create_instance(self.db, host=HOST, uuid=uid, vm_state=vm_state, power_state=power)
         self.driver.add_domain(inst.domain_name, uid, state)
         return inst
+
+    def sync_one(self, uid, source, **kw):
+        """The handler's InstanceSync: the real sync, each call noted."""
+        self.synced.append(uid)
+        return self.sync.sync_one(uid, source, **kw)
 
     def row(self, inst):
         return self.db.instance_get(inst.uuid)
@@ -90,7 +88,7 @@ def test_stopped_event_waits_then_syncs(agent):
     assert green.monotonic() - started >= DELAY
     row = agent.row(inst)
     assert row.power_state == "shutdown" and row.vm_state == "stopped"
-    assert agent.events.figures.delayed == 1 and agent.events.figures.cancelled == 0
+    assert agent.events.counters.delayed == 1 and agent.events.counters.cancelled == 0
 
 
 def test_reboot_stopped_then_started_cancels_the_stop(agent):
@@ -99,7 +97,7 @@ def test_reboot_stopped_then_started_cancels_the_stop(agent):
     agent.driver.set_state(inst.domain_name, P.RUNNING)
     agent.settle()
     green.sleep(DELAY * 1.5)  # past the delay: the STOPPED must not fire
-    assert agent.events.figures.cancelled == 1
+    assert agent.events.counters.cancelled == 1
     assert agent.synced == [inst.uuid]  # one sync, for the STARTED
     row = agent.row(inst)
     assert row.power_state == "running" and row.vm_state == "active"
@@ -129,7 +127,7 @@ def test_events_while_stopping_are_ignored(agent):
     agent.stopping = True
     agent.driver.set_state(inst.domain_name, P.PAUSED)
     agent.settle()
-    assert agent.synced == [] and agent.events.figures.ignored == 1
+    assert agent.synced == [] and agent.events.counters.ignored == 1
     assert agent.row(inst).power_state == "running"
 
 
@@ -148,7 +146,7 @@ def test_events_for_a_busy_instance_are_coalesced(agent):
         agent.driver.emit(inst.domain_name, Transition.RESUMED)
     agent.settle()
     # The first starts at once; the four others wait as one.
-    assert agent.events.figures.coalesced >= 3
+    assert agent.events.counters.coalesced >= 3
     assert len(agent.synced) <= 2
 
 
@@ -156,7 +154,7 @@ def test_event_for_a_domain_that_is_not_ours(agent):
     agent.driver.add_domain("someone-else", str(uuid.uuid4()), P.RUNNING)
     agent.driver.set_state("someone-else", P.PAUSED)
     agent.settle()
-    assert agent.events.figures.not_ours == 1 and agent.events.figures.errors == 0
+    assert agent.events.counters.not_ours == 1 and agent.events.counters.errors == 0
 
 
 def test_event_for_an_instance_being_operated_on_is_skipped(agent, sqlite_db):
@@ -184,7 +182,7 @@ def test_a_slow_enforced_stop_holds_up_no_other_event(sqlite_db):
     agent.sync.action = "enforce"
     agent.sync.shutdown_timeout = 0.5
     agent.events = LifecycleHandler(
-        agent.sync.sync_one, stopped_delay=DELAY, concurrency=1, is_stopping=lambda: False
+        agent.sync, stopped_delay=DELAY, concurrency=1, is_stopping=lambda: False
     )
     agent.driver.set_event_listener(agent.events.on_event)
     slow = agent.instance(state=P.SHUTDOWN, vm_state="stopped", power="shutdown")
@@ -199,4 +197,4 @@ def test_a_slow_enforced_stop_holds_up_no_other_event(sqlite_db):
     assert green.monotonic() - started < 0.3  # not behind the 0.5 s stop
     agent.settle()
     assert agent.driver.domains[slow.domain_name].state == P.SHUTDOWN
-    assert agent.row(slow).power_state == "shutdown" and agent.events.figures.stops == 1
+    assert agent.row(slow).power_state == "shutdown" and agent.events.counters.stops == 1

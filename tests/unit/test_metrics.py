@@ -1,4 +1,4 @@
-"""The metrics: figures, the instance index, the collector's text, the HTTP server."""
+"""The metrics: the registry, the instance index, the collector's text, the HTTP server."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from compute_agent import exception, green
 from compute_agent.dispatch import Dispatcher
 from compute_agent.exception import MetricsBindError
 from compute_agent.manager import ComputeManager
-from compute_agent.metrics import figures
+from compute_agent.metrics import registry
 from compute_agent.metrics import server as server_mod
 from compute_agent.metrics.collector import AgentCollector
 from compute_agent.metrics.instances import InstanceIndex
@@ -43,7 +43,7 @@ def samples(text: str, name: str) -> list:
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive():
-    h = figures.Histogram((0.1, 1.0))
+    h = registry.Histogram((0.1, 1.0))
     for value in (0.05, 0.1, 0.5, 2.0):
         h.observe(value)
     buckets, count, total = h.snapshot()
@@ -54,8 +54,8 @@ def test_histogram_buckets_are_cumulative_and_inclusive():
 def test_libvirt_call_names_are_the_codes_own():
     def _all_stats_native() -> None: ...
 
-    assert figures.libvirt_call_name(_all_stats_native) == "all_stats"
-    assert figures.libvirt_call_name(object()) == "call"
+    assert registry.libvirt_call_name(_all_stats_native) == "all_stats"
+    assert registry.libvirt_call_name(object()) == "call"
 
 
 def rec(uuid: str, vm_state: str = "active") -> SimpleNamespace:
@@ -90,7 +90,7 @@ def figures_clock() -> float:
 def agent(conf, sqlite_db):
     conf.set_override("stats_interval", 0, group="compute")
     conf.set_override("lifecycle_event_delay", 0, group="libvirt")
-    figures.reset()
+    registry.reset()
     manager = ComputeManager(conf, sqlite_db, FakeDriver())
     service = NodeService(conf, sqlite_db, components=[manager])
     service.start()
@@ -363,7 +363,7 @@ def test_a_scrape_gets_through_a_flood(agent):
 
 
 def test_counters_count_every_increment_from_many_threads():
-    family = figures.CounterFamily(("kind",), preset=[("preset",)])
+    family = registry.CounterFamily(("kind",), preset=[("preset",)])
 
     def work(i: int) -> None:
         mine = (f"thread-{i}",)
@@ -380,8 +380,8 @@ def test_counters_count_every_increment_from_many_threads():
 
 
 def test_histograms_count_every_observation_from_many_threads():
-    single = figures.Histogram((1.0, 2.0))
-    family = figures.HistogramFamily(("kind",), buckets=(1.0, 2.0))
+    single = registry.Histogram((1.0, 2.0))
+    family = registry.HistogramFamily(("kind",), buckets=(1.0, 2.0))
     torn: list[tuple[int, float]] = []
 
     def work(i: int) -> None:

@@ -114,7 +114,7 @@ def test_figures_report_the_last_error():
     task = PeriodicTask("bad", lambda: 1 / 0, 10)
     task.start()
     green.sleep(0.02)
-    fig = task.figures()
+    fig = task.statistics()
     task.stop(1)
     assert fig.runs == 1 and fig.failures == 1
     assert fig.last_error.startswith("ZeroDivisionError")
@@ -143,7 +143,7 @@ def test_run_now_on_disabled_task():
     green.sleep(0.05)
     assert task.runs == 0
     assert task.run_now().result(1) == "done"
-    assert task.figures().next_run_in_s is None
+    assert task.statistics().next_run_in_s is None
     task.stop(1)
 
 

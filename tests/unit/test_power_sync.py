@@ -27,6 +27,13 @@ def driver():
     return d
 
 
+class Asked(list):
+    """A :class:`Rechecks` that keeps what it is asked: (uuid, after) each."""
+
+    def recheck(self, uuid, after):
+        self.append((uuid, after))
+
+
 def make_sync(db, driver, **kw):
     return PowerSync(db, driver, "h1", KeyedLocks(), **kw)
 
@@ -145,9 +152,10 @@ def test_suspended_shut_off_or_gone_becomes_stopped_after_the_steady_reread(db, 
     else:
         driver.set_state(inst.domain_name, hv)
     clock = _Clock()
-    sync = make_sync(db, driver, action=action, watch=steady.SteadyWatch(15, clock))
-    rechecks = []
-    sync.recheck_later = lambda uuid, after: rechecks.append((uuid, after))
+    rechecks = Asked()
+    sync = make_sync(
+        db, driver, action=action, watch=steady.SteadyWatch(15, clock), rechecks=rechecks
+    )
     sync.run()
     r = row(db, inst)
     if hv is None:

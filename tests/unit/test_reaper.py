@@ -327,9 +327,10 @@ def test_the_reaper_is_a_periodic_task_with_its_figures(agent, sqlite_db, conf):
     assert task.interval == 3600 and task.enabled
     assert wait_until(lambda: task.runs >= 1)  # the first run comes at start (fuzzy delay 0)
     assert gone.domain_name not in driver.domains
-    figures = manager.reaper.figures()
-    assert figures["action"] == "reap" and figures["runs"] == 1
-    assert figures["totals"]["reaped"] == 1 and figures["last_run"]["found"] == 1
+    stats = manager.reaper.statistics()
+    assert stats.action == "reap" and stats.runs == 1
+    assert stats.totals["reaped"] == 1 and stats.last_run is not None
+    assert stats.last_run["found"] == 1
 
 
 def test_interval_zero_disables_the_schedule_not_the_forced_run(agent, sqlite_db, conf):

@@ -45,8 +45,8 @@ class Agent:
         self.service = NodeService(conf, db, components=[self.manager])
 
     @property
-    def figures(self):
-        return self.manager.resume.figures
+    def counters(self):
+        return self.manager.resume.counters
 
     def sync_runs(self) -> int:
         return self.service.runner.tasks[POWER_SYNC].runs
@@ -92,7 +92,7 @@ def actions(db, uid: str) -> list[tuple[str, str, str]]:
 
 
 def settled(agent: Agent) -> bool:
-    return agent.figures.state not in ("pending", "running") and agent.sync_runs() >= 1
+    return agent.counters.state not in ("pending", "running") and agent.sync_runs() >= 1
 
 
 # -- boot or restart ----------------------------------------------------------
@@ -127,10 +127,10 @@ def test_host_boot_with_the_option_on_starts_the_guests_that_ran(conf, boot, mak
         assert any("host boot" in (a[2] or "") for a in resume), audit
     assert any("re-created" in (a[2] or "") for a in actions(agent.db, gone))
     assert not [a for a in actions(agent.db, running[0]) if a[0] == "resume"]
-    fig = agent.figures
-    assert (fig.was_boot, fig.state, fig.candidates) == (True, "done", 6)
-    assert (fig.resumed, fig.failed, fig.skipped) == (5, 0, 1)
-    assert fig.duration_s is not None
+    counters = agent.counters
+    assert (counters.was_boot, counters.state, counters.candidates) == (True, "done", 6)
+    assert (counters.resumed, counters.failed, counters.skipped) == (5, 0, 1)
+    assert counters.duration_s is not None
     assert load_recorded(str(tmp_path / BOOT_ID_FILE)) == NEW_BOOT
     status = agent.manager.resume.as_dict()
     assert status["resumed"] == 5 and status["was_boot"] is True
@@ -145,7 +145,11 @@ def test_host_boot_with_the_option_off_records_them_stopped(conf, boot, make_age
     for uid in uids:
         assert agent.row(uid).vm_state == "stopped"
         assert driver.domains[f"instance-{uid}"].state is P.SHUTDOWN
-    assert (agent.figures.was_boot, agent.figures.state, agent.figures.resumed) == (True, "off", 0)
+    assert (agent.counters.was_boot, agent.counters.state, agent.counters.resumed) == (
+        True,
+        "off",
+        0,
+    )
     assert load_recorded(str(tmp_path / BOOT_ID_FILE)) == NEW_BOOT
 
 
@@ -163,7 +167,7 @@ def test_no_host_boot_leaves_the_sync_as_today(conf, boot, make_agent, tmp_path,
     agent.service.start()
     assert wait_until(lambda: settled(agent), 20)
     assert [agent.row(u).vm_state for u in uids] == ["stopped", "stopped"]
-    assert (agent.figures.was_boot, agent.figures.state) == (False, "no-boot")
+    assert (agent.counters.was_boot, agent.counters.state) == (False, "no-boot")
     assert load_recorded(str(record)) == NEW_BOOT
 
 
@@ -172,7 +176,7 @@ def test_an_unreadable_boot_id_is_no_boot(conf, boot, make_agent):
     boot.unlink()
     agent = make_agent()
     agent.service.start()
-    assert agent.figures.was_boot is False and not agent.manager.resume.due
+    assert agent.counters.was_boot is False and not agent.manager.resume.due
 
 
 def test_the_recorded_id_is_written_whole(tmp_path):
@@ -215,8 +219,8 @@ def test_at_most_max_concurrent_builds_start_at_once(conf, boot, make_agent):
     assert wait_until(lambda: settled(agent), 30)
     assert all(agent.row(u).power_state == "running" for u in uids)
     assert 1 < driver.peak <= 3, driver.peak
-    assert 1 < agent.figures.max_in_flight <= 3
-    assert agent.figures.resumed == 15
+    assert 1 < agent.counters.max_in_flight <= 3
+    assert agent.counters.resumed == 15
 
 
 def test_a_failing_guest_is_counted_and_audited_and_the_pass_goes_on(conf, boot, make_agent):
@@ -228,8 +232,8 @@ def test_a_failing_guest_is_counted_and_audited_and_the_pass_goes_on(conf, boot,
     driver.inject_fault("power_on", error=RuntimeError("no memory"), names={f"instance-{bad}"})
     agent.service.start()
     assert wait_until(lambda: settled(agent), 20)
-    fig = agent.figures
-    assert (fig.state, fig.resumed, fig.failed) == ("done", 3, 1)
+    counters = agent.counters
+    assert (counters.state, counters.resumed, counters.failed) == ("done", 3, 1)
     assert all(agent.row(u).power_state == "running" for u in uids if u != bad)
     assert any(a[0] == "resume" and "failed" in (a[2] or "") for a in actions(agent.db, bad))
     # Then the sync records it as it is, as it would have without the option.
@@ -246,8 +250,8 @@ def test_a_guest_failing_before_its_start_is_audited_too(conf, boot, make_agent)
     driver.domains[f"instance-{foreign}"].uuid = str(uuidlib.uuid4())
     agent.service.start()
     assert wait_until(lambda: settled(agent), 20)
-    fig = agent.figures
-    assert (fig.state, fig.resumed, fig.failed) == ("done", 1, 1)
+    counters = agent.counters
+    assert (counters.state, counters.resumed, counters.failed) == ("done", 1, 1)
     assert driver.domains[f"instance-{foreign}"].state is P.SHUTDOWN
     audit = actions(agent.db, foreign)
     assert any(a[0] == "resume" and "ForeignDomain" in (a[2] or "") for a in audit), audit
@@ -273,17 +277,17 @@ def test_hypervisor_lost_mid_pass_fails_it_cleanly_and_the_sync_proceeds(conf, b
     uids = guests_after_boot(agent.db, driver, 3)
     agent.service.start()
     assert wait_until(lambda: settled(agent), 20)
-    fig = agent.figures
-    assert fig.state == "failed" and "not connected" in fig.last_error, fig
-    assert fig.failed == 1 and fig.resumed == 0  # no further start once it is gone
+    counters = agent.counters
+    assert counters.state == "failed" and "not connected" in counters.last_error, counters
+    assert counters.failed == 1 and counters.resumed == 0  # no further start once it is gone
     task = agent.service.runner.tasks[POWER_SYNC]
     assert "hypervisor unavailable" in (task.last_result.aborted or "")  # it ran, and met it too
     assert agent.manager.resume.due  # retried on reconnection; the boot id is not recorded
     assert all(agent.row(u).vm_state == "active" for u in uids)
     runs = agent.sync_runs()
     driver.reconnect()
-    assert wait_until(lambda: agent.figures.state == "done" and agent.sync_runs() > runs, 20)
-    assert agent.figures.resumed == 3 and not agent.manager.resume.due
+    assert wait_until(lambda: agent.counters.state == "done" and agent.sync_runs() > runs, 20)
+    assert agent.counters.resumed == 3 and not agent.manager.resume.due
     assert all(agent.row(u).power_state == "running" for u in uids)
 
 
@@ -299,9 +303,9 @@ def test_the_first_sync_waits_for_the_pass_then_proceeds(conf, boot, make_agent)
     agent.service.start()
     task = agent.service.runner.tasks[POWER_SYNC]
     assert wait_until(lambda: task.running, 10)  # the first sync started, and waits
-    assert agent.figures.state in ("pending", "running")
+    assert agent.counters.state in ("pending", "running")
     assert wait_until(lambda: task.runs >= 1, 30)
-    assert agent.figures.state == "done"
+    assert agent.counters.state == "done"
     assert task.last_result.aborted is None and task.last_result.checked == 4
     assert all(agent.row(u).vm_state == "active" for u in uids)
 
@@ -326,7 +330,7 @@ def test_stopping_mid_pass_exits_promptly(conf, boot, make_agent):
     # Seen within a poll: neither the sync nor the pass waits out the grace.
     assert elapsed < 7, elapsed
     assert driver.faults["power_on"].hits == 2  # no further start began
-    assert agent.figures.state == "interrupted"
+    assert agent.counters.state == "interrupted"
     # The sync gave way without syncing: nothing was recorded stopped.
     assert all(agent.row(u).vm_state == "active" for u in uids)
     assert task.last_result is None or task.last_result.aborted
@@ -376,7 +380,7 @@ def test_a_resume_cut_by_an_agent_kill_is_resumed_by_the_next_start(
         row = agent.row(uid)
         assert (row.vm_state, row.power_state, row.task_state) == ("active", "running", None)
         assert driver.domains[f"instance-{uid}"].state is P.RUNNING
-    assert agent.figures.state == "done" and agent.figures.resumed == 2
+    assert agent.counters.state == "done" and agent.counters.resumed == 2
 
 
 # -- the database away mid-pass -----------------------------------------------
@@ -419,13 +423,13 @@ def test_the_database_away_during_the_pass_holds_the_sync_and_the_pass_is_retrie
     task = agent.service.runner.tasks[POWER_SYNC]
     assert wait_until(lambda: flaky.refused >= 2, 20)  # failed, and tried again
     assert task.runs == 0  # the sync waits meanwhile: it would record them stopped
-    assert "database unavailable" in (agent.figures.last_error or "")
+    assert "database unavailable" in (agent.counters.last_error or "")
     flaky.down = False
-    assert wait_until(lambda: agent.figures.state == "done" and task.runs >= 1, 20)
+    assert wait_until(lambda: agent.counters.state == "done" and task.runs >= 1, 20)
     for uid in uids:
         row = agent.row(uid)
         assert (row.vm_state, row.power_state) == ("active", "running"), uid
-    assert agent.figures.resumed == 3 and not agent.manager.resume.due
+    assert agent.counters.resumed == 3 and not agent.manager.resume.due
 
 
 # -- users racing the pass ----------------------------------------------------
@@ -451,7 +455,7 @@ def test_a_stop_and_a_delete_racing_the_pass_win_and_stay_won(conf, boot, make_a
     assert f"instance-{uids[-2]}" not in driver.domains
     for uid in uids[:-2]:
         assert agent.row(uid).power_state == "running", uid
-    assert agent.figures.state == "done" and agent.figures.skipped == 2
+    assert agent.counters.state == "done" and agent.counters.skipped == 2
 
 
 # -- the hypervisor back after a start without it -------------------------------
@@ -481,7 +485,7 @@ def test_the_gate_closes_before_the_reconnection_yields(conf, boot, make_agent):
     agent.db.service_set_disabled = write  # shadows the method on this instance
     driver.reconnect()
     assert gate_open_at_db_write == [False]
-    assert wait_until(lambda: settled(agent) and agent.figures.state == "done", 20)
+    assert wait_until(lambda: settled(agent) and agent.counters.state == "done", 20)
     assert all(agent.row(u).power_state == "running" for u in uids)
 
 
@@ -518,7 +522,7 @@ def test_a_reconnection_while_the_failed_pass_drains_still_runs_it_again(conf, b
     uids = guests_after_boot(agent.db, driver, 5)
     agent.service.start()
     assert wait_until(lambda: driver.back.is_set(), 10)
-    assert wait_until(lambda: agent.figures.state == "done" and settled(agent), 20), agent.figures
+    assert wait_until(lambda: agent.counters.state == "done" and settled(agent), 20), agent.counters
     for uid in uids:
         row = agent.row(uid)
         assert (row.vm_state, row.power_state) == ("active", "running"), (uid, row.vm_state)
@@ -589,11 +593,11 @@ def test_a_sync_past_the_open_gate_records_no_guest_stopped(conf, boot, make_age
     power_sync.db = HookedDb(agent.db, driver.reconnect)
     agent.manager.resume.db = HookedDb(agent.db, lambda: sync_done.wait(20))
     agent.service.start()
-    assert wait_until(lambda: agent.figures.state == "done" and agent.sync_runs() >= 2, 20)
+    assert wait_until(lambda: agent.counters.state == "done" and agent.sync_runs() >= 2, 20)
     for uid in uids:
         row = agent.row(uid)
         assert (row.vm_state, row.power_state) == ("active", "running"), uid
-    assert agent.figures.resumed == 2
+    assert agent.counters.resumed == 2
 
 
 @pytest.mark.parametrize("path", ["recheck", "event", "forced"])
@@ -630,15 +634,15 @@ def test_no_single_instance_sync_records_a_guest_stopped_before_the_pass(
     agent.service.start()
     assert wait_until(in_pass.is_set, 10)  # the gate is shut, the pass about to read
     if path == "recheck":
-        manager.power_sync._recheck_later(target, 0.01)
+        manager.power_sync.recheck(target, 0.01)
     elif path == "event":
         driver.emit(f"instance-{target}", Transition.STOPPED)
     else:
         green.spawn(manager.power_sync.sync_one, target)
-    assert wait_until(lambda: agent.figures.state == "done" and settled(agent), 20)
+    assert wait_until(lambda: agent.counters.state == "done" and settled(agent), 20)
     assert synced.is_set()
     for uid in (target, other):
         row = agent.row(uid)
         assert (row.vm_state, row.power_state) == ("active", "running"), (uid, row.vm_state)
         assert driver.domains[f"instance-{uid}"].state is P.RUNNING
-    assert agent.figures.resumed == 2
+    assert agent.counters.resumed == 2

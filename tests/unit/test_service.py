@@ -83,7 +83,7 @@ def test_hub_blocking_task_does_delay_the_heartbeat(service):
     service.add_periodic("hog", lambda: green.native_sleep(1.5), 1000, fuzzy=False).start()
     green.sleep(2)
     assert service.runner.tasks[HEARTBEAT].max_lateness > 0.3
-    assert service.lag_monitor.figures().worst_offender == "hog"
+    assert service.lag_monitor.statistics().worst_offender == "hog"
 
 
 def test_a_silent_database_fails_each_heartbeat_on_time(conf, sqlite_db, monkeypatch):

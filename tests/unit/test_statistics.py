@@ -45,7 +45,7 @@ def test_every_statistics_is_a_frozen_snapshot(agent):
     assert stats.driver is None  # the fake driver has no connection to describe
     # A snapshot does not move with the component.
     before = manager.operations.statistics()
-    manager.operations.builds.completed += 1
+    manager.operations.builds.add(completed=1)
     assert manager.operations.statistics().completed == before.completed + 1
 
 

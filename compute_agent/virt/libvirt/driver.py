@@ -366,6 +366,7 @@ class LibvirtDriver(ComputeDriver):
         self.host = Host(
             group.connection_uri,
             self._notify_connection,
+            self._on_lifecycle,
             reconnect_min=group.reconnect_min_delay,
             reconnect_max=group.reconnect_max_delay,
             keepalive=(group.keepalive_interval, group.keepalive_count),
@@ -377,9 +378,7 @@ class LibvirtDriver(ComputeDriver):
     # -- connection -------------------------------------------------------
 
     def init_host(self, host: str) -> None:
-        if self._event_listener is not None:
-            self.host.lifecycle_handler = self._on_lifecycle
-        self.host.start()
+        self.host.start(events=self._event_listener is not None)
         self.virt_type = self._pick_virt_type()
         LOG.info("libvirt driver for %s ready, virt_type %s", self.host.uri, self.virt_type)
 

@@ -20,14 +20,14 @@ from typing import Any, TypeVar
 import libvirt
 
 from compute_agent import exception, green
-from compute_agent.metrics import figures
+from compute_agent.metrics import registry
 from compute_agent.virt.libvirt.pool import Connection, ConnectionPool
 
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # (domain name, domain UUID, libvirt event, libvirt detail), called on the hub.
-LifecycleHandler = Callable[[str, str, int, int], None]
+OnLifecycle = Callable[[str, str, int, int], None]
 
 # libvirt prints every error to stderr unless given a handler; errors reach
 # us as exceptions, so the printing is only noise.
@@ -104,6 +104,7 @@ class Host:
         self,
         uri: str,
         on_connection: Callable[[bool, str], None],
+        on_lifecycle: OnLifecycle,
         *,
         reconnect_min: float = 1.0,
         reconnect_max: float = 30.0,
@@ -114,6 +115,9 @@ class Host:
     ) -> None:
         self.uri = uri
         self._on_connection = on_connection
+        # Told of each lifecycle event, on the dispatcher, once start() asked for events.
+        self.on_lifecycle = on_lifecycle
+        self.wants_events = False
         self._reconnect_min = reconnect_min
         self._reconnect_max = max(reconnect_min, reconnect_max)
         self._keepalive = keepalive
@@ -139,13 +143,16 @@ class Host:
         self._guard = green.native_lock()
         self._stopping = False
         self.last_error: str | None = None
-        # Set before start() to receive domain lifecycle events.
-        self.lifecycle_handler: LifecycleHandler | None = None
 
     # -- life cycle -------------------------------------------------------
 
-    def start(self) -> None:
-        """Open the connection; if that fails, keep retrying in the background."""
+    def start(self, *, events: bool) -> None:
+        """Open the connection; if that fails, keep retrying in the background.
+
+        ``events``: register for lifecycle events (at each connection), handed
+        to ``on_lifecycle``.
+        """
+        self.wants_events = events
         _EventLoop.ensure_started()
         self._dispatcher = green.spawn(self._dispatch, name="libvirt-dispatch")
         try:
@@ -216,8 +223,8 @@ class Host:
                 ) from exc
             raise
         finally:
-            figures.LIBVIRT_CALL_DURATION.observe(
-                (figures.libvirt_call_name(fn),), green.monotonic() - started
+            registry.LIBVIRT_CALL_DURATION.observe(
+                (registry.libvirt_call_name(fn),), green.monotonic() - started
             )
 
     # -- connecting -------------------------------------------------------
@@ -264,7 +271,7 @@ class Host:
             raw.registerCloseCallback(self._closed_native, generation)
         except libvirt.libvirtError as exc:
             LOG.debug("close callback not supported by %s: %s", self.uri, exc)
-        if self.lifecycle_handler is None:
+        if not self.wants_events:
             return None
         try:
             lifecycle_id: int = raw.domainEventRegisterAny(
@@ -378,12 +385,8 @@ class Host:
             try:
                 if kind == "closed":
                     self._lost(payload[0], generation)
-                elif (
-                    kind == "lifecycle"
-                    and generation == self._generation
-                    and self.lifecycle_handler is not None
-                ):
-                    self.lifecycle_handler(*payload)
+                elif kind == "lifecycle" and generation == self._generation:
+                    self.on_lifecycle(*payload)
             except Exception:
                 LOG.exception("error handling libvirt %s event", kind)
 

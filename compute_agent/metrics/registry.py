@@ -1,4 +1,4 @@
-"""Counters and histograms updated where events happen, read at scrape time.
+"""The process's metrics: counters and histograms updated where events happen, read at scrape time.
 
 They are written from any thread (requests run on RPC workers and the
 admin socket's, libvirt calls on the pool's threads, under threads mode
@@ -109,7 +109,7 @@ class CounterFamily:
 
 SYNC_OUTCOMES = ("checked", "changed", "skipped", "errors")
 
-# The process's figures: one agent per process.
+# The process's metrics: one agent per process.
 HUB_LAG = Histogram(LAG_BUCKETS)
 TASK_DURATION = HistogramFamily(("task",))
 POWER_SYNC_INSTANCES = CounterFamily(("outcome",), preset=[(o,) for o in SYNC_OUTCOMES])
@@ -133,7 +133,7 @@ def libvirt_call_name(fn: object) -> str:
 
 
 def reset() -> None:
-    """Forget every figure (tests)."""
+    """Forget every metric (tests)."""
     for family in (HUB_LAG, TASK_DURATION, POWER_SYNC_INSTANCES, REQUESTS, REQUEST_DURATION,
                    LIBVIRT_CALL_DURATION):  # fmt: skip
         family.clear()
