@@ -17,11 +17,10 @@ record it as stopped if it is still so; a sync that sees a passing state
 too early asks for a re-check (:meth:`LifecycleHandler.recheck`), which is
 delayed, coalesced and cancelled exactly like a STOPPED event.
 
-So the power sync and this handler each call the other, and each gets the
-other's door at construction, through a named protocol: the handler drives
-an :class:`InstanceSync` (``PowerSync.sync_one``); the sync asks for
-re-checks through ``power_sync.Rechecks``, which the handler implements
-(the manager routes them here while events are on).
+So the power sync and this handler call each other, each through a named
+protocol it is given when built: the handler is built with the sync, as an
+:class:`InstanceSync`; the sync is built with its ``power_sync.Rechecks``,
+the manager, which hands each re-check to this handler while events are on.
 
 Event syncs run a few at a time. A sync that finds a domain to stop (a
 stopped instance started behind the agent's back) hands the stop to a
