@@ -370,6 +370,30 @@ def monotonic() -> float:
     return float(_native_time.monotonic())
 
 
+def recv_by(sock: Any, size: int, deadline: float) -> bytes:
+    """Up to ``size`` bytes from the green ``sock`` by ``deadline``, else TimeoutError.
+
+    The hub waits for the socket: a green socket's timeout is only its own
+    attribute, no system call.
+    """
+    sock.settimeout(_left(deadline))
+    data: bytes = sock.recv(size)
+    return data
+
+
+def send_by(sock: Any, data: bytes, deadline: float) -> None:
+    """All of ``data`` to the green ``sock`` by ``deadline``, else TimeoutError."""
+    sock.settimeout(_left(deadline))
+    sock.sendall(data)
+
+
+def _left(deadline: float) -> float:
+    left = deadline - monotonic()
+    if left <= 0:
+        raise TimeoutError("socket not ready before its deadline")
+    return left
+
+
 def native_socket_module() -> Any:
     """The ``socket`` module as it was before patching: blocking calls block the calling thread.
 

@@ -321,6 +321,49 @@ def monotonic() -> float:
     return time.monotonic()
 
 
+def recv_by(sock: _socket.socket, size: int, deadline: float) -> bytes:
+    """Up to ``size`` bytes from ``sock`` by ``deadline``, else TimeoutError.
+
+    What the peer already sent costs one system call, so the calling thread
+    gives up the GIL once: a socket timeout would cost a poll before each
+    read (and ``settimeout`` its own call), and each hand-back makes the
+    thread wait behind every busy thread for the GIL again.
+    """
+    _no_timeout(sock)
+    while True:
+        try:
+            return sock.recv(size, _socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            _wait_ready(sock, _select.POLLIN, deadline)
+
+
+def send_by(sock: _socket.socket, data: bytes, deadline: float) -> None:
+    """All of ``data`` to ``sock`` by ``deadline``; one system call when it fits (see recv_by)."""
+    _no_timeout(sock)
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view, _socket.MSG_DONTWAIT) :]
+        except BlockingIOError:
+            _wait_ready(sock, _select.POLLOUT, deadline)
+
+
+def _no_timeout(sock: _socket.socket) -> None:
+    """A socket timeout would put a poll before every call: the deadline is ours instead."""
+    if sock.gettimeout():
+        sock.settimeout(None)
+
+
+def _wait_ready(sock: _socket.socket, events: int, deadline: float) -> None:
+    left = deadline - time.monotonic()
+    if left > 0:
+        poller = _select.poll()
+        poller.register(sock, events)
+        if poller.poll(left * 1000):
+            return
+    raise TimeoutError("socket not ready before its deadline")
+
+
 def set_switch_tracer(tracer: Callable[[str, Any], None] | None) -> Any:
     """No hub, no switches to trace: installs nothing (the hub-lag monitor is idle)."""
     return None

@@ -22,6 +22,10 @@ The API:
   ``Pool``; ``sleep``, ``yield_now``; ``current_name``/``name_current``.
 - ``execute(fn)``/``proxy(obj)`` run blocking C calls (libvirt) off the hub,
   and the ``native_*`` names give OS-level threads, locks and queues.
+- ``recv_by(sock, size, deadline)``/``send_by(sock, data, deadline)``: socket
+  I/O with a deadline (TimeoutError past it); under threads one system call
+  when the socket is ready, where a socket timeout adds a poll (and each
+  system call is a wait for the GIL behind the busy threads).
 
 Invariants callers rely on:
 

@@ -21,10 +21,11 @@ class KeyedLocks:
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
+        # Made before the guard is taken: under threads a thread that loses
+        # the GIL while it holds the guard makes every other one queue on it.
+        fresh = green.Semaphore(1)
         with self._guard:
-            sem, users = self._locks.get(key, (None, 0))
-            if sem is None:
-                sem = green.Semaphore(1)
+            sem, users = self._locks.get(key, (fresh, 0))
             self._locks[key] = (sem, users + 1)
         try:
             with sem:

@@ -60,6 +60,11 @@ RESERVE = 4
 READ_SIZE = 65536
 # Refused and dropped connections are summed up in one log line this often.
 REFUSAL_LOG_WINDOW = 10.0
+# Tasks kept waiting in accept() between connections (see _accept_loop);
+# eventlet lets only one greenthread wait on a socket.
+SPARE_ACCEPTERS = 1 if green.HAS_HUB else 2
+# How long a refused connection's one error line may take to send.
+REFUSAL_SEND_TIMEOUT = 1.0
 # How long start-up waits for an answer on an existing socket file.
 PROBE_TIMEOUT = 1.0
 # Requests logged at INFO (they change something); the others at DEBUG.
@@ -130,7 +135,10 @@ class AdminSocketServer:
         self.max_open = 0
         self._sock: socket.socket | None = None
         self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of our file
-        self._accepter: green.Task | None = None
+        # Tasks started to accept and not serving a connection (see _accept_loop),
+        # and those of them waiting in accept() now.
+        self._accepters = 0
+        self._waiting: set[green.Task] = set()
         self._conns: set[_Connection] = set()
         # Under threads the accept loop and every connection change _conns at once.
         self._conns_lock = green.native_lock()
@@ -152,7 +160,8 @@ class AdminSocketServer:
 
     def start(self, service: Any = None) -> None:
         self.listen()
-        self._accepter = green.spawn(self._accept_loop, name="admin-socket")
+        for _ in range(SPARE_ACCEPTERS):
+            self._spawn_accepter()
         LOG.info("admin socket listening on %s", self.path)
 
     def release(self) -> None:
@@ -164,11 +173,13 @@ class AdminSocketServer:
 
     def stop(self) -> None:
         """Stop accepting, let requests in flight finish for ``grace`` s, close the rest."""
-        if self._closing:
-            return
-        self._closing = True
-        if self._accepter is not None:
-            self._accepter.cancel()
+        with self._conns_lock:
+            if self._closing:
+                return
+            self._closing = True
+            waiting = list(self._waiting)
+        for task in waiting:
+            task.cancel()
         if self._sock is not None:
             # A thread blocked in accept() (the threads backend) wakes only on a shutdown.
             with contextlib.suppress(OSError):
@@ -274,8 +285,27 @@ class AdminSocketServer:
     # -- connections ------------------------------------------------------
 
     def _accept_loop(self) -> None:
+        """Accept a connection and serve it in this task; then accept again, or end.
+
+        The task that accepts a connection serves it, and another task is
+        already waiting in accept() for the next one: a new one is started
+        only when none is left, and one ends after its connection if
+        SPARE_ACCEPTERS others are accepting. Under threads, a new thread's
+        start (as every wake-up) is a wait for the GIL behind each busy
+        thread: this way a client's request waits for the GIL when it is
+        accepted and when it is read, where a thread per connection added its
+        start. The request a client already sent is read before this task
+        accepts again, so a flood of new connections cannot push a quick
+        client out.
+        """
         assert self._sock is not None
-        while not self._closing:
+        me = green.current_task()
+        assert me is not None
+        while True:
+            with self._conns_lock:
+                if self._closing:
+                    return
+                self._waiting.add(me)
             try:
                 conn, _ = self._sock.accept()
             except OSError as exc:
@@ -287,16 +317,36 @@ class AdminSocketServer:
                     continue
                 LOG.error("admin socket stopped accepting: %s", exc)
                 return
+            finally:
+                with self._conns_lock:
+                    self._waiting.discard(me)
+            with self._conns_lock:
+                self._accepters -= 1
+                alone = not self._accepters and not self._closing
+            if alone:
+                self._spawn_accepter()
             if not self._make_room(conn):
+                with self._conns_lock:
+                    self._accepters += 1
                 continue
             record = _Connection(conn, green.monotonic())
+            record.thread = me
             with self._conns_lock:
                 self._conns.add(record)
                 self.max_open = max(self.max_open, len(self._conns))
-            record.thread = green.spawn(self._serve, record, name="admin-connection")
-            # Let it read what its client already sent before the next accept:
-            # a flood of new connections then cannot push a quick client out.
-            green.yield_now()
+            green.name_current("admin-connection")
+            self._serve(record)
+            green.name_current("admin-socket")
+            with self._conns_lock:
+                # A dropped connection's task was cancelled: it must not serve again.
+                if record.dropped or self._accepters >= SPARE_ACCEPTERS:
+                    return
+                self._accepters += 1
+
+    def _spawn_accepter(self) -> None:
+        with self._conns_lock:
+            self._accepters += 1
+        green.spawn(self._accept_loop, name="admin-socket")
 
     def _make_room(self, conn: socket.socket) -> bool:
         """Room for one more connection: the oldest one still sending gives way.
@@ -334,6 +384,7 @@ class AdminSocketServer:
     def _drop(self, record: _Connection) -> None:
         with self._conns_lock:
             self._conns.discard(record)
+            record.dropped = True
         if record.thread is not None:
             record.thread.cancel()
         record.sock.close()
@@ -342,9 +393,12 @@ class AdminSocketServer:
         self.refused += 1
         message = f"the agent already runs requests on {len(self._conns)} admin connections"
         self.refusals.refused("connection", "refused", TooManyConnections(message))
-        conn.settimeout(1.0)
         with contextlib.suppress(OSError):
-            conn.sendall(protocol.encode(protocol.error("TooManyConnections", message)))
+            green.send_by(
+                conn,
+                protocol.encode(protocol.error("TooManyConnections", message)),
+                green.monotonic() + REFUSAL_SEND_TIMEOUT,
+            )
         conn.close()
 
     def _serve(self, record: _Connection) -> None:
@@ -489,7 +543,7 @@ class AdminSocketServer:
     def _send(self, conn: socket.socket, message: dict[str, Any]) -> bool:
         """Send one message; False if the client has gone (its request goes on)."""
         try:
-            conn.sendall(protocol.encode(message))
+            green.send_by(conn, protocol.encode(message), green.monotonic() + self.request_timeout)
         except OSError as exc:
             LOG.debug("admin client gone before its reply: %s", exc)
             return False
@@ -509,6 +563,7 @@ class _Connection:
         self.peer = "peer unknown"
         self.thread: green.Task | None = None
         self.busy = False
+        self.dropped = False
 
 
 class _TooSlow(Exception):
@@ -539,12 +594,8 @@ class _LineReader:
                 return line
             if self.eof:
                 return None
-            left = deadline - green.monotonic()
-            if left <= 0:
-                raise _TooSlow()
-            self.sock.settimeout(left)
             try:
-                chunk = self.sock.recv(READ_SIZE)
+                chunk = green.recv_by(self.sock, READ_SIZE, deadline)
             except TimeoutError:
                 raise _TooSlow() from None
             if not chunk:

@@ -764,7 +764,7 @@ class Harness:
         assert reply["ok"] is True and reply["result"]["host"] == self.host, reply
         assert time.monotonic() - t0 < 5
         assert self.rpc.serving.is_set()
-        assert self.admin._accepter is not None and not self.admin._accepter.dead
+        assert any(not task.dead for task in self.admin._waiting)
         for task in self.service.runner.tasks.values():
             assert task._thread is not None and not task._thread.dead, task.name
         assert self.driver.connected

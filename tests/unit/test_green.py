@@ -4,6 +4,7 @@ import ast
 import inspect
 import pathlib
 import re
+import socket
 
 import pytest
 
@@ -358,3 +359,33 @@ def test_both_backends_provide_every_name_the_agent_uses():
             assert list(inspect.signature(a).parameters) == list(inspect.signature(b).parameters), (
                 name
             )
+
+
+def test_recv_by_returns_what_was_sent_and_times_out_at_its_deadline():
+    a, b = socket.socketpair()
+    try:
+        a.sendall(b"line\n")
+        assert green.recv_by(b, 100, green.monotonic() + 5) == b"line\n"
+        started = green.monotonic()
+        with pytest.raises(TimeoutError):
+            green.recv_by(b, 100, started + 0.2)
+        assert 0.15 <= green.monotonic() - started < 5
+        a.close()
+        assert green.recv_by(b, 100, green.monotonic() + 5) == b""  # the peer closed
+    finally:
+        a.close()
+        b.close()
+
+
+def test_send_by_sends_all_and_times_out_when_the_peer_never_reads():
+    a, b = socket.socketpair()
+    try:
+        green.send_by(a, b"x" * 1000, green.monotonic() + 5)
+        assert b.recv(2000) == b"x" * 1000
+        started = green.monotonic()
+        with pytest.raises(TimeoutError):
+            green.send_by(a, b"x" * 50_000_000, started + 0.2)  # more than the buffers hold
+        assert 0.15 <= green.monotonic() - started < 5
+    finally:
+        a.close()
+        b.close()
