@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from compute_agent import exception, green, steady
 from compute_agent.counters import Counters
+from compute_agent.locks import KeyedLocks
 from compute_agent.power_sync import Rechecks, SyncSummary
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.virt.events import LifecycleEvent, Transition
@@ -103,6 +104,7 @@ class LifecycleHandler(Rechecks):
         self.stopped_delay = stopped_delay
         self._is_stopping = is_stopping
         self._slots = green.Semaphore(max(1, concurrency))
+        self._one_at_a_time = KeyedLocks()
         self._delayed: dict[str, green.Task] = {}
         self._queued: set[str] = set()
         self._workers: set[green.Task] = set()
@@ -191,7 +193,11 @@ class LifecycleHandler(Rechecks):
             self._workers.discard(worker)
 
     def _sync(self, uuid: str, event: LifecycleEvent) -> None:
-        with self._slots:
+        # One event sync per instance at a time, and a queued one stays queued
+        # (new events merge into it) until the one before it is done: under
+        # threads a second worker would otherwise leave the queue at once and
+        # wait on the instance's lock, and every later event make a sync of its own.
+        with self._one_at_a_time.lock(uuid), self._slots:
             # From here, a new event for this instance needs a sync of its own:
             # this one may have read the hypervisor before the change.
             with self._guard:

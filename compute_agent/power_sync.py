@@ -23,7 +23,7 @@ from compute_agent.db.api import AnyInstance, Change, Database, InstanceRecord, 
 from compute_agent.locks import KeyedLocks
 from compute_agent.metrics import registry
 from compute_agent.states import ActionSource, PowerState, VmState
-from compute_agent.utils import add_counts, utcnow
+from compute_agent.utils import utcnow
 from compute_agent.virt.driver import ComputeDriver
 
 LOG = logging.getLogger(__name__)
@@ -85,13 +85,33 @@ class _Call:
     since: float = 0.0
     # Given, a domain to stop is handed to it instead of being stopped here.
     defer_stop: Callable[[str], None] | None = None
-    # The run's workers share the summary and the writes: under native threads
-    # (green.py) a count or a list swap must not interleave with another's.
+    # The run's workers share the writes: under native threads (green.py) a
+    # list swap must not interleave with another's.
     lock: Any = field(default_factory=green.native_lock)
+    # Counts kept by the native thread that made them (each thread writes only
+    # its own; a hub's greenthreads never switch inside a count), summed into
+    # the summary by settle(). One shared lock per count had the run's workers
+    # queue on it under threads, three times an instance.
+    tallies: dict[int, dict[str, int]] = field(default_factory=dict)
 
     def count(self, **deltas: int) -> None:
-        """Add ``deltas`` to the summary's counters, atomically."""
-        add_counts(self.lock, self.summary, **deltas)
+        """Add ``deltas`` to the summary's counters once :meth:`settle` runs."""
+        me = green.native_thread_id()
+        tally = self.tallies.get(me)
+        if tally is None:
+            with self.lock:
+                tally = self.tallies.setdefault(me, {})
+        for name, delta in deltas.items():
+            tally[name] = tally.get(name, 0) + delta
+
+    def settle(self) -> SyncSummary:
+        """The summary with every count so far added; call once the workers are done."""
+        with self.lock:
+            tallies, self.tallies = self.tallies, {}
+        for tally in tallies.values():
+            for name, delta in tally.items():
+                setattr(self.summary, name, getattr(self.summary, name) + delta)
+        return self.summary
 
     def add_write(self, write: _Write) -> None:
         with self.lock:
@@ -212,7 +232,10 @@ class PowerSync(Rechecks):
         self.action = action
         self.shutdown_timeout = shutdown_timeout
         self.should_stop = should_stop
-        self.progress = (0, 0)
+        # Instances done by each worker of the run under way (or the last one):
+        # one writer each, summed when read.
+        self._done: list[int] = []
+        self._total = 0
         # The last run's domains that belong to no instance: (count, names, when).
         self.unknown: tuple[int, list[str], str | None] = (0, [], None)
         # The "really stopped" rule; without one, a re-read counts at once.
@@ -222,6 +245,11 @@ class PowerSync(Rechecks):
         self._resume_due = resume_due
         self._own_rechecks: set[str] = set()
         self._rechecks_lock = green.native_lock()
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(instances done, of how many) of the run under way, or of the last one."""
+        return sum(self._done), self._total
 
     def statistics(self) -> SyncStatistics:
         count, names, checked_at = self.unknown
@@ -235,7 +263,7 @@ class PowerSync(Rechecks):
         call = _Call()
         summary = call.summary
         instances = self.db.instance_get_all_by_host(self.host)
-        self.progress = (0, len(instances))
+        self._done, self._total = [], len(instances)
         try:
             self._count_unknown(instances, summary)
             prefetched = self._prefetch(instances) if self.source == "bulk" else {}
@@ -244,6 +272,7 @@ class PowerSync(Rechecks):
             summary.aborted = exc.described()
         finally:
             self._flush_writes(call)
+            call.settle()
             summary.duration_s = round(green.monotonic() - started, 4)
             registry.count_sync(summary)
         self._log(summary, len(instances))
@@ -274,6 +303,7 @@ class PowerSync(Rechecks):
                 finally:
                     self._flush_writes(call)
         finally:
+            call.settle()
             summary.duration_s = round(green.monotonic() - started, 4)
             registry.count_sync(summary)
         return summary
@@ -328,8 +358,11 @@ class PowerSync(Rechecks):
         every instance. Per-instance reads are made a batch ahead (see _Feed)."""
         feed = _Feed(instances, prefetched if self.source == "bulk" else None, self._read_batch)
         count = min(self.concurrency, len(instances))
+        done = [0] * count
+        self._done = done
         workers = [
-            green.spawn(self._work, feed, call, name="power-sync-worker") for _ in range(count)
+            green.spawn(self._work, feed, call, done, i, name="power-sync-worker")
+            for i in range(count)
         ]
         try:
             for worker in workers:
@@ -341,8 +374,10 @@ class PowerSync(Rechecks):
         if call.summary.aborted is None and self.should_stop():
             call.summary.aborted = "agent stopping"
 
-    def _work(self, feed: _Feed, call: _Call) -> None:
-        """One worker: take the next instance until none is left or the run ends."""
+    def _work(self, feed: _Feed, call: _Call, done: list[int], me: int) -> None:
+        """One worker: take the next instance until none is left or the run ends.
+
+        ``done[me]`` counts the instances it finished (its own slot of the progress)."""
         summary = call.summary
         while summary.aborted is None and not self.should_stop():
             taken = None
@@ -357,8 +392,7 @@ class PowerSync(Rechecks):
                 return
             finally:
                 if taken is not None:
-                    with call.lock:
-                        self.progress = (self.progress[0] + 1, self.progress[1])
+                    done[me] += 1
                 self._maybe_flush_writes(call)
                 green.yield_now()
 

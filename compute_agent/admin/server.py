@@ -325,15 +325,11 @@ class AdminSocketServer:
                 alone = not self._accepters and not self._closing
             if alone:
                 self._spawn_accepter()
-            if not self._make_room(conn):
+            record = self._admit(conn, me)
+            if record is None:
                 with self._conns_lock:
                     self._accepters += 1
                 continue
-            record = _Connection(conn, green.monotonic())
-            record.thread = me
-            with self._conns_lock:
-                self._conns.add(record)
-                self.max_open = max(self.max_open, len(self._conns))
             green.name_current("admin-connection")
             self._serve(record)
             green.name_current("admin-socket")
@@ -348,50 +344,60 @@ class AdminSocketServer:
             self._accepters += 1
         green.spawn(self._accept_loop, name="admin-socket")
 
-    def _make_room(self, conn: socket.socket) -> bool:
-        """Room for one more connection: the oldest one still sending gives way.
+    def _admit(self, conn: socket.socket, task: green.Task) -> _Connection | None:
+        """Take the connection in, making room if needed; None: refused.
 
         A client that sends its request at once (the CLI) is never the one
         pushed out by clients that hold connections open; past the limit,
         only connections running a request are kept, and RESERVE more let in.
+        The count is read and the slot taken in one hold: under threads two
+        accepters admit at once, and each must see the other's connection.
         """
-        if len(self._conns) < self.max_connections:
-            return True
-        waiting = [c for c in self._open() if not c.busy]
-        if waiting:
-            oldest = min(waiting, key=lambda c: c.since)
-            self.evicted += 1
+        record: _Connection | None = _Connection(conn, green.monotonic(), task)
+        victim = None
+        with self._conns_lock:
+            open_now = len(self._conns)
+            if open_now >= self.max_connections:
+                waiting = [c for c in self._conns if not c.busy]
+                if waiting:
+                    victim = min(waiting, key=lambda c: c.since)
+                    self._conns.discard(victim)
+                    victim.dropped = True
+                    self.evicted += 1
+                elif open_now >= self.max_connections + self.reserve:
+                    self.refused += 1
+                    record = None
+            if record is not None:
+                self._conns.add(record)
+                self.max_open = max(self.max_open, len(self._conns))
+        if victim is not None:
             self.refusals.refused(
                 "connection",
                 "dropped",
                 Evicted(
-                    f"{len(self._conns)} connections open: the oldest one still sending "
-                    f"its request ({oldest.peer}) makes room for a new one"
+                    f"{open_now} connections open: the oldest one still sending "
+                    f"its request ({victim.peer}) makes room for a new one"
                 ),
             )
-            self._drop(oldest)
-            return True
-        if len(self._conns) < self.max_connections + self.reserve:
-            return True
-        self._refuse(conn)
-        return False
+            self._close(victim)
+        if record is None:
+            self._refuse(conn, open_now)
+        return record
 
     def _open(self) -> list[_Connection]:
         """The open connections, a snapshot another thread cannot change under the caller."""
         with self._conns_lock:
             return list(self._conns)
 
-    def _drop(self, record: _Connection) -> None:
-        with self._conns_lock:
-            self._conns.discard(record)
-            record.dropped = True
+    @staticmethod
+    def _close(record: _Connection) -> None:
+        """End a connection taken out of the open set: its task, then its socket."""
         if record.thread is not None:
             record.thread.cancel()
         record.sock.close()
 
-    def _refuse(self, conn: socket.socket) -> None:
-        self.refused += 1
-        message = f"the agent already runs requests on {len(self._conns)} admin connections"
+    def _refuse(self, conn: socket.socket, open_now: int) -> None:
+        message = f"the agent already runs requests on {open_now} admin connections"
         self.refusals.refused("connection", "refused", TooManyConnections(message))
         with contextlib.suppress(OSError):
             green.send_by(
@@ -557,11 +563,11 @@ class _Connection:
     the reply to its previous request.
     """
 
-    def __init__(self, sock: socket.socket, since: float) -> None:
+    def __init__(self, sock: socket.socket, since: float, thread: green.Task | None) -> None:
         self.sock = sock
         self.since = since
         self.peer = "peer unknown"
-        self.thread: green.Task | None = None
+        self.thread = thread
         self.busy = False
         self.dropped = False
 

@@ -324,3 +324,29 @@ def test_a_full_listen_backlog_is_waited_out_not_reported_at_once(sock_path):
         for s in queued:
             s.close()
         listener.close()
+
+
+def test_accepters_admitting_at_once_never_pass_the_limit(agent, sock_path):
+    """Under threads two accepters admit at once: each must see the other's
+    connection (the count was read, then the slot taken, in two holds: 6 open of 4)."""
+    from tests.unit.hammer import hammer
+
+    srv = AdminSocketServer(sock_path, agent, grace=0.5, max_connections=4, reserve=1)
+    pairs = [socket.socketpair() for _ in range(8 * 50)]
+    open_seen: list[int] = []
+
+    def work(i: int) -> None:
+        for ours, _ in pairs[i * 50 : (i + 1) * 50]:
+            assert srv._admit(ours, None) is not None  # idle ones give way: never refused
+            open_seen.append(len(srv._open()))
+
+    try:
+        hammer(work)
+        assert max(open_seen) <= 4
+        stats = srv.statistics()
+        assert (stats.open, stats.evicted, stats.refused) == (4, len(pairs) - 4, 0)
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()
+        srv.refusals.flush()

@@ -6,10 +6,11 @@ import pytest
 
 from compute_agent import exception, green, steady
 from compute_agent.locks import KeyedLocks
-from compute_agent.power_sync import PowerSync
+from compute_agent.power_sync import PowerSync, _Call
 from compute_agent.states import PowerState as P
 from compute_agent.virt.fake import FakeDriver
 from tests.helpers import create_instance
+from tests.unit.hammer import THREADS, WRITES, hammer
 
 
 def add(db, driver, vm_state="active", power="running", hv=P.RUNNING, task=None, host="h1"):
@@ -505,3 +506,37 @@ def test_the_periodic_run_skips_an_instance_whose_lock_is_held(sqlite_db, driver
     release.set()
     op.wait()
     assert waiter.wait().changed == 1
+
+
+class CountingLock:
+    """A lock that counts how often it is taken."""
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self._lock = green.native_lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        self.taken += 1
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+
+def test_a_runs_counts_from_many_threads_add_up_without_a_lock_each():
+    """Each worker thread counts in its own tally; the shared lock is taken once per
+    thread, not once per count (under threads the run's workers queued on it)."""
+    lock = CountingLock()
+    call = _Call(lock=lock)
+
+    def work(i: int) -> None:
+        for _ in range(WRITES):
+            call.count(checked=1, changed=i % 2)
+
+    hammer(work)
+    assert lock.taken == THREADS  # each thread's first count makes its tally
+    summary = call.settle()
+    assert summary.checked == THREADS * WRITES
+    assert summary.changed == THREADS // 2 * WRITES
+    assert call.settle().checked == THREADS * WRITES  # settled counts are not added twice
