@@ -10,6 +10,7 @@ from ``compute_agent.exception`` with a message that says what was wrong.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -223,6 +224,8 @@ class Dispatcher:
                 "backend": green.BACKEND,
                 "source": concurrency.chosen().source,
                 "loaded": concurrency.loaded_modules(),
+                # How soon a thread waiting for the GIL asks for it (threads: 1 ms).
+                "switch_interval_s": sys.getswitchinterval(),
             },
             "host_state": self._host_state_or_error(source),
             "libvirt": {

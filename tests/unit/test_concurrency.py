@@ -73,6 +73,27 @@ def test_the_green_modules_loaded_are_those_of_the_backend():
     assert concurrency.loaded_modules() == {"eventlet": on_eventlet, "greenlet": on_eventlet}
 
 
+def test_a_threads_process_hands_the_gil_over_sooner_and_eventlet_keeps_the_default():
+    """Checked in a fresh interpreter: a test may change the interval for a while."""
+    probe = (
+        "import sys; from compute_agent import green; print(green.BACKEND, sys.getswitchinterval())"
+    )
+    for backend, interval in (
+        ("threads", concurrency.THREADS_SWITCH_INTERVAL_S),
+        ("eventlet", 0.005),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, concurrency.VARIABLE: backend},
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == [backend, str(interval)], done.stdout
+
+
 SELECT = """
 import sys
 from compute_agent import concurrency

@@ -1,5 +1,6 @@
 """The request table shared by RPC and the admin socket: shapes, errors, results."""
 
+import sys
 import uuid
 
 import pytest
@@ -119,6 +120,7 @@ def test_status_for_the_admin(dispatcher):
     hub = green.BACKEND == "eventlet"
     assert status["concurrency"]["backend"] == green.BACKEND
     assert status["concurrency"]["loaded"] == {"eventlet": hub, "greenlet": hub}
+    assert status["concurrency"]["switch_interval_s"] == sys.getswitchinterval()
 
 
 def test_status_answers_while_the_database_is_down(dispatcher, monkeypatch):
