@@ -4,43 +4,57 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 from compute_agent import green
+
+# Tables, each under its own guard, a key's table chosen by its hash.
+STRIPES = 64
 
 
 class KeyedLocks:
     """One green lock per key, created on demand and dropped when unused.
 
-    The table is changed under a native lock held for the update only, so
-    tasks on different threads agree on each key's lock and its users.
+    A key's entry (its lock and how many hold or wait for it) is changed
+    under a native guard held for the update only, so tasks on different
+    threads agree on each key's lock and its users. The keys are spread
+    over STRIPES tables, each with its own guard: under threads, with one
+    guard, a thread that lost the GIL while holding it made the sync's other
+    workers queue on it, and the queue kept forming (a convoy: 81 % of the
+    workers' samples in ``lock``, a 10,000-instance sync 0.18 s or 0.6 s by
+    chance). Workers on different instances now rarely share a guard.
     """
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[green.Semaphore, int]] = {}
-        self._guard = green.native_lock()
+        self._stripes: list[tuple[dict[str, tuple[green.Semaphore, int]], Any]] = [
+            ({}, green.native_lock()) for _ in range(STRIPES)
+        ]
+
+    def _stripe(self, key: str) -> tuple[dict[str, tuple[green.Semaphore, int]], Any]:
+        return self._stripes[hash(key) % STRIPES]
 
     @contextlib.contextmanager
     def lock(self, key: str) -> Iterator[None]:
-        # Made before the guard is taken: under threads a thread that loses
-        # the GIL while it holds the guard makes every other one queue on it.
+        table, guard = self._stripe(key)
+        # Made before the guard is taken, to hold the guard for less.
         fresh = green.Semaphore(1)
-        with self._guard:
-            sem, users = self._locks.get(key, (fresh, 0))
-            self._locks[key] = (sem, users + 1)
+        with guard:
+            sem, users = table.get(key, (fresh, 0))
+            table[key] = (sem, users + 1)
         try:
             with sem:
                 yield
         finally:
-            with self._guard:
-                sem, users = self._locks[key]
+            with guard:
+                sem, users = table[key]
                 if users == 1:
-                    del self._locks[key]
+                    del table[key]
                 else:
-                    self._locks[key] = (sem, users - 1)
+                    table[key] = (sem, users - 1)
 
     def busy(self, key: str) -> bool:
         """Whether someone holds or waits for ``key``'s lock now."""
-        return key in self._locks
+        return key in self._stripe(key)[0]
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return sum(len(table) for table, _ in self._stripes)
