@@ -52,7 +52,7 @@ def one(count: int, source: str) -> list[dict]:
                 "instances": count,
                 "source": source,
                 "run": label,
-                "seconds": round(elapsed, 3),
+                "seconds": round(elapsed, 4),
                 "per_second": round(count / elapsed),
                 "changed": summary.changed,
                 "sql_statements": db.statements,
