@@ -13,6 +13,7 @@ calls, ``monkey_patch`` does nothing, and no switch tracer exists.
 from __future__ import annotations
 
 import collections
+import errno
 import queue as _queue
 import select as _select
 import socket as _socket
@@ -358,7 +359,10 @@ def _wait_ready(sock: _socket.socket, events: int, deadline: float) -> None:
     left = deadline - time.monotonic()
     if left > 0:
         poller = _select.poll()
-        poller.register(sock, events)
+        try:
+            poller.register(sock, events)
+        except ValueError:  # closed by another thread since its last call (an evicted connection)
+            raise OSError(errno.EBADF, "socket closed while waiting for it") from None
         if poller.poll(left * 1000):
             return
     raise TimeoutError("socket not ready before its deadline")

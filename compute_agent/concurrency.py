@@ -43,7 +43,7 @@ GREEN_MODULES = ("eventlet", "greenlet")
 # connection, a reply from the broker) waits for the GIL behind the busy
 # ones, up to one interval per waiter ahead of it: at 1 ms the admin ping's
 # p99 during a 10,000-instance sync went from 10.6 to 7.9 ms (eventlet: 8.6;
-# medians of 5, docs/benchmarks.md), for 14 % more CPU in that sync.
+# medians of 5, docs/benchmarks.md), for 2-14 % more CPU in that sync.
 THREADS_SWITCH_INTERVAL_S = 0.001
 
 

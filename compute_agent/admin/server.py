@@ -394,6 +394,10 @@ class AdminSocketServer:
         """End a connection taken out of the open set: its task, then its socket."""
         if record.thread is not None:
             record.thread.cancel()
+        with contextlib.suppress(OSError):
+            # Wakes its task if it waits for the socket: a close alone does
+            # not end a native thread's poll() on it.
+            record.sock.shutdown(socket.SHUT_RDWR)
         record.sock.close()
 
     def _refuse(self, conn: socket.socket, open_now: int) -> None:

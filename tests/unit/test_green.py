@@ -1,6 +1,7 @@
 """The green-concurrency module, and that it is the only one touching eventlet."""
 
 import ast
+import errno
 import inspect
 import pathlib
 import re
@@ -389,3 +390,27 @@ def test_send_by_sends_all_and_times_out_when_the_peer_never_reads():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.skipif(
+    green.BACKEND != "threads", reason="the hub waits for a green socket itself: no poll to set up"
+)
+def test_a_socket_closed_by_another_thread_while_a_read_waits_is_an_oserror():
+    """An evicted admin connection: closed by the accepting thread between its
+    task's read (nothing yet) and the poll. It was a ValueError (file
+    descriptor -1) that escaped the server's OSError handling as a traceback."""
+    a, b = socket.socketpair()
+
+    class ClosedMeanwhile(socket.socket):
+        def recv(self, *args):
+            self.close()  # another thread's close, just after this read found nothing
+            raise BlockingIOError(errno.EAGAIN, "nothing yet")
+
+    s = ClosedMeanwhile(b.family, b.type, fileno=b.detach())
+    try:
+        with pytest.raises(OSError) as raised:
+            green.recv_by(s, 100, green.monotonic() + 5)
+        assert raised.type is OSError and raised.value.errno == errno.EBADF
+    finally:
+        a.close()
+        s.close()
