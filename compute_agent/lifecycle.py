@@ -22,22 +22,24 @@ protocol it is given when built: the handler is built with the sync, as an
 :class:`InstanceSync`; the sync is built with its ``power_sync.Rechecks``,
 the manager, which hands each re-check to this handler while events are on.
 
-Event syncs run a few at a time. A sync that finds a domain to stop (a
-stopped instance started behind the agent's back) hands the stop to a
-greenthread of its own, so a guest taking its time to shut down holds up no
-other instance's events.
+Event syncs run a few at a time, on at most ``concurrency`` worker tasks
+that take queued syncs oldest first: a burst of events is a queue, not a
+task per event (under native threads, a thread each). A sync that finds a
+domain to stop (a stopped instance started behind the agent's back) hands
+the stop to a greenthread of its own, so a guest taking its time to shut
+down holds up no other instance's events.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from compute_agent import exception, green, steady
 from compute_agent.counters import Counters
-from compute_agent.locks import KeyedLocks
 from compute_agent.power_sync import Rechecks, SyncSummary
 from compute_agent.states import ActionSource, PowerState
 from compute_agent.virt.events import LifecycleEvent, Transition
@@ -103,13 +105,19 @@ class LifecycleHandler(Rechecks):
         self._watch = watch
         self.stopped_delay = stopped_delay
         self._is_stopping = is_stopping
-        self._slots = green.Semaphore(max(1, concurrency))
-        self._one_at_a_time = KeyedLocks()
+        self.concurrency = max(1, concurrency)
         self._delayed: dict[str, green.Task] = {}
+        # Queued syncs, oldest first (one per instance: later events merge
+        # into it), the instances whose sync runs now, and the workers alive.
+        # Invariant: a queued sync whose instance's sync runs is taken by that
+        # worker when it is done, so no queued sync is left without a worker.
+        self._ready: collections.deque[tuple[str, LifecycleEvent]] = collections.deque()
         self._queued: set[str] = set()
-        self._workers: set[green.Task] = set()
-        # Guards the three above: event callbacks, delayed calls and workers
-        # may be different threads (held briefly, never across a switch).
+        self._running: set[str] = set()
+        self._workers = 0
+        self._stoppers: set[green.Task] = set()
+        # Guards the above: event callbacks, delayed calls and workers may be
+        # different threads (held briefly, never across a switch).
         self._guard = green.native_lock()
         self.counters = Counters(EventStatistics)
 
@@ -177,53 +185,82 @@ class LifecycleHandler(Rechecks):
                 self.counters.add(coalesced=1)
                 return
             self._queued.add(uuid)
-            # Spawned in the same hold (spawning never switches): one lock per event.
-            worker = green.spawn(self._sync, uuid, event, name=f"event-{uuid[:8]}")
-            self._workers.add(worker)
-        worker.add_done_callback(self._worker_done)
+            self._ready.append((uuid, event))
+            if self._workers >= self.concurrency:
+                return  # a busy worker takes it
+            self._workers += 1
+        try:
+            green.spawn(self._work, name="event-sync")
+        except BaseException:
+            with self._guard:
+                self._workers -= 1
+            raise
 
-    def _start_worker(self, fn: Callable[..., None], *args: Any, name: str) -> None:
-        with self._guard:
-            worker = green.spawn(fn, *args, name=name)
-            self._workers.add(worker)
-        worker.add_done_callback(self._worker_done)
+    def _work(self) -> None:
+        """Run queued syncs until none is left that another worker's instance holds up."""
+        item: tuple[str, LifecycleEvent] | None = None
+        try:
+            while True:
+                with self._guard:
+                    if item is not None:
+                        self._running.discard(item[0])
+                    item = self._take()
+                    if item is None:
+                        return
+                self._sync(*item)
+        finally:
+            with self._guard:
+                if item is not None:
+                    self._running.discard(item[0])
+                self._workers -= 1
 
-    def _worker_done(self, worker: green.Task) -> None:
-        with self._guard:
-            self._workers.discard(worker)
+    def _take(self) -> tuple[str, LifecycleEvent] | None:
+        """The oldest queued sync of an instance not being synced now (guard held).
+
+        One event sync per instance at a time: a queued one stays queued (new
+        events merge into it) until the one before it is done. It skips at
+        most ``concurrency`` entries, one per running instance.
+        """
+        for i, (uuid, event) in enumerate(self._ready):
+            if uuid not in self._running:
+                del self._ready[i]
+                self._queued.discard(uuid)
+                self._running.add(uuid)
+                return uuid, event
+        return None
 
     def _sync(self, uuid: str, event: LifecycleEvent) -> None:
-        # One event sync per instance at a time, and a queued one stays queued
-        # (new events merge into it) until the one before it is done: under
-        # threads a second worker would otherwise leave the queue at once and
-        # wait on the instance's lock, and every later event make a sync of its own.
-        with self._one_at_a_time.lock(uuid), self._slots:
-            # From here, a new event for this instance needs a sync of its own:
-            # this one may have read the hypervisor before the change.
-            with self._guard:
-                self._queued.discard(uuid)
-            if self._is_stopping():
-                self.counters.add(ignored=1)
-                return
-            try:
-                self._syncs.sync_one(uuid, ActionSource.EVENT, defer_stop=self._stop_outside_slots)
-            except exception.InstanceNotFound:
-                self.counters.add(not_ours=1)
-                LOG.debug(
-                    "%s event for domain %s: no instance of this host", event.transition, event.name
-                )
-                return
-            except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
-                self.counters.add(errors=1)
-                LOG.warning("sync after %s event for %s failed: %s", event.transition, uuid, exc)
-                return
-            latency = round(green.monotonic() - event.received, 4)
-            self.counters.add(synced=1)
-            self.counters.set(last_latency_s=latency)
+        # From here, a new event for this instance needs a sync of its own:
+        # this one may read the hypervisor before the change.
+        if self._is_stopping():
+            self.counters.add(ignored=1)
+            return
+        try:
+            self._syncs.sync_one(uuid, ActionSource.EVENT, defer_stop=self._stop_outside_slots)
+        except exception.InstanceNotFound:
+            self.counters.add(not_ours=1)
+            LOG.debug(
+                "%s event for domain %s: no instance of this host", event.transition, event.name
+            )
+            return
+        except Exception as exc:  # noqa: BLE001 - the periodic sync is the safety net
+            self.counters.add(errors=1)
+            LOG.warning("sync after %s event for %s failed: %s", event.transition, uuid, exc)
+            return
+        latency = round(green.monotonic() - event.received, 4)
+        self.counters.add(synced=1)
+        self.counters.set(last_latency_s=latency)
 
     def _stop_outside_slots(self, uuid: str) -> None:
         self.counters.add(stops=1)
-        self._start_worker(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
+        with self._guard:
+            stopper = green.spawn(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
+            self._stoppers.add(stopper)
+        stopper.add_done_callback(self._stopper_done)
+
+    def _stopper_done(self, stopper: green.Task) -> None:
+        with self._guard:
+            self._stoppers.discard(stopper)
 
     def _enforce(self, uuid: str) -> None:
         """Sync again, stopping the domain inline; the per-instance lock still rules."""
@@ -237,8 +274,9 @@ class LifecycleHandler(Rechecks):
 
     @property
     def pending(self) -> int:
-        """Events waiting out their delay, plus syncs queued or running."""
-        return len(self._delayed) + len(self._workers)
+        """Events waiting out their delay, plus syncs queued or running, and stops."""
+        with self._guard:
+            return len(self._delayed) + len(self._ready) + len(self._running) + len(self._stoppers)
 
     def stop(self) -> None:
         """Drop delayed events. Queued syncs give up once they see the agent

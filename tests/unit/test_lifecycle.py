@@ -198,3 +198,66 @@ def test_a_slow_enforced_stop_holds_up_no_other_event(sqlite_db):
     agent.settle()
     assert agent.driver.domains[slow.domain_name].state == P.SHUTDOWN
     assert agent.row(slow).power_state == "shutdown" and agent.events.counters.stops == 1
+
+
+class _Recording:
+    """An InstanceSync that holds each sync until released and notes who ran it."""
+
+    def __init__(self):
+        self.release = green.Event()
+        self.tasks: set[object] = set()
+        self.now: dict[str, int] = {}
+        self.most_at_once_per_instance = 0
+        self.calls: list[str] = []
+        self._lock = green.native_lock()
+
+    def sync_one(self, uid, source, defer_stop=None):
+        with self._lock:
+            self.tasks.add(green.current_task())
+            self.calls.append(uid)
+            self.now[uid] = self.now.get(uid, 0) + 1
+            self.most_at_once_per_instance = max(self.most_at_once_per_instance, self.now[uid])
+        try:
+            self.release.wait(5)
+        finally:
+            with self._lock:
+                self.now[uid] -= 1
+
+
+def _settle(handler, timeout=5.0):
+    end = green.monotonic() + timeout
+    while handler.pending and green.monotonic() < end:
+        green.sleep(0.01)
+    assert handler.pending == 0
+
+
+def test_a_burst_of_events_is_a_queue_on_at_most_concurrency_workers():
+    """200 instances' events at once start 4 workers, not a task each (a thread each on threads)."""
+    syncs = _Recording()
+    handler = LifecycleHandler(syncs, stopped_delay=DELAY, concurrency=4)
+    uids = [str(uuid.uuid4()) for _ in range(200)]
+    for uid in uids:
+        handler.on_event(LifecycleEvent(f"instance-{uid}", uid, Transition.STARTED))
+    assert handler.pending == 200
+    syncs.release.set()
+    _settle(handler)
+    assert sorted(syncs.calls) == sorted(uids)
+    assert 1 <= len(syncs.tasks) <= 4
+    assert handler.counters.synced == 200
+
+
+def test_an_instance_synced_now_gets_one_more_sync_after_and_never_two_at_once():
+    syncs = _Recording()
+    handler = LifecycleHandler(syncs, stopped_delay=DELAY, concurrency=4)
+    uid = str(uuid.uuid4())
+    handler.on_event(LifecycleEvent(f"instance-{uid}", uid, Transition.STARTED))
+    end = green.monotonic() + 5
+    while not syncs.calls and green.monotonic() < end:
+        green.sleep(0.01)
+    for _ in range(10):  # while the first sync runs: one more, queued, the rest merged into it
+        handler.on_event(LifecycleEvent(f"instance-{uid}", uid, Transition.RESUMED))
+    syncs.release.set()
+    _settle(handler)
+    assert syncs.calls == [uid, uid]
+    assert syncs.most_at_once_per_instance == 1
+    assert handler.counters.coalesced == 9
