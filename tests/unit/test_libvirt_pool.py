@@ -39,7 +39,7 @@ class Clock:
         return self.now
 
 
-def make_pool(size=2, stuck_after=5.0, max_stuck=2, clock=None):
+def make_pool(size=2, stuck_after=5.0, max_stuck=2, clock=None, recheck=0.1):
     opened: list[Raw] = []
 
     def open_raw():
@@ -58,6 +58,7 @@ def make_pool(size=2, stuck_after=5.0, max_stuck=2, clock=None):
         stuck_after=stuck_after,
         max_stuck=max_stuck,
         clock=clock or green.monotonic,
+        recheck=recheck,
     )
     return pool, opened
 
@@ -182,3 +183,51 @@ def test_statistics_are_safe_from_a_native_thread_while_calls_come_and_go():
         stop.set()
         reader.join(5)
     assert errors == []
+
+
+class CountingClock:
+    """The real clock, counting how often the pool looks for a free connection."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def __call__(self) -> float:
+        self.looks += 1
+        return green.monotonic()
+
+
+def test_callers_waiting_for_a_connection_are_woken_by_its_return_not_by_polling():
+    """Five callers wait 0.5 s for the only connection and each is woken by the
+    call before it: they look once or twice each, where a 10 ms poll looked 250
+    times; with a 30 s re-check only the wakes can end the waits."""
+    clock = CountingClock()
+    pool, _ = make_pool(size=1, clock=clock, recheck=30.0)
+    release = green.native_event()
+    holder = green.spawn(pool.run, 0, lambda raw: raw.call(lambda: release.wait(10)))
+    green.sleep(0.05)
+    waiters = [green.spawn(pool.run, 0, lambda raw: raw.call(lambda: None)) for _ in range(5)]
+    green.sleep(0.5)
+    looks_while_held = clock.looks
+    release.set()
+    for task in [holder, *waiters]:
+        assert task.result(timeout=10) == 0
+    assert looks_while_held <= 6 + 1, looks_while_held
+    assert pool.statistics().busy == 0 and not pool._waiters
+
+
+def test_a_cancelled_waiter_passes_its_wake_on():
+    """Woken and then cancelled, or cancelled first: either way the next caller
+    is woken (with a 30 s re-check, nothing else would wake it in time)."""
+    pool, _ = make_pool(size=1, recheck=30.0)
+    release = green.native_event()
+    holder = green.spawn(pool.run, 0, lambda raw: raw.call(lambda: release.wait(10)))
+    green.sleep(0.05)
+    first = green.spawn(pool.run, 0, lambda raw: raw.call(lambda: None))
+    green.sleep(0.02)
+    second = green.spawn(pool.run, 0, lambda raw: raw.call(lambda: None))
+    green.sleep(0.02)
+    release.set()
+    first.cancel()
+    assert holder.result(timeout=10) == 0
+    assert second.result(timeout=10) == 0
+    assert not pool._waiters

@@ -27,6 +27,7 @@ Invariants (under ``_lock``):
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -37,8 +38,10 @@ from compute_agent.virt.driver import ConnectionStatistics
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# How often a caller that found every connection busy looks again.
-WAIT_POLL_S = 0.01
+# A caller that found every connection busy is woken when one is given back;
+# it also looks again this often, for what no call's return announces: a
+# busy call turning stuck (a connection may be set aside) or a lost generation.
+RECHECK_S = 0.1
 
 
 class Connection:
@@ -74,6 +77,7 @@ class ConnectionPool:
         stuck_after: float,
         max_stuck: int,
         clock: Callable[[], float] = green.monotonic,
+        recheck: float = RECHECK_S,
     ) -> None:
         self._open_raw = open_raw
         self._close_raw = close_raw
@@ -81,6 +85,7 @@ class ConnectionPool:
         self.stuck_after = stuck_after
         self.max_stuck = max_stuck if open_raw is not None else 0
         self._clock = clock
+        self._recheck = recheck
         self._lock = green.native_lock()
         self._idle: list[Connection] = []
         self._busy: set[Connection] = set()
@@ -89,6 +94,9 @@ class ConnectionPool:
         self._stuck_total = 0
         self._opened_total = 0
         self._generation = 0
+        # Callers waiting for a connection, oldest first; each given-back
+        # connection wakes the oldest (on the green side: see run).
+        self._waiters: collections.deque[green.Event] = collections.deque()
 
     # -- the green side -----------------------------------------------------
 
@@ -100,7 +108,12 @@ class ConnectionPool:
         (the connection was lost meanwhile).
         """
         connection = self._checkout(generation)
-        result: T = green.execute(self._call, connection, fn, *args)
+        try:
+            result: T = green.execute(self._call, connection, fn, *args)
+        finally:
+            # The native thread gave the connection back before returning; a
+            # green Event can only be set from the green side.
+            self._wake_next()
         return result
 
     def _checkout(self, generation: int) -> Connection:
@@ -110,9 +123,34 @@ class ConnectionPool:
                 if generation != self._generation:
                     raise exception.HypervisorUnavailable("the libvirt connection was lost")
                 taken = self._take_locked()
+                if taken is None:
+                    woken = green.Event()
+                    self._waiters.append(woken)
             if taken is not None:
                 return taken
-            green.sleep(WAIT_POLL_S)
+            try:
+                woken.wait(self._recheck)
+            except BaseException:
+                # Cancelled: a wake it was given goes on to the next caller.
+                if not self._leave(woken) and woken.is_set():
+                    self._wake_next()
+                raise
+            self._leave(woken)
+
+    def _leave(self, woken: green.Event) -> bool:
+        """Take a waiter out of the line; False if a wake took it out first."""
+        with self._lock:
+            try:
+                self._waiters.remove(woken)
+            except ValueError:
+                return False
+            return True
+
+    def _wake_next(self) -> None:
+        with self._lock:
+            woken = self._waiters.popleft() if self._waiters else None
+        if woken is not None:
+            woken.set()
 
     def _take_locked(self) -> Connection | None:
         now = self._clock()
