@@ -253,8 +253,11 @@ class LifecycleHandler(Rechecks):
 
     def _stop_outside_slots(self, uuid: str) -> None:
         self.counters.add(stops=1)
+        # Spawned outside the guard (under threads a start waits for the GIL);
+        # the callback, added after, discards it even if it has already ended.
+        # Meanwhile the calling worker's sync keeps ``pending`` above zero.
+        stopper = green.spawn(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
         with self._guard:
-            stopper = green.spawn(self._enforce, uuid, name=f"event-stop-{uuid[:8]}")
             self._stoppers.add(stopper)
         stopper.add_done_callback(self._stopper_done)
 
