@@ -198,8 +198,8 @@ class CountingClock:
 
 def test_callers_waiting_for_a_connection_are_woken_by_its_return_not_by_polling():
     """Five callers wait 0.5 s for the only connection and each is woken by the
-    call before it: they look once or twice each, where a 10 ms poll looked 250
-    times; with a 30 s re-check only the wakes can end the waits."""
+    call before it: while it is held they look once each, where a 10 ms poll
+    looked 246 times; with a 30 s re-check only the wakes can end the waits."""
     clock = CountingClock()
     pool, _ = make_pool(size=1, clock=clock, recheck=30.0)
     release = green.native_event()
