@@ -62,10 +62,11 @@ READ_SIZE = 65536
 REFUSAL_LOG_WINDOW = 10.0
 # Tasks kept waiting in accept() between connections (see _accept_loop);
 # eventlet lets only one greenthread wait on a socket. Under threads the last
-# accepter starts a thread before serving its connection (two GIL hand-overs
-# in that client's wait): with 2, under 20 CLI clients a ping's accepter was
-# often the last; 16 idle threads cost nothing while they wait.
-SPARE_ACCEPTERS = 1 if green.HAS_HUB else 16
+# accepter starts a thread before serving its connection (two GIL hand-overs in
+# that client's wait), but more spares admit a flood's connections out of their
+# accept order: 16 let a CLI connection be evicted as the oldest before its
+# request was read (docs/benchmarks.md, "Both concurrency backends").
+SPARE_ACCEPTERS = 1 if green.HAS_HUB else 2
 # How long a refused connection's one error line may take to send.
 REFUSAL_SEND_TIMEOUT = 1.0
 # How long start-up waits for an answer on an existing socket file.
