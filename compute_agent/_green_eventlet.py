@@ -126,6 +126,11 @@ def spawn(fn: Callable[..., Any], *args: Any, name: str | None = None, **kwargs:
     return _start(0, fn, args, kwargs, name or str(getattr(fn, "__name__", "greenthread")))
 
 
+def start_soon(fn: Callable[..., Any], *args: Any, name: str) -> Task:
+    """``spawn``: a greenthread's start never waits (see the threads backend)."""
+    return _start(0, fn, args, {}, name)
+
+
 def submit(fn: Callable[..., Any], *args: Any, name: str) -> Task:
     """Start ``fn`` whose outcome only its :meth:`Task.result` reports (no traceback printed)."""
     return _start(0, fn, args, {}, name, quiet=True)

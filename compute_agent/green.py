@@ -12,7 +12,9 @@ The API:
 - ``spawn(fn, *args, name=...)`` -> :class:`Task`; ``call_later(seconds, fn,
   *args, name=...)`` -> Task, cancelled before it starts it never runs;
   ``submit(fn, *args, name=...)`` -> Task whose outcome only ``result()``
-  reports. ``Task``: ``name``, ``cancel()``, ``done()``, ``result(timeout)``
+  reports; ``start_soon(fn, *args, name=...)`` -> Task, whose caller does
+  not wait for a new thread to run (under threads ``spawn`` does).
+  ``Task``: ``name``, ``cancel()``, ``done()``, ``result(timeout)``
   (the return value; the work's exception, :data:`Cancelled`, or
   ``TimeoutError``, after which the work goes on: "spawn + wait with a
   deadline" is ``submit(...).result(timeout)``), ``add_done_callback(fn)``
@@ -23,9 +25,9 @@ The API:
 - ``execute(fn)``/``proxy(obj)`` run blocking C calls (libvirt) off the hub,
   and the ``native_*`` names give OS-level threads, locks and queues.
 - ``recv_by(sock, size, deadline)``/``send_by(sock, data, deadline)``: socket
-  I/O with a deadline (TimeoutError past it); under threads one system call
-  when the socket is ready, where a socket timeout adds a poll (and each
-  system call is a wait for the GIL behind the busy threads).
+  I/O with a deadline (TimeoutError past it); under threads what is ready
+  moves without giving up the GIL, where each system call of the socket
+  module is a wait for the GIL behind the busy threads.
 
 Invariants callers rely on:
 

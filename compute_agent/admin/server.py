@@ -61,11 +61,10 @@ READ_SIZE = 65536
 # Refused and dropped connections are summed up in one log line this often.
 REFUSAL_LOG_WINDOW = 10.0
 # Tasks kept waiting in accept() between connections (see _accept_loop);
-# eventlet lets only one greenthread wait on a socket. Under threads the last
-# accepter starts a thread before serving its connection (two GIL hand-overs in
-# that client's wait), but more spares admit a flood's connections out of their
-# accept order: 16 let a CLI connection be evicted as the oldest before its
-# request was read (docs/benchmarks.md, "Both concurrency backends").
+# eventlet lets only one greenthread wait on a socket. More spares under
+# threads admit a flood's connections out of their accept order: 16 let a CLI
+# connection be evicted as the oldest before its request was read
+# (docs/benchmarks.md, "Both concurrency backends").
 SPARE_ACCEPTERS = 1 if green.HAS_HUB else 2
 # How long a refused connection's one error line may take to send.
 REFUSAL_SEND_TIMEOUT = 1.0
@@ -294,13 +293,13 @@ class AdminSocketServer:
         The task that accepts a connection serves it, and another task is
         already waiting in accept() for the next one: a new one is started
         only when none is left, and one ends after its connection if
-        SPARE_ACCEPTERS others are accepting. Under threads, a new thread's
-        start (as every wake-up) is a wait for the GIL behind each busy
-        thread: this way a client's request waits for the GIL when it is
-        accepted and when it is read, where a thread per connection added its
-        start. The request a client already sent is read before this task
-        accepts again, so a flood of new connections cannot push a quick
-        client out.
+        SPARE_ACCEPTERS others are accepting. Under threads every wake-up is
+        a wait for the GIL behind each busy thread: this way a client's
+        request waits for it once, when it is accepted (its request is read
+        holding the GIL, and the last accepter starts the next one's thread
+        without waiting for it to run). The request a client already sent is
+        read before this task accepts again, so a flood of new connections
+        cannot push a quick client out.
         """
         assert self._sock is not None
         me = green.current_task()
@@ -346,7 +345,9 @@ class AdminSocketServer:
     def _spawn_accepter(self) -> None:
         with self._conns_lock:
             self._accepters += 1
-        green.spawn(self._accept_loop, name="admin-socket")
+        # The last accepter calls this before it serves its connection: it
+        # must not wait for the new thread to run (see green.start_soon).
+        green.start_soon(self._accept_loop, name="admin-socket")
 
     def _admit(self, conn: socket.socket, task: green.Task) -> _Connection | None:
         """Take the connection in, making room if needed; None: refused.

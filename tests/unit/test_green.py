@@ -6,6 +6,8 @@ import inspect
 import pathlib
 import re
 import socket
+import sys
+import threading
 
 import pytest
 
@@ -402,9 +404,13 @@ def test_a_socket_closed_by_another_thread_while_a_read_waits_is_an_oserror():
     a, b = socket.socketpair()
 
     class ClosedMeanwhile(socket.socket):
-        def recv(self, *args):
-            self.close()  # another thread's close, just after this read found nothing
-            raise BlockingIOError(errno.EAGAIN, "nothing yet")
+        looks = 0
+
+        def fileno(self):
+            self.looks += 1
+            if self.looks == 2:  # the poll's: another thread's close, just after the read
+                self.close()
+            return super().fileno()
 
     s = ClosedMeanwhile(b.family, b.type, fileno=b.detach())
     try:
@@ -414,3 +420,75 @@ def test_a_socket_closed_by_another_thread_while_a_read_waits_is_an_oserror():
     finally:
         a.close()
         s.close()
+
+
+@pytest.mark.skipif(
+    green.BACKEND != "threads", reason="a green socket's calls are the hub's: no GIL hand-over"
+)
+def test_what_is_ready_moves_without_the_socket_modules_calls_which_give_up_the_gil():
+    """socket.recv/send release the GIL around each system call: under load
+    the thread then waits for it behind every busy thread. recv_by and
+    send_by move what is ready without them, a reply larger than the
+    socket's buffers included."""
+
+    class NoGilRelease(socket.socket):
+        def recv(self, *args):
+            raise AssertionError("socket.recv gives up the GIL")
+
+        def send(self, *args):
+            raise AssertionError("socket.send gives up the GIL")
+
+    a, b = socket.socketpair()
+    a = NoGilRelease(a.family, a.type, fileno=a.detach())
+    b = NoGilRelease(b.family, b.type, fileno=b.detach())
+    big = bytes(range(256)) * 20_000  # 5 MB: several waits for room
+    got = bytearray()
+
+    def read_all():
+        while len(got) < len(big):
+            got.extend(green.recv_by(b, 65536, green.monotonic() + 30))
+
+    try:
+        reader = green.submit(read_all, name="reader")
+        green.send_by(a, big, green.monotonic() + 30)
+        reader.result(30)
+        assert bytes(got) == big
+        b.close()
+        with pytest.raises(OSError) as raised:
+            green.send_by(a, b"x" * 300_000, green.monotonic() + 5)  # a closed peer
+        assert raised.value.errno in (errno.EPIPE, errno.ECONNRESET)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_start_soon_runs_the_task_without_its_caller_starting_a_thread():
+    """The admin socket's last accepter starts its successor this way before
+    serving: Thread.start() would wait for the new thread to run, two waits
+    for the GIL under load."""
+    started: list[str] = []
+
+    def watch(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "start" and "self" in frame.f_locals:
+            if isinstance(frame.f_locals["self"], threading.Thread):
+                started.append(frame.f_locals["self"].name)
+
+    ran = green.Event()
+    seen: list[str] = []
+
+    def task(value):
+        seen.append((value, green.current_name()))
+        ran.set()
+
+    green.start_soon(task, "warm-up", name="first")  # the starter thread's own start
+    assert ran.wait(10)
+    ran.clear()
+    sys.setprofile(watch)
+    try:
+        handle = green.start_soon(task, "value", name="started-soon")
+    finally:
+        sys.setprofile(None)
+    assert started == []
+    assert ran.wait(10)
+    handle.result(10)
+    assert seen[-1] == ("value", "started-soon")
