@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import socket as _socket
 import sys
 import threading
 import warnings
@@ -390,6 +391,20 @@ def send_by(sock: Any, data: bytes, deadline: float) -> None:
     """All of ``data`` to the green ``sock`` by ``deadline``, else TimeoutError."""
     sock.settimeout(_left(deadline))
     sock.sendall(data)
+
+
+def peek(sock: Any, size: int) -> bytes:
+    """Up to ``size`` bytes the peer sent and nobody read yet, left unread; never waits.
+
+    A green socket's recv waits for the hub when nothing is there: this asks
+    the socket under it.
+    """
+    real = getattr(sock, "fd", sock)
+    try:
+        data: bytes = real.recv(size, _socket.MSG_PEEK | _socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return b""
+    return data
 
 
 def _left(deadline: float) -> float:

@@ -417,6 +417,13 @@ def _held_call(call: Any, sock: _socket.socket, buffer: Any, size: int, flags: i
             raise OSError(code, os.strerror(code))
 
 
+def peek(sock: _socket.socket, size: int) -> bytes:
+    """Up to ``size`` bytes the peer sent and nobody read yet, left unread; never waits."""
+    buffer = ctypes.create_string_buffer(size)
+    got = _held_call(_c_recv, sock, buffer, size, _socket.MSG_DONTWAIT | _socket.MSG_PEEK)
+    return ctypes.string_at(buffer, got) if got else b""
+
+
 def _no_timeout(sock: _socket.socket) -> None:
     """A socket timeout would put a poll before every call: the deadline is ours instead."""
     if sock.gettimeout():

@@ -27,7 +27,8 @@ The API:
 - ``recv_by(sock, size, deadline)``/``send_by(sock, data, deadline)``: socket
   I/O with a deadline (TimeoutError past it); under threads what is ready
   moves without giving up the GIL, where each system call of the socket
-  module is a wait for the GIL behind the busy threads.
+  module is a wait for the GIL behind the busy threads; ``peek(sock, size)``:
+  what the peer sent and nobody read yet, left unread, never waiting.
 
 Invariants callers rely on:
 

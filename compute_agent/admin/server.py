@@ -353,8 +353,11 @@ class AdminSocketServer:
         """Take the connection in, making room if needed; None: refused.
 
         A client that sends its request at once (the CLI) is never the one
-        pushed out by clients that hold connections open; past the limit,
-        only connections running a request are kept, and RESERVE more let in.
+        pushed out by clients that hold connections open: a connection whose
+        request has arrived in full is not "still sending", even before its
+        task has read it (under threads that task may wait for the GIL while
+        other accepters admit a flood). Past the limit, only connections with
+        a request are kept, and RESERVE more let in.
         The count is read and the slot taken in one hold: under threads two
         accepters admit at once, and each must see the other's connection.
         """
@@ -363,9 +366,9 @@ class AdminSocketServer:
         with self._conns_lock:
             open_now = len(self._conns)
             if open_now >= self.max_connections:
-                waiting = [c for c in self._conns if not c.busy]
-                if waiting:
-                    victim = min(waiting, key=lambda c: c.since)
+                oldest_first = sorted((c for c in self._conns if not c.busy), key=lambda c: c.since)
+                victim = next((c for c in oldest_first if not c.request_arrived()), None)
+                if victim is not None:
                     self._conns.discard(victim)
                     victim.dropped = True
                     self.evicted += 1
@@ -419,7 +422,7 @@ class AdminSocketServer:
     def _serve(self, record: _Connection) -> None:
         conn = record.sock
         record.peer = peer = _peer(conn)
-        reader = _LineReader(conn)
+        reader = record.reader
         try:
             while not self._closing:
                 try:
@@ -579,6 +582,16 @@ class _Connection:
         self.thread = thread
         self.busy = False
         self.dropped = False
+        self.reader = _LineReader(sock)
+
+    def request_arrived(self) -> bool:
+        """Whether a whole request line waits, read by its task or not (it never waits)."""
+        if b"\n" in self.reader.buffer:
+            return True
+        try:
+            return b"\n" in green.peek(self.sock, READ_SIZE)
+        except OSError:
+            return False  # closed meanwhile: nothing will be read from it
 
 
 class _TooSlow(Exception):

@@ -215,6 +215,35 @@ def test_the_cli_gets_through_connections_held_open(small_server, sock_path, cap
     assert any("more connections dropped in the last" in r.getMessage() for r in caplog.records)
 
 
+def test_a_connection_whose_request_arrived_is_not_evicted_before_its_task_reads_it(
+    agent, sock_path
+):
+    """Under threads a connection's task may wait for the GIL between its
+    admission and its read while other accepters admit a flood: the CLI's
+    connection then looked like the oldest one still sending and was pushed
+    out (seen once under make check). A request that has arrived in full
+    is not still sending, read or not."""
+    srv = AdminSocketServer(sock_path, agent, max_connections=2, reserve=0)
+    pairs = [socket.socketpair() for _ in range(4)]  # (the server's end, the client's)
+    (cli, cli_client), (older, _), (newer, newer_client), (new, _) = pairs
+    try:
+        cli_record = srv._admit(cli, None)
+        idle_record = srv._admit(older, None)
+        cli_client.sendall(protocol.request("ping"))  # sent, not read by its task yet
+        assert cli_record.since <= idle_record.since
+        assert srv._admit(newer, None) is not None  # at the limit: one must go
+        assert idle_record.dropped and not cli_record.dropped
+        assert srv.statistics().evicted == 1
+        # Only connections with a whole request left, and no reserve: refused.
+        newer_client.sendall(protocol.request("ping"))
+        assert srv._admit(new, None) is None
+        assert srv.statistics().refused == 1 and not cli_record.dropped
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
 def test_when_every_connection_runs_a_request_the_reserve_then_a_refusal(
     small_server,
     sock_path,
