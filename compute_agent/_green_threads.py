@@ -211,7 +211,10 @@ _starter_guard = threading.Lock()
 def _start_threads() -> None:
     while True:
         task = _to_start.get()
-        threading.Thread(target=task._run, name=task.task_name, daemon=True).start()
+        try:
+            threading.Thread(target=task._run, name=task.task_name, daemon=True).start()
+        except RuntimeError as exc:  # no thread to be had now: that task fails, not the next
+            task._finish(None, exc)
 
 
 def submit(fn: Callable[..., Any], *args: Any, name: str) -> Task:
