@@ -13,8 +13,10 @@ calls, ``monkey_patch`` does nothing, and no switch tracer exists.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
+import logging
 import os
 import queue as _queue
 import select as _select
@@ -25,6 +27,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+_LOG = logging.getLogger(__name__)
 
 BACKEND = "threads"
 HAS_HUB = False  # every task is its own thread: nothing to measure the lag of
@@ -196,7 +200,7 @@ def start_soon(fn: Callable[..., Any], *args: Any, name: str) -> Task:
     task = Task(0, fn, args, {}, name, own_thread=False)
     with _starter_guard:
         global _starter
-        if _starter is None:
+        if _starter is None or not _starter.is_alive():
             _starter = threading.Thread(target=_start_threads, name="task-starter", daemon=True)
             _starter.start()
     _to_start.put(task)
@@ -213,8 +217,10 @@ def _start_threads() -> None:
         task = _to_start.get()
         try:
             threading.Thread(target=task._run, name=task.task_name, daemon=True).start()
-        except RuntimeError as exc:  # no thread to be had now: that task fails, not the next
-            task._finish(None, exc)
+        except Exception as exc:  # noqa: BLE001 - that task fails, never the next ones
+            _LOG.error("cannot start a thread for task %s: %s", task.task_name, exc)
+            with contextlib.suppress(Exception):
+                task._finish(None, exc)
 
 
 def submit(fn: Callable[..., Any], *args: Any, name: str) -> Task:
@@ -372,7 +378,10 @@ def recv_by(sock: _socket.socket, size: int, deadline: float) -> bytes:
 
 
 def send_by(sock: _socket.socket, data: bytes, deadline: float) -> None:
-    """All of ``data`` to ``sock`` by ``deadline``; what fits goes holding the GIL (see recv_by)."""
+    """All of ``data`` (bytes only) to ``sock`` by ``deadline``; what fits goes holding the GIL.
+
+    See recv_by. ``data`` keeps the bytes that the pointer passed to libc names alive.
+    """
     _no_timeout(sock)
     start = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
     done = 0
@@ -392,8 +401,10 @@ def send_by(sock: _socket.socket, data: bytes, deadline: float) -> None:
 # again behind every busy thread (under admin_boots the slowest 5 % of admin
 # requests took 0.8-1.4 ms for their one read, against 0.11 ms on eventlet):
 # a request line already sent and a reply that fits the socket's buffer cost
-# no such wait now. Holding the GIL also means no other thread can
-# close the descriptor between fileno() and the call.
+# no such wait now. The descriptor's number is read before the call, and the
+# GIL may change hands in between: a socket in use by a task must be closed by
+# that task only (another thread shuts it down), or its number could name the
+# next accepted connection by then.
 _libc = ctypes.PyDLL(None, use_errno=True)
 _c_recv = _libc.recv
 _c_recv.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)

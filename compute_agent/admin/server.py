@@ -58,6 +58,9 @@ REQUEST_TIMEOUT = 10.0
 MAX_CONNECTIONS = 64
 RESERVE = 4
 READ_SIZE = 65536
+# How much of a connection's unread data eviction looks at for a whole request
+# line: the CLI's requests are far shorter.
+PEEK_SIZE = 4096
 # Refused and dropped connections are summed up in one log line this often.
 REFUSAL_LOG_WINDOW = 10.0
 # Tasks kept waiting in accept() between connections (see _accept_loop);
@@ -197,9 +200,7 @@ class AdminSocketServer:
         if left:
             LOG.warning("closing %d admin connection(s) with a request still in flight", left)
         for conn in self._open():
-            if conn.thread is not None:
-                conn.thread.cancel()
-            conn.sock.close()  # a thread killed before it ran never closes it
+            self._close(conn)
         LOG.info("admin socket closed")
 
     # -- binding ----------------------------------------------------------
@@ -358,6 +359,7 @@ class AdminSocketServer:
         task has read it (under threads that task may wait for the GIL while
         other accepters admit a flood). Past the limit, only connections with
         a request are kept, and RESERVE more let in.
+
         The count is read and the slot taken in one hold: under threads two
         accepters admit at once, and each must see the other's connection.
         """
@@ -399,14 +401,20 @@ class AdminSocketServer:
 
     @staticmethod
     def _close(record: _Connection) -> None:
-        """End a connection taken out of the open set: its task, then its socket."""
+        """End a connection from outside its task: cancel the task, shut the socket down.
+
+        The shutdown wakes the task if it waits for the socket (a close alone
+        does not end a native thread's poll() on it), and the task closes the
+        socket itself as it ends. Only a socket no task uses is closed here:
+        one closed under a running task frees its descriptor's number for the
+        next accept while the task may still call recv or send on that number.
+        """
         if record.thread is not None:
             record.thread.cancel()
         with contextlib.suppress(OSError):
-            # Wakes its task if it waits for the socket: a close alone does
-            # not end a native thread's poll() on it.
             record.sock.shutdown(socket.SHUT_RDWR)
-        record.sock.close()
+        if record.thread is None or record.thread.done():
+            record.sock.close()
 
     def _refuse(self, conn: socket.socket, open_now: int) -> None:
         message = f"the agent already runs requests on {open_now} admin connections"
@@ -444,8 +452,10 @@ class AdminSocketServer:
                     self._send(conn, _error_reply(_too_long()))
                     return
                 if not line.strip():
+                    reader.line_taken = False
                     continue
                 record.busy = True
+                reader.line_taken = False  # busy says it from here
                 try:
                     self._request(conn, line, peer)
                 finally:
@@ -585,13 +595,18 @@ class _Connection:
         self.reader = _LineReader(sock)
 
     def request_arrived(self) -> bool:
-        """Whether a whole request line waits, read by its task or not (it never waits)."""
-        if b"\n" in self.reader.buffer:
+        """Whether a whole request line has arrived, whether its task has read it or not.
+
+        Never waits. It looks where the line can be on its way to ``busy``:
+        the socket (a peek), the reader's buffer, the line just taken.
+        """
+        reader = self.reader
+        if reader.line_taken or b"\n" in reader.buffer:
             return True
         try:
-            return b"\n" in green.peek(self.sock, READ_SIZE)
+            return b"\n" in green.peek(self.sock, PEEK_SIZE)
         except OSError:
-            return False  # closed meanwhile: nothing will be read from it
+            return False  # shut down meanwhile: nothing will be read from it
 
 
 class _TooSlow(Exception):
@@ -609,6 +624,7 @@ class _LineReader:
         self.sock = sock
         self.buffer = bytearray()
         self.eof = False
+        self.line_taken = False  # a line was returned; its connection not yet marked busy
 
     def line(self, deadline: float) -> bytes | None:
         """The next line (at most MAX_REQUEST_BYTES + 1 bytes of it); None at the end."""
@@ -618,17 +634,19 @@ class _LineReader:
             if end >= 0 or len(self.buffer) >= limit or (self.eof and self.buffer):
                 size = end + 1 if end >= 0 else min(len(self.buffer), limit)
                 line = bytes(self.buffer[:size])
+                self.line_taken = True  # before it leaves the buffer (see request_arrived)
                 del self.buffer[:size]
                 return line
             if self.eof:
                 return None
+            before = len(self.buffer)
             try:
-                chunk = green.recv_by(self.sock, READ_SIZE, deadline)
+                # Straight into the buffer, where request_arrived looks.
+                self.buffer += green.recv_by(self.sock, READ_SIZE, deadline)
             except TimeoutError:
                 raise _TooSlow() from None
-            if not chunk:
+            if len(self.buffer) == before:
                 self.eof = True
-            self.buffer += chunk
 
 
 def _error_reply(exc: BaseException) -> dict[str, Any]:

@@ -239,9 +239,43 @@ def test_a_connection_whose_request_arrived_is_not_evicted_before_its_task_reads
         assert srv._admit(new, None) is None
         assert srv.statistics().refused == 1 and not cli_record.dropped
     finally:
+        srv.refusals.stop()
         for a, b in pairs:
             a.close()
             b.close()
+
+
+def test_a_connection_ended_from_outside_its_running_task_is_shut_down_not_closed(agent, sock_path):
+    """Its task may be about to read or write by the descriptor's number, and a
+    close frees that number for the next accepted connection: the task closes
+    its socket itself. A connection no task serves is closed at once."""
+
+    class Running:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+        def done(self):
+            return False
+
+    ours, client = socket.socketpair()
+    idle, idle_client = socket.socketpair()
+    srv = AdminSocketServer(sock_path, agent)
+    task = Running()
+    try:
+        record = srv._admit(ours, task)
+        srv._close(record)
+        assert task.cancelled
+        assert ours.fileno() >= 0  # still open: its task closes it
+        client.settimeout(5)
+        assert client.recv(10) == b""  # but shut down: the client sees the end
+        srv._close(srv._admit(idle, None))
+        assert idle.fileno() == -1
+    finally:
+        srv.refusals.stop()
+        for s in (ours, client, idle, idle_client):
+            s.close()
 
 
 def test_when_every_connection_runs_a_request_the_reserve_then_a_refusal(
