@@ -64,10 +64,9 @@ PEEK_SIZE = 4096
 # Refused and dropped connections are summed up in one log line this often.
 REFUSAL_LOG_WINDOW = 10.0
 # Tasks kept waiting in accept() between connections (see _accept_loop);
-# eventlet lets only one greenthread wait on a socket. More spares under
-# threads admit a flood's connections out of their accept order: 16 let a CLI
-# connection be evicted as the oldest before its request was read
-# (docs/benchmarks.md, "Both concurrency backends").
+# eventlet lets only one greenthread wait on a socket. Under threads, 8 did no
+# better than 2 once the last accepter stopped waiting for its successor's
+# thread to run (docs/benchmarks.md, "Both concurrency backends").
 SPARE_ACCEPTERS = 1 if green.HAS_HUB else 2
 # How long a refused connection's one error line may take to send.
 REFUSAL_SEND_TIMEOUT = 1.0
