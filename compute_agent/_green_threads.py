@@ -369,11 +369,10 @@ def recv_by(sock: _socket.socket, size: int, deadline: float) -> bytes:
     _held_call); only a wait for more does, in poll().
     """
     _no_timeout(sock)
-    buffer = ctypes.create_string_buffer(size)
     while True:
-        got = _held_call(_c_recv, sock, buffer, size, _socket.MSG_DONTWAIT)
-        if got is not None:
-            return ctypes.string_at(buffer, got)
+        data = _recv_now(sock, size, _socket.MSG_DONTWAIT)
+        if data is not None:
+            return data
         _wait_ready(sock, _select.POLLIN, deadline)
 
 
@@ -433,9 +432,14 @@ def _held_call(call: Any, sock: _socket.socket, buffer: Any, size: int, flags: i
 
 def peek(sock: _socket.socket, size: int) -> bytes:
     """Up to ``size`` bytes the peer sent and nobody read yet, left unread; never waits."""
+    return _recv_now(sock, size, _socket.MSG_DONTWAIT | _socket.MSG_PEEK) or b""
+
+
+def _recv_now(sock: _socket.socket, size: int, flags: int) -> bytes | None:
+    """One non-blocking recv holding the GIL; None: nothing there yet."""
     buffer = ctypes.create_string_buffer(size)
-    got = _held_call(_c_recv, sock, buffer, size, _socket.MSG_DONTWAIT | _socket.MSG_PEEK)
-    return ctypes.string_at(buffer, got) if got else b""
+    got = _held_call(_c_recv, sock, buffer, size, flags)
+    return None if got is None else ctypes.string_at(buffer, got)
 
 
 def _no_timeout(sock: _socket.socket) -> None:
