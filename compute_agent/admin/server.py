@@ -89,8 +89,15 @@ MUTATING = frozenset(
 
 @dataclass(frozen=True)
 class SocketStatistics:
-    """The socket's connections (open, busy, most at once), requests, refusals and drops."""
+    """The socket's connections (open, busy, most at once), requests, refusals and drops.
 
+    ``accepting`` counts the tasks waiting in accept() now. It is 0 for a
+    moment after the last of them takes a connection, until the successor it
+    started is running (under threads, a thread start away); 0 for long
+    means nothing accepts.
+    """
+
+    accepting: int
     open: int
     busy: int
     max_open: int
@@ -469,7 +476,10 @@ class AdminSocketServer:
 
     def statistics(self) -> SocketStatistics:
         conns = self._open()
+        with self._conns_lock:
+            accepting = sum(1 for task in self._waiting if not task.done())
         return SocketStatistics(
+            accepting=accepting,
             open=len(conns),
             busy=sum(1 for c in conns if c.busy),
             max_open=self.max_open,

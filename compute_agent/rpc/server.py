@@ -12,6 +12,7 @@ A malformed request only ever fails that request.
 from __future__ import annotations
 
 import logging
+import random
 import re
 from typing import Any
 
@@ -32,6 +33,13 @@ from compute_agent.utils import freeze_long_lived_objects, printable, request_ar
 LOG = logging.getLogger(__name__)
 
 _VERSION_RE = re.compile(r"^\d{1,4}\.\d{1,4}$")
+
+# The broker probe's pauses: doubled from the first up to the last, each
+# jittered by 0.5-1.5x so a fleet whose broker came back does not knock at once.
+PROBE_FIRST_PAUSE_S = 1.0
+PROBE_MAX_PAUSE_S = 30.0
+# Nothing binds this routing key: the broker drops the probe.
+PROBE_TOPIC = f"{TOPIC}.broker-probe"
 
 
 class _ClosingChannelNoise(logging.Filter):
@@ -334,8 +342,44 @@ class RPCServer:
             f"{self.conf.control_exchange}: each host name must be unique on a broker"
         )
 
+    def _wait_for_broker(self) -> None:
+        """Return once the broker takes a message; until then try again after growing pauses.
+
+        oslo.messaging retries a broker it cannot reach for ever, inside the
+        call that connects (a listener's, a call's reply queue), and a native
+        thread in there cannot be cancelled: started that way, an agent
+        stopped before its broker came would keep one thread reconnecting
+        for the rest of the process. The probe is a cast that gives up at
+        once (retry=0) on a transport of its own, and the pauses between
+        tries are this task's sleeps, where a cancel lands. Only a broker
+        lost between the probe and the server's start leaves that window.
+        """
+        pause = PROBE_FIRST_PAUSE_S
+        while True:
+            transport = get_transport(self.conf)
+            try:
+                probe = oslo_messaging.get_rpc_client(
+                    transport, oslo_messaging.Target(topic=PROBE_TOPIC), retry=0
+                )
+                probe.cast({}, "probe")
+                return
+            except Exception as exc:  # noqa: BLE001 - each kind of failure is waited out alike
+                wait = min(pause, PROBE_MAX_PAUSE_S) * (0.5 + random.random())
+                LOG.warning(
+                    "RPC broker %s not reachable: %s: %s; trying again in %.1f s",
+                    safe_url(self.conf.transport_url),
+                    type(exc).__name__,
+                    printable(exc, 200),
+                    wait,
+                )
+            finally:
+                transport.cleanup()
+            green.sleep(wait)
+            pause *= 2
+
     def _start_server(self) -> None:
         assert self.server is not None
+        self._wait_for_broker()
         self.duplicate = self._answering_elsewhere()
         if self.duplicate:
             LOG.error("refusing to serve: %s; this agent stops", self.duplicate)

@@ -764,7 +764,9 @@ class Harness:
         assert reply["ok"] is True and reply["result"]["host"] == self.host, reply
         assert time.monotonic() - t0 < 5
         assert self.rpc.serving.is_set()
-        assert any(not task.dead for task in self.admin._waiting)
+        # The accepter that took the status connection may be the last one,
+        # its successor a thread start away: one in accept() again, soon.
+        assert wait_until(lambda: self.admin.statistics().accepting >= 1), self.admin.statistics()
         for task in self.service.runner.tasks.values():
             assert task._thread is not None and not task._thread.dead, task.name
         assert self.driver.connected

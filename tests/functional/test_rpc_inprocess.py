@@ -9,6 +9,7 @@ slow, or hang an operation while the agent stops.
 from __future__ import annotations
 
 import logging
+import urllib.parse
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from compute_agent.rpc.server import RPCServer
 from compute_agent.rpcapi import ComputeAPI
 from compute_agent.service import NodeService
 from compute_agent.virt.fake import FakeDriver
-from tests.functional.rabbit import RabbitRun
-from tests.helpers import create_instance
+from tests.functional.frozen_proxy import FrozenProxy
+from tests.functional.rabbit import TRANSPORT_URL, RabbitRun
+from tests.helpers import create_instance, wait_until
 
 
 @dataclass
@@ -206,9 +208,61 @@ def test_unreachable_broker_neither_blocks_start_nor_stop(make_node, caplog):
         t1 = green.monotonic()
         node.service.stop()
         assert green.monotonic() - t1 < 4
+        # The task trying the broker ends too: under threads, one inside
+        # oslo's own retry loop could not be cancelled and went on for ever.
+        starter = node.rpc._starter
+        assert starter is not None and wait_until(starter.done, 5)
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("compute_agent"))
     assert "RPC connecting to rabbit://guest:***@127.0.0.1:1/" in text
+    assert "RPC broker rabbit://guest:***@127.0.0.1:1/ not reachable: " in text
+    retried = [r for r in caplog.records if r.getMessage().startswith("Connection failed")]
+    assert not retried, retried[0].getMessage()
     assert "s3cret" not in text
+
+
+def _broker_address() -> tuple[str, int]:
+    url = urllib.parse.urlsplit(TRANSPORT_URL)
+    assert url.hostname is not None and url.port is not None
+    return url.hostname, url.port
+
+
+def _through(proxy: FrozenProxy) -> str:
+    """The run's broker URL, sent through ``proxy``."""
+    url = urllib.parse.urlsplit(TRANSPORT_URL)
+    host, port = _broker_address()
+    return url._replace(
+        netloc=url.netloc.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")
+    ).geturl()
+
+
+def test_a_silent_broker_is_waited_for_and_served_once_it_answers(make_node):
+    """A broker that takes connections and says nothing (hung, a dropped path), then answers."""
+    with FrozenProxy(*_broker_address(), frozen=True) as proxy:
+        node = make_node(serve=False, transport_url=_through(proxy))
+        green.sleep(1.0)
+        assert not node.rpc.serving.is_set()
+        assert node.service.heartbeat() >= 1  # the agent runs meanwhile
+        proxy.thaw()
+        # The probe in flight goes on (the proxy forwards what it held); then
+        # the duplicate-host check's 3 s and the server's start.
+        thawed = green.monotonic()
+        assert node.rpc.serving.wait(30)
+        print(f"\nserving {green.monotonic() - thawed:.2f} s after the thaw")
+        assert node.api.ping(node.host)["host"] == node.host
+        node.service.stop()
+
+
+def test_stopped_while_its_broker_is_silent_the_agent_leaves_no_task_behind(make_node, caplog):
+    with FrozenProxy(*_broker_address(), frozen=True) as proxy:
+        node = make_node(serve=False, transport_url=_through(proxy))
+        green.sleep(0.5)  # inside the first probe
+        t0 = green.monotonic()
+        node.service.stop()
+        assert green.monotonic() - t0 < 4
+        starter = node.rpc._starter
+        # A probe in flight gives up after its 5 s timeout; the task then sees its cancel.
+        assert starter is not None and wait_until(starter.done, 10)
+        assert not node.rpc.serving.is_set()
 
 
 def test_stop_waits_for_requests_in_flight_only_so_long(make_node, caplog):
