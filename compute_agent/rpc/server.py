@@ -28,7 +28,7 @@ from compute_agent.intake import RefusalLog
 from compute_agent.rpc import TOPIC, VERSION
 from compute_agent.rpc.transport import get_transport, safe_url, transport_url_is_set
 from compute_agent.states import ActionSource
-from compute_agent.utils import freeze_long_lived_objects, printable, request_args
+from compute_agent.utils import add_counts, freeze_long_lived_objects, printable, request_args
 
 LOG = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ _VERSION_RE = re.compile(r"^\d{1,4}\.\d{1,4}$")
 # jittered by 0.5-1.5x so a fleet whose broker came back does not knock at once.
 PROBE_FIRST_PAUSE_S = 1.0
 PROBE_MAX_PAUSE_S = 30.0
+# A broker that answers closes the connections in milliseconds.
+CLOSE_TIMEOUT_S = 3.0
 # Nothing binds this routing key: the broker drops the probe.
 PROBE_TOPIC = f"{TOPIC}.broker-probe"
 
@@ -228,12 +230,16 @@ class _BoundedRPCServer(oslo_rpc_server.RPCServer):
     def __init__(self, *args: Any, backlog: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._room = green.Semaphore(backlog)
+        self._count_lock = green.native_lock()
+        self.in_flight = 0  # taken in, not yet processed
 
     def _on_incoming(self, incoming: Any) -> None:
         self._room.acquire()
+        add_counts(self._count_lock, self, in_flight=1)
         try:
             super()._on_incoming(incoming)
         except BaseException:
+            add_counts(self._count_lock, self, in_flight=-1)
             self._room.release()
             raise
         green.yield_now()
@@ -242,6 +248,7 @@ class _BoundedRPCServer(oslo_rpc_server.RPCServer):
         try:
             super()._process_incoming(incoming)
         finally:
+            add_counts(self._count_lock, self, in_flight=-1)
             self._room.release()
 
 
@@ -396,8 +403,27 @@ class RPCServer:
         freeze_long_lived_objects()
         LOG.info("RPC serving topic %s as server %s, version %s", TOPIC, self.host, VERSION)
 
+    def _close(self, transport: oslo_messaging.Transport) -> None:
+        """Disconnect, waiting at most CLOSE_TIMEOUT_S for the broker.
+
+        Each connection's close waits for the broker's reply, for up to a
+        minute on a broker that has gone silent (a stop took 121 s): the
+        close goes on in a task of its own, and the agent stops without it.
+        """
+        closing = green.submit(transport.cleanup, name="rpc-close")
+        try:
+            closing.result(CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            LOG.warning(
+                "RPC connections not closed after %.1f s (broker not answering?); "
+                "stopping without them",
+                CLOSE_TIMEOUT_S,
+            )
+        except Exception as exc:  # noqa: BLE001 - stopping regardless
+            LOG.warning("RPC connections did not close cleanly: %s", exc)
+
     def stop(self) -> None:
-        """Stop taking requests, let those in flight finish (bounded), disconnect."""
+        """Stop taking requests, let those in flight finish (bounded), disconnect (bounded)."""
         if self.server is None:
             return
         if self._starter is not None and not self._starter.done():
@@ -408,11 +434,23 @@ class RPCServer:
             try:
                 drained.result(self._grace)
             except TimeoutError:
-                LOG.warning("RPC requests still running after %.1f s; stopping anyway", self._grace)
+                running = self.server.in_flight
+                if running:
+                    LOG.warning(
+                        "RPC requests still running after %.1f s (%d); stopping anyway",
+                        self._grace,
+                        running,
+                    )
+                else:
+                    LOG.warning(
+                        "RPC listener still reading from the broker after %.1f s "
+                        "(broker not answering?); stopping anyway",
+                        self._grace,
+                    )
             except Exception as exc:  # noqa: BLE001 - stopping regardless
                 LOG.warning("RPC server did not stop cleanly: %s", exc)
         if self.transport is not None:
-            self.transport.cleanup()
+            self._close(self.transport)
         if self.refusals is not None:
             self.refusals.stop()
         self.serving.clear()
