@@ -542,7 +542,8 @@ class RaceRun:
         """What the user last asked of a guest at ``when``: active, stopped or ambiguous.
 
         Agent operations that succeeded say it directly (start, reboot,
-        build: active; stop: stopped); one that failed (not refused: the
+        build: active, unless the reply says the domain ended off; stop:
+        stopped); one that failed (not refused: the
         agent tried and reported an error) leaves it ambiguous until the next
         action. Out of band, a destroy makes the guest
         stopped only once the shut-off has lasted ``lifecycle_event_delay``
@@ -578,7 +579,12 @@ class RaceRun:
                 off_since, ambiguous = None, True
             elif s.kind in ("op", "setup") and not s.refused:
                 if s.action in ("start", "reboot", "reboot_hard", "build"):
-                    desired, off_since, ambiguous = "active", None, False
+                    # A domain destroyed out of band during the operation ends
+                    # it "stopped", and the user is told so: that is the state
+                    # the agent then keeps (an out-of-band start is stopped again).
+                    ended_off = s.detail.startswith("stopped/")
+                    desired = "stopped" if ended_off else "active"
+                    off_since, ambiguous = None, False
                 elif s.action == "stop":
                     desired, off_since, ambiguous = "stopped", None, False
             elif s.kind == "oob" and s.outcome != "ok" and not _plain_refusal(s):
