@@ -116,6 +116,7 @@ class LifecycleHandler(Rechecks):
         self._running: set[str] = set()
         self._workers = 0
         self._stoppers: set[green.Task] = set()
+        self._stopped = False  # stop() was called: take nothing more
         # Guards the above: event callbacks, delayed calls and workers may be
         # different threads (held briefly, never across a switch).
         self._guard = green.native_lock()
@@ -126,7 +127,7 @@ class LifecycleHandler(Rechecks):
 
     def on_event(self, event: LifecycleEvent) -> None:
         """Take one event, on the hub; schedules work and returns at once."""
-        if self._is_stopping():
+        if self._ending():
             self.counters.add(received=1, ignored=1)
             LOG.debug(
                 "ignoring %s event for %s: the agent is stopping", event.transition, event.name
@@ -149,6 +150,9 @@ class LifecycleHandler(Rechecks):
             self._watch.event(uuid, STATE_AFTER.get(event.transition))
         if event.transition in DELAYED and self.stopped_delay > 0:
             with self._guard:
+                if self._stopped:
+                    self.counters.add(ignored=1)
+                    return
                 self.counters.add(delayed=1)
                 self._delayed[uuid] = green.call_later(
                     self.stopped_delay, self._delay_over, uuid, event
@@ -163,11 +167,11 @@ class LifecycleHandler(Rechecks):
         sync already pending for the instance serves the same purpose.
         """
         uuid = uuid.lower()
-        if self._is_stopping():
+        if self._ending():
             return
         event = LifecycleEvent(uuid, uuid, Transition.STOPPED, "re-check")
         with self._guard:
-            if uuid in self._delayed:
+            if uuid in self._delayed or self._stopped:
                 return
             self.counters.add(rechecks=1)
             self._delayed[uuid] = green.call_later(after, self._delay_over, uuid, event)
@@ -181,6 +185,9 @@ class LifecycleHandler(Rechecks):
 
     def _submit(self, uuid: str, event: LifecycleEvent) -> None:
         with self._guard:
+            if self._stopped:  # checked again here: stop() may have run since
+                self.counters.add(ignored=1)
+                return
             if uuid in self._queued:
                 self.counters.add(coalesced=1)
                 return
@@ -232,7 +239,7 @@ class LifecycleHandler(Rechecks):
     def _sync(self, uuid: str, event: LifecycleEvent) -> None:
         # From here, a new event for this instance needs a sync of its own:
         # this one may read the hypervisor before the change.
-        if self._is_stopping():
+        if self._ending():
             self.counters.add(ignored=1)
             return
         try:
@@ -267,7 +274,7 @@ class LifecycleHandler(Rechecks):
 
     def _enforce(self, uuid: str) -> None:
         """Sync again, stopping the domain inline; the per-instance lock still rules."""
-        if self._is_stopping():
+        if self._ending():
             return
         try:
             self._syncs.sync_one(uuid, ActionSource.EVENT)
@@ -281,11 +288,36 @@ class LifecycleHandler(Rechecks):
         with self._guard:
             return len(self._delayed) + len(self._ready) + len(self._running) + len(self._stoppers)
 
-    def stop(self) -> None:
-        """Drop delayed events. Queued syncs give up once they see the agent
-        stopping (``is_stopping``); running ones finish."""
+    def stop(self, grace: float = 0.0) -> None:
+        """Drop delayed and queued events; wait up to ``grace`` s for the syncs running.
+
+        A sync in flight is let finish, not cut: after this the manager
+        closes the libvirt connection and the service the database, under
+        it (a worker left running then waited 30 s for a connection of a
+        pool disposed under it).
+        """
         with self._guard:
+            self._stopped = True
             delayed = list(self._delayed.values())
             self._delayed.clear()
+            dropped = len(self._ready)
+            self._ready.clear()
+            self._queued.clear()
         for task in delayed:
             task.cancel()
+        if dropped:
+            self.counters.add(ignored=dropped)
+        deadline = green.monotonic() + grace
+        while self.running and green.monotonic() < deadline:
+            green.sleep(0.01)
+        if self.running:
+            LOG.warning("%d event sync(s) still running at stop; stopping anyway", self.running)
+
+    @property
+    def running(self) -> int:
+        """Syncs and enforced stops running now."""
+        with self._guard:
+            return len(self._running) + len(self._stoppers)
+
+    def _ending(self) -> bool:
+        return self._stopped or self._is_stopping()

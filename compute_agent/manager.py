@@ -255,7 +255,7 @@ class ComputeManager(Rechecks):
     def stop(self) -> None:
         self._stop_resume()
         if self.events is not None:
-            self.events.stop()
+            self.events.stop(self.conf.graceful_shutdown_timeout)
         self.driver.set_event_listener(None)
         self.driver.cleanup_host()
 

@@ -261,3 +261,43 @@ def test_an_instance_synced_now_gets_one_more_sync_after_and_never_two_at_once()
     assert syncs.calls == [uid, uid]
     assert syncs.most_at_once_per_instance == 1
     assert handler.counters.coalesced == 9
+
+
+def _running_one(handler, syncs, uids):
+    for uid in uids:
+        handler.on_event(LifecycleEvent(f"instance-{uid}", uid, Transition.STARTED))
+    end = green.monotonic() + 5
+    while not syncs.calls and green.monotonic() < end:
+        green.sleep(0.01)
+    assert handler.running == 1
+
+
+def test_stop_lets_the_sync_in_flight_finish_within_its_grace():
+    """Not cut: the manager closes libvirt and the service the database after this."""
+    syncs = _Recording()
+    handler = LifecycleHandler(syncs, stopped_delay=DELAY, concurrency=1)
+    _running_one(handler, syncs, [str(uuid.uuid4())])
+    green.call_later(0.3, syncs.release.set, name="release")
+    t0 = green.monotonic()
+    handler.stop(grace=5)
+    assert 0.2 < green.monotonic() - t0 < 4
+    assert handler.running == 0 and handler.counters.synced == 1
+
+
+def test_stop_drops_what_is_queued_and_waits_no_longer_than_its_grace(caplog):
+    syncs = _Recording()
+    handler = LifecycleHandler(syncs, stopped_delay=DELAY, concurrency=1)
+    uids = [str(uuid.uuid4()) for _ in range(10)]
+    _running_one(handler, syncs, uids)  # one runs, nine wait for the one worker
+    t0 = green.monotonic()
+    handler.stop(grace=0.2)
+    assert green.monotonic() - t0 < 3
+    assert "1 event sync(s) still running at stop" in caplog.text
+    # Nothing new is taken, from the queue, a late event or a re-check.
+    handler.on_event(LifecycleEvent("instance-x", uids[0], Transition.STARTED))
+    handler.recheck(uids[1], 0.01)
+    syncs.release.set()
+    _settle(handler)
+    green.sleep(0.1)
+    assert syncs.calls == uids[:1]
+    assert handler.counters.ignored == 10  # nine queued, one late event

@@ -64,7 +64,7 @@ class Agent:
 
     def stop(self) -> None:
         if self.manager.events is not None:
-            self.manager.events.stop()
+            self.manager.events.stop(grace=5)
         self.driver.set_event_listener(None)
 
 
