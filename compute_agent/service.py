@@ -29,6 +29,8 @@ HEARTBEAT_WAIT = 0.8
 # The agent's exit status when another agent took its service row: it
 # stopped writing, and systemd sees a failure rather than a clean stop.
 EXIT_DISPLACED = 3
+# How long the stop waits for its write of the row (it takes milliseconds).
+STOP_WRITE_WAIT = 5.0
 
 
 class Component(Protocol):
@@ -174,13 +176,33 @@ class NodeService:
         self.runner.stop(grace)
         self.lag_monitor.stop()
         if self.row is not None and not self.displaced:
-            try:
-                self.db.service_stopped(self.row.id, self.owner)
-            except Exception as exc:  # noqa: BLE001 - the DB may be the reason we stop
-                LOG.error("could not mark the service stopped: %s", exc)
+            self._mark_stopped()
         self.db.dispose()
         gc.unfreeze()
         LOG.info("compute-agent stopped in %.2f s", green.monotonic() - started)
+
+    def _mark_stopped(self) -> None:
+        """Write the row's stop, waiting for it at most STOP_WRITE_WAIT s.
+
+        A lock on the row, or workers that still hold every pooled
+        connection on a silent server (native threads cannot be cancelled),
+        held the stop for the whole statement deadline or the pool's wait:
+        30 s and more, past systemd's TimeoutStopSec with a longer deadline.
+        Unwritten, the row goes down by its heartbeat's age.
+        """
+        assert self.row is not None
+        writing = green.submit(self.db.service_stopped, self.row.id, self.owner, name="stop-write")
+        try:
+            writing.result(STOP_WRITE_WAIT)
+        except TimeoutError:
+            LOG.error(
+                "could not mark the service stopped: no answer within %.0f s; "
+                "the row goes down when its heartbeat is %.0f s old",
+                STOP_WRITE_WAIT,
+                self.conf.service_down_time,
+            )
+        except Exception as exc:  # noqa: BLE001 - the DB may be the reason we stop
+            LOG.error("could not mark the service stopped: %s", exc)
 
     # -- the heartbeat ----------------------------------------------------
 

@@ -1,8 +1,13 @@
 """``compute-agent``: the node service."""
 
+import signal
 import sys
 
-from compute_agent import concurrency
+# Until install_signal_handlers: a Ctrl-C during the imports ends the
+# process as SIGTERM would, not with a KeyboardInterrupt traceback.
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+from compute_agent import concurrency  # noqa: E402
 
 # Before green (and oslo.messaging) load: they run on the backend chosen here.
 concurrency.select_or_exit(sys.argv[1:], "compute-agent")
@@ -13,7 +18,6 @@ green.monkey_patch()
 
 import logging  # noqa: E402
 import os  # noqa: E402
-import signal  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 
 import sqlalchemy as sa  # noqa: E402

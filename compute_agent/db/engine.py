@@ -81,6 +81,11 @@ def unreachable_as_typed() -> Iterator[None]:
         # one) or none made at all (no statement yet). SQLite and MySQL report
         # a bad column as an OperationalError too, so the class alone would
         # not tell.
+        if is_timeout(exc.orig):
+            reason = _reason(exc.orig)
+            raise exception.DatabaseUnavailable(
+                f"database unavailable: no answer within the statement deadline: {reason}"
+            ) from exc
         if not (exc.connection_invalidated or exc.statement is None):
             raise
         unavailable = exception.DatabaseBusy if is_busy(exc.orig) else exception.DatabaseUnavailable
@@ -114,6 +119,31 @@ _BUSY_POOLER_TEXTS = (
 )
 
 
+# A statement the server gave up on at its deadline, the connection still
+# good: PostgreSQL's 57014 (statement_timeout) and 55P03 (lock_timeout);
+# MariaDB's 1205 (lock wait timeout), 1969 (max_statement_time), MySQL's 3024.
+_TIMEOUT_SQLSTATES = frozenset({"57014", "55P03"})
+_TIMEOUT_MYSQL_ERRORS = frozenset({1205, 1969, 3024})
+
+
+def _code(error: BaseException) -> str | int | None:
+    """The server's error code: pg8000's SQLSTATE, PyMySQL's errno."""
+    args = getattr(error, "args", ())
+    first = args[0] if args else None
+    if isinstance(first, dict):
+        code = first.get("C")
+        return str(code) if code is not None else None
+    return first if isinstance(first, int) else None
+
+
+def is_timeout(error: BaseException | None) -> bool:
+    """Whether a driver's ``error`` is the server ending a statement at its deadline."""
+    if error is None:
+        return False
+    code = _code(error)
+    return code in _TIMEOUT_SQLSTATES or code in _TIMEOUT_MYSQL_ERRORS
+
+
 def is_busy(error: BaseException | None) -> bool:
     """Whether a driver's ``error`` is a refusal for load that a retry can cure."""
     if error is None:
@@ -137,7 +167,12 @@ def _reason(error: BaseException | None) -> str:
     """
     if error is None:
         return ""
-    text = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], dict) and "M" in args[0]:  # pg8000: the server's fields
+        detail = f"{args[0]['M']} (SQLSTATE {args[0].get('C', '?')})"
+    else:
+        detail = str(error)
+    text = f"{type(error).__name__}: {(detail.splitlines() or [''])[0][:200]}"
     if "unsupported startup parameter" in text:
         text += " (a PgBouncer? set [database] transaction_pooling = true)"
     cause = error.__cause__

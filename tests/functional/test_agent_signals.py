@@ -217,3 +217,21 @@ def test_a_sighup_while_the_database_is_slow_at_start_does_not_kill_the_agent(tm
     finally:
         agent.kill()
         silent.close()
+
+
+@pytest.mark.parametrize("after", [0.1, 0.3, 0.6])
+def test_a_ctrl_c_while_the_agent_starts_ends_it_without_a_traceback(tmp_path, after):
+    """Before its handlers, SIGINT during the imports printed a KeyboardInterrupt traceback."""
+    config = _conf(tmp_path / "agent.conf", tmp_path / "state", debug=False)
+    assert manage("db", "sync", config_files=config).returncode == 0
+    agent = AgentProcess(config)
+    try:
+        time.sleep(after)
+        agent.proc.send_signal(signal.SIGINT)
+        rc = agent.proc.wait(30)
+        agent._reader.join(2)
+    finally:
+        agent.kill()
+    # Killed by the signal before the handlers, or stopped by them after.
+    assert rc in (-signal.SIGINT, 0), (rc, agent.output)
+    assert "Traceback" not in agent.output and "KeyboardInterrupt" not in agent.output, agent.output

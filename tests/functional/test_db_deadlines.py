@@ -19,9 +19,11 @@ import pytest
 import sqlalchemy as sa
 
 from compute_agent import exception, green
+from compute_agent import service as service_module
 from compute_agent.db import migration
 from compute_agent.db.api import Database
 from compute_agent.db.engine import Deadlines
+from compute_agent.service import NodeService
 from tests.functional.agent_process import REPO, AgentProcess, manage_all
 from tests.functional.frozen_proxy import FrozenProxy
 from tests.helpers import eventually
@@ -239,3 +241,59 @@ def test_db_commands_and_start_on_a_silent_port_fail_with_one_line(tmp_path, sil
     batches = [round(b, 2) for b in batches]
     print(f"\nsilent port: CLI batches (pg 2 commands, mysql 1) exited after {batches} s")
     assert max(batches) < CONNECT_TIMEOUT + 20, batches
+
+
+def _lock_row(url: str, row_id: int) -> tuple[sa.Engine, sa.Connection]:
+    """Another client holds the services row ``row_id`` (SELECT ... FOR UPDATE, uncommitted)."""
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    conn = engine.connect()
+    conn.execute(sa.text("SELECT id FROM services WHERE id = :id FOR UPDATE"), {"id": row_id})
+    return engine, conn
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_a_statement_ended_at_its_deadline_is_a_typed_error_in_one_line(backend, db_url_factory):
+    """A lock held elsewhere: the server ends the statement (PostgreSQL 57014), or the
+    socket's deadline does (MariaDB). Before, PostgreSQL's error went up raw: an
+    87-line traceback from the claim at start, a 4-line log line with the SQL."""
+    url = db_url_factory(backend)
+    database = Database(url, deadlines=DEADLINES)
+    migration.upgrade(database)
+    row = database.service_start("locked-host", "compute-agent", "owner-1")
+    engine, holder = _lock_row(url, row.id)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(exception.DatabaseUnavailable) as caught:
+            database.service_heartbeat(row.id, "owner-1")
+        took = time.monotonic() - t0
+    finally:
+        holder.close()
+        engine.dispose()
+        database.dispose()
+    message = str(caught.value)
+    print(f"\n{backend}: {message!r} after {took:.2f} s")
+    assert "\n" not in message and "SELECT" not in message and "UPDATE" not in message
+    assert took < STATEMENT_TIMEOUT + CONNECT_TIMEOUT + 5, took
+
+
+def test_a_stop_whose_row_is_locked_waits_for_its_write_only_so_long(conf, db_url_factory, caplog):
+    """The row locked elsewhere held the stop for the whole statement deadline (30 s by
+    default; with 90 s, systemd's TimeoutStopSec=60 killed the agent)."""
+    url = db_url_factory("postgresql")
+    database = Database(url)  # the default deadlines: statement 30 s
+    migration.upgrade(database)
+    conf.set_override("report_interval", 60)
+    svc = NodeService(conf, database)
+    svc.claim()
+    assert svc.row is not None
+    engine, holder = _lock_row(url, svc.row.id)
+    try:
+        t0 = time.monotonic()
+        svc.stop()
+        took = time.monotonic() - t0
+    finally:
+        holder.close()
+        engine.dispose()
+    print(f"\nstop with the row locked: {took:.2f} s")
+    assert took < service_module.STOP_WRITE_WAIT + 5, took
+    assert "could not mark the service stopped: no answer within 5 s" in caplog.text
