@@ -15,12 +15,17 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import signal
 import tempfile
+import time
 
 import pytest
 
-from tests.functional.agent_process import manage
-from tests.functional.libvirt_drill import KEEPALIVE, Drill
+from compute_agent import exception, green
+from compute_agent.virt.libvirt.host import Host
+from tests.functional.agent_process import REPO, AgentProcess, manage
+from tests.functional.libvirt_drill import KEEPALIVE, Drill, private_libvirtd
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -61,3 +66,72 @@ def test_the_agent_lives_through_freezes_past_the_keepalive_and_a_restart():
     output = drill.agent.output
     assert "Fatal Python error" not in output and "Traceback" not in output, output[-3000:]
     assert output.count("libvirt connection restored") >= FREEZES + 1
+
+
+def test_an_open_on_a_frozen_libvirtd_ends_at_its_deadline_and_connects_after_the_thaw():
+    """libvirt's open has no deadline: on a hung libvirtd it held the agent's start,
+    and a SIGTERM with it, until systemd killed the agent (an operator-style attack)."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="ca-open-"))
+    daemon, uri = private_libvirtd(root / "lv")
+    changes: list[bool] = []
+    host = Host(
+        uri,
+        lambda up, _why: changes.append(up),
+        lambda *_: None,
+        keepalive=(1, 1),  # an open waits 2 s
+        reconnect_min=0.5,
+        reconnect_max=1.0,
+    )
+    try:
+        os.kill(daemon.pid, signal.SIGSTOP)
+        t0 = green.monotonic()
+        with pytest.raises(
+            exception.HypervisorUnavailable, match="did not answer an open within 2 s"
+        ):
+            host.start(events=True)
+        took = green.monotonic() - t0
+        # The reconnection waits for that open rather than starting more of them.
+        assert wait_until(lambda: "has not answered an open" in (host.last_error or ""), 10)
+        os.kill(daemon.pid, signal.SIGCONT)
+        assert wait_until(lambda: host.connected, 30), host.last_error
+        print(f"\nopen given up after {took:.2f} s; connected after the thaw")
+        assert took < host.open_timeout + 3, took
+        assert changes and changes[-1] is True
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+        host.stop()
+        daemon.terminate()
+        daemon.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_an_agent_whose_libvirtd_hangs_at_its_start_stops_on_sigterm(tmp_path):
+    """The same attack on the agent: SIGTERM during that start waited for libvirtd for ever."""
+    root = pathlib.Path(tempfile.mkdtemp(prefix="ca-open-agent-"))
+    daemon, uri = private_libvirtd(root / "lv")
+    conf = tmp_path / "agent.conf"
+    conf.write_text(
+        f"[DEFAULT]\nstate_path = {tmp_path}/state\nhost = hung-start\n"
+        f"[libvirt]\nconnection_uri = {uri}\nkeepalive_interval = 1\nkeepalive_count = 1\n"
+    )
+    config = [REPO / "etc" / "compute-agent.conf", conf]
+    assert manage("db", "sync", config_files=config).returncode == 0
+    os.kill(daemon.pid, signal.SIGSTOP)
+    agent = AgentProcess(config)
+    try:
+        time.sleep(1.0)  # inside the open
+        t0 = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        rc = agent.proc.wait(60)
+        took = time.monotonic() - t0
+        agent._reader.join(2)
+    finally:
+        agent.kill()
+        os.kill(daemon.pid, signal.SIGCONT)
+        daemon.terminate()
+        daemon.wait(10)
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\nSIGTERM during a hung open: exit {rc} after {took:.2f} s")
+    assert rc == 0, agent.output[-3000:]
+    assert "did not answer an open within 2 s" in agent.output
+    assert took < 20, took

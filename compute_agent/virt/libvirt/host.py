@@ -26,6 +26,9 @@ from compute_agent.virt.libvirt.pool import Connection, ConnectionPool
 LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# The open's deadline when keepalive is off (keepalive_interval = 0).
+OPEN_TIMEOUT_S = 20.0
+
 # (domain name, domain UUID, libvirt event, libvirt detail), called on the hub.
 OnLifecycle = Callable[[str, str, int, int], None]
 
@@ -121,6 +124,11 @@ class Host:
         self._reconnect_min = reconnect_min
         self._reconnect_max = max(reconnect_min, reconnect_max)
         self._keepalive = keepalive
+        interval, count = keepalive
+        # What keepalive allows a silent daemon once connected, for the open too.
+        self.open_timeout = float(interval * (count + 1)) if interval > 0 else OPEN_TIMEOUT_S
+        self._opening: green.Task | None = None  # an open that outlived its wait
+        self._opening_since = 0.0
         self.shared_state = not has_private_state(uri)
         self.pool = ConnectionPool(
             self._open_raw if self.shared_state else None,
@@ -231,7 +239,7 @@ class Host:
 
     def _connect(self) -> None:
         try:
-            raw = green.execute(self._open_raw)
+            raw = self._open_within_deadline()
         except libvirt.libvirtError as exc:
             raise exception.HypervisorUnavailable(
                 f"cannot connect to libvirt at {self.uri}: {exc.get_error_message()}"
@@ -254,6 +262,47 @@ class Host:
             raise exception.HypervisorUnavailable(f"libvirt at {self.uri} lost while connecting")
         self.last_error = None
         LOG.info("connected to libvirt at %s", self.uri)
+
+    def _open_within_deadline(self) -> Any:
+        """Open the events connection, waiting at most ``open_timeout`` s.
+
+        libvirt's open has no deadline (keepalive starts after it): on a hung
+        libvirtd it waited for ever, inside the agent's start, and a SIGTERM
+        waited with it until systemd killed the agent. Past the deadline the
+        open is left to finish in its own task, which closes what it opens
+        then; no second open starts while it is out.
+        """
+        with self._guard:
+            pending, since = self._opening, self._opening_since
+        if pending is not None and not pending.done():
+            raise exception.HypervisorUnavailable(
+                f"libvirt at {self.uri} has not answered an open for "
+                f"{green.monotonic() - since:.0f} s"
+            )
+        started = green.monotonic()
+        opening = green.submit(green.execute, self._open_raw, name="libvirt-open")
+        try:
+            return opening.result(self.open_timeout)
+        except TimeoutError:
+            with self._guard:
+                self._opening, self._opening_since = opening, started
+            opening.add_done_callback(self._close_late_open)
+            raise exception.HypervisorUnavailable(
+                f"libvirt at {self.uri} did not answer an open within {self.open_timeout:.0f} s"
+            ) from None
+        except libvirt.libvirtError:
+            raise
+        except BaseException:  # this task cancelled while it waited: the open is not ours
+            opening.add_done_callback(self._close_late_open)
+            raise
+
+    def _close_late_open(self, opening: green.Task) -> None:
+        try:
+            raw = opening.result(0)
+        except BaseException:  # noqa: BLE001 - failed or cancelled: nothing to close
+            return
+        LOG.info("libvirt at %s answered a late open; closing that connection", self.uri)
+        green.spawn(self._close_all, [Connection(raw, 0, None)], name="libvirt-late-open")
 
     def _open_raw(self) -> Any:
         raw = libvirt.open(self.uri)
