@@ -371,7 +371,7 @@ class RPCServer:
                 probe.cast({}, "probe")
                 return
             except Exception as exc:  # noqa: BLE001 - each kind of failure is waited out alike
-                wait = min(pause, PROBE_MAX_PAUSE_S) * (0.5 + random.random())
+                wait = pause * (0.5 + random.random())
                 LOG.warning(
                     "RPC broker %s not reachable: %s: %s; trying again in %.1f s",
                     safe_url(self.conf.transport_url),
@@ -382,7 +382,7 @@ class RPCServer:
             finally:
                 transport.cleanup()
             green.sleep(wait)
-            pause *= 2
+            pause = min(pause * 2, PROBE_MAX_PAUSE_S)
 
     def _start_server(self) -> None:
         assert self.server is not None
