@@ -78,6 +78,9 @@ class NodeService:
         self.row: ServiceRow | None = None
         self.stopping = False
         self._stop_requested = green.Event()
+        # Set by a start step's end or a stop request, whichever comes first.
+        self._step_over: green.Event | None = None
+        self._given_up: green.Task | None = None  # the start step a stop request left
         self._stopped = False
         self._heartbeat_write: green.Task | None = None
         self._heartbeat_started = 0.0
@@ -135,9 +138,46 @@ class NodeService:
         # look alive at once.
         self.runner.add(HEARTBEAT, self.heartbeat, self.conf.report_interval, fuzzy=False)
         for component in self.components:
+            if self._stop_requested.is_set():
+                # A step given up by run_start_step returned later (a call
+                # that cannot be cancelled): start nothing after a stop.
+                LOG.info(
+                    "stop requested: %s and what follows not started", type(component).__name__
+                )
+                return
             component.start(self)
+        if self._stop_requested.is_set():
+            return
         self.runner.start()
         freeze_long_lived_objects()
+
+    def run_start_step(self, what: str, step: Callable[[], object]) -> bool:
+        """Run one step of the start in a task; True once it ended, False if a stop came first.
+
+        A step can wait on a silent dependency for its whole deadline (a
+        hung libvirtd's open: 20 s by default; a claim meeting its row
+        locked elsewhere: the 30 s statement deadline), and a SIGTERM then
+        waited with it, to end as a failure where a stop was asked for.
+        Now a stop request ends the wait at once and cancels the step; a
+        step blocked in a C call sees the cancel when the call returns,
+        and the start checks for a stop between its components. A step's
+        error is raised here; False also when a stop came while it ran.
+        """
+        over = green.Event()
+        self._step_over = over  # request_stop sets it from here on
+        if self._stop_requested.is_set():
+            return False
+        task = green.submit(step, name="start-step")
+        task.add_done_callback(lambda _task: over.set())
+        while not over.wait(0.5):
+            pass
+        if task.done():
+            task.result()
+            return not self._stop_requested.is_set()
+        LOG.info("stop requested while %s: the start is given up", what)
+        task.cancel()
+        self._given_up = task
+        return False
 
     def add_periodic(
         self, name: str, fn: Callable[[], Any], interval: float, *, fuzzy: bool = True
@@ -151,6 +191,8 @@ class NodeService:
             LOG.info("stop requested%s", f" ({reason})" if reason else "")
         self.stopping = True
         self._stop_requested.set()
+        if (over := self._step_over) is not None:
+            over.set()
 
     def wait(self, poll: float = 0.5) -> None:
         """Block the calling greenthread until a stop is requested."""
@@ -175,6 +217,8 @@ class NodeService:
                 LOG.exception("error stopping %s", type(component).__name__)
         self.runner.stop(grace)
         self.lag_monitor.stop()
+        if (left := self._given_up) is not None and not left.done():
+            LOG.info("a start step is still in a call that cannot be cancelled; not waiting for it")
         if self.row is not None and not self.displaced:
             self._mark_stopped()
         self.db.dispose()

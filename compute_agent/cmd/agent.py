@@ -246,13 +246,18 @@ def serve(notifier: sdnotify.Notifier) -> int:
     service, admin, metrics = build_service(CONF, owner=owner, predecessor=predecessor, busy=busy)
     install_signal_handlers(service, CONF)
     loop = sdnotify.NotifyLoop(notifier, service.status, CONF.report_interval)
-    claim_host(service, admin, metrics, busy)  # refused: one line, nothing written
-    lock.record(owner)  # the row is ours: the tokens before are of no use now
+    # A stop request ends either step's wait at once (a locked row, a hung
+    # libvirtd); refused (Fatal): one line, nothing written, nothing to stop.
+    claimed = service.run_start_step(
+        "claiming the service row", lambda: claim_host(service, admin, metrics, busy)
+    )
     try:
-        service.start()
-        notifier.ready(service.status())
-        loop.start()
-        service.wait()
+        if claimed:
+            lock.record(owner)  # the row is ours: the tokens before are of no use now
+        if claimed and service.run_start_step("starting", service.start):
+            notifier.ready(service.status())
+            loop.start()
+            service.wait()
     finally:
         notifier.stopping(service.status())
         service.stop()

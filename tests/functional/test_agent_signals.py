@@ -17,6 +17,7 @@ import time
 
 import pytest
 
+from compute_agent.db.api import Database
 from tests.functional.agent_process import REPO, AgentProcess, manage
 
 
@@ -235,3 +236,32 @@ def test_a_ctrl_c_while_the_agent_starts_ends_it_without_a_traceback(tmp_path, a
     # Killed by the signal before the handlers, or stopped by them after.
     assert rc in (-signal.SIGINT, 0), (rc, agent.output)
     assert "Traceback" not in agent.output and "KeyboardInterrupt" not in agent.output, agent.output
+
+
+@pytest.mark.parametrize("after", [0.6, 1.0, 1.4, 1.8, 2.4])
+def test_a_sigterm_at_any_moment_of_the_start_stops_the_agent_in_order(tmp_path, after):
+    """Through the imports, the claim, each component's start and the first beats: killed
+    by the signal before the handlers, or a stop in order after them; never a hang,
+    a traceback or a row left claimed."""
+    state = tmp_path / "state"
+    config = _conf(tmp_path / "agent.conf", state, debug=False)
+    assert manage("db", "sync", config_files=config).returncode == 0
+    agent = AgentProcess(config)
+    try:
+        time.sleep(after)
+        rc, took = agent.terminate(timeout=30)
+    finally:
+        agent.kill()
+    print(f"\nSIGTERM {after} s after the start: exit {rc} after {took:.2f} s")
+    assert rc in (-signal.SIGTERM, 0), (rc, agent.output)
+    assert "Traceback" not in agent.output and "ERROR" not in agent.output, agent.output
+    assert took < 10, (took, agent.output)
+    database = Database(f"sqlite:///{state}/compute-agent.sqlite")
+    try:
+        row = database.service_get("signal-host", "compute-agent")
+    finally:
+        database.dispose()
+    if rc == 0 and "stop requested" in agent.output:
+        assert "compute-agent stopped in" in agent.output, agent.output
+    # Never claimed, or marked stopped by the agent that claimed it.
+    assert row is None or row.stopped_at is not None, (row, agent.output)

@@ -297,3 +297,53 @@ def test_a_stop_whose_row_is_locked_waits_for_its_write_only_so_long(conf, db_ur
     print(f"\nstop with the row locked: {took:.2f} s")
     assert took < service_module.STOP_WRITE_WAIT + 5, took
     assert "could not mark the service stopped: no answer within 5 s" in caplog.text
+
+
+_LOCK_WAITERS = {
+    "postgresql": "SELECT count(*) FROM pg_stat_activity "
+    "WHERE wait_event_type = 'Lock' AND datname = current_database()",
+    "mysql": "SELECT count(*) FROM information_schema.innodb_trx WHERE trx_state = 'LOCK WAIT'",
+}
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_sigterm_while_the_claim_meets_its_row_locked_stops_at_once(
+    backend, db_url_factory, tmp_path
+):
+    """The claim at start waited out the statement deadline (30 s by default) under a
+    SIGTERM, then exited 1 with "cannot claim the service row"; a requested stop now
+    ends the start at once, exit 0, and the row keeps what it had."""
+    url = db_url_factory(backend)
+    database = Database(url)
+    migration.upgrade(database)
+    row = database.service_start("claim-locked", "compute-agent", "earlier-agent")
+    assert database.service_stopped(row.id, "earlier-agent")
+    config = tmp_path / "claim.conf"
+    config.write_text(
+        f"[DEFAULT]\nstate_path = {tmp_path}/state\nhost = claim-locked\n"
+        f"[database]\nconnection = {url}\n"  # the default deadlines: statement 30 s
+    )
+    engine, holder = _lock_row(url, row.id)
+    agent = AgentProcess([REPO / "etc" / "compute-agent.conf", config])
+    try:
+
+        def waiters() -> int:  # a connection each time: PostgreSQL's view is per transaction
+            with engine.connect() as watcher:
+                return int(watcher.execute(sa.text(_LOCK_WAITERS[backend])).scalar() or 0)
+
+        eventually(
+            waiters, 60, "the agent's claim queued behind the lock", detail=lambda: agent.output
+        )
+        rc, took = agent.terminate(timeout=60)
+    finally:
+        agent.kill()
+        holder.close()
+        engine.dispose()
+    after = database.service_get("claim-locked", "compute-agent")
+    database.dispose()
+    print(f"\n{backend}: SIGTERM during a claim on a locked row: exit {rc} after {took:.2f} s")
+    assert rc == 0, agent.output[-3000:]
+    assert "stop requested while claiming the service row: the start is given up" in agent.output
+    assert "cannot claim" not in agent.output
+    assert took < 8, took
+    assert after is not None and after.owner == "earlier-agent" and after.stopped_at is not None

@@ -110,3 +110,73 @@ def test_a_silent_database_fails_each_heartbeat_on_time(conf, sqlite_db, monkeyp
     answer.set()
     green.sleep(0.05)
     assert svc.heartbeat() == 1
+
+
+class _Recorder:
+    """A component that records its start; ``hold`` s in a call no cancel reaches first."""
+
+    def __init__(self, hold: float = 0.0) -> None:
+        self.hold = hold
+        self.started = False
+
+    def start(self, service):
+        if self.hold:
+            green.execute(green.native_sleep, self.hold)
+        self.started = True
+
+    def stop(self):
+        pass
+
+
+def test_a_stop_request_ends_a_start_steps_wait_at_once(service):
+    """A step waiting on a silent dependency (a hung open, a locked row) held a SIGTERM
+    for the dependency's whole deadline; now the wait ends and the step is cancelled."""
+    ended = green.Event()
+    outcome = []
+
+    def step():
+        try:
+            ended.wait(30)
+        except green.Cancelled:
+            outcome.append("cancelled")
+            raise
+
+    green.call_later(0.1, service.request_stop, "test")
+    t0 = green.monotonic()
+    assert service.run_start_step("waiting", step) is False
+    assert green.monotonic() - t0 < 2.0
+    for _ in range(100):  # the step sees the cancel at its wait
+        if outcome:
+            break
+        green.sleep(0.05)
+    assert outcome == ["cancelled"]
+
+
+def test_a_start_given_up_in_an_uncancellable_call_starts_nothing_after_it(conf, sqlite_db):
+    """Under threads the cancel reaches a step only when its C call returns: the start
+    then sees the stop between components and starts none of the rest."""
+    blocked, after = _Recorder(hold=0.5), _Recorder()
+    svc = NodeService(conf, sqlite_db, components=[blocked, after])
+    svc.claim()
+    green.call_later(0.1, svc.request_stop, "test")
+    t0 = green.monotonic()
+    assert svc.run_start_step("starting", svc.start) is False
+    assert green.monotonic() - t0 < 0.45
+    green.sleep(1.0)  # past the call's return
+    svc.stop()
+    assert not after.started
+    assert svc.runner.tasks[HEARTBEAT].runs == 0  # the periodic tasks never started
+
+
+def test_a_start_step_raises_its_error_and_runs_nothing_once_stopped(service):
+    def fails():
+        raise ValueError("refused")
+
+    with pytest.raises(ValueError, match="refused"):
+        service.run_start_step("failing", fails)
+    assert service.run_start_step("quick", lambda: None) is True
+    ran = []
+    service.request_stop("test")
+    assert service.run_start_step("late", lambda: ran.append(1)) is False
+    green.sleep(0.1)
+    assert ran == []
