@@ -36,7 +36,9 @@ def test_execute_runs_blocking_calls_off_the_hub():
     lates, gt = _ticker(0.5)
     green.execute(green.native_sleep, 0.4)
     gt.wait()
-    assert max(lates) < 0.03
+    # On the hub the call stalls a tick 0.4 s (the control below); a loaded
+    # 2-core machine delays one by 30 ms now and then (seen beside a benchmark).
+    assert max(lates) < 0.15
 
 
 @eventlet_only
