@@ -29,7 +29,7 @@ BENCHMARKS = [
 ]
 # Run by name only: a comparison with another checkout (hot_paths), drills
 # that need root and a private libvirtd or minutes of attack on one agent.
-ON_DEMAND = ["hot_paths", "metrics_attack", "libvirt_thaw_drill"]
+ON_DEMAND = ["hot_paths", "metrics_attack", "libvirt_thaw_drill", "distant_db"]
 # Modules with a main that are not benchmarks: processes other benchmarks
 # start, and what they share.
 HELPERS = {

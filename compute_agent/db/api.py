@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import functools
+import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeAlias, TypeVar, cast
@@ -39,6 +40,9 @@ from compute_agent.utils import utcnow
 LOAD_CHUNK = 100
 # Audit rows inserted between two pauses on a server database.
 ACTIONS_PER_PAUSE = 10
+# At most one line per this many seconds says the service row was written
+# on a connection of its own, every pooled one being busy.
+SIDE_CONNECTION_LOG_S = 600.0
 # Domain names per IN list when looking names up (SQLite's default bound on
 # parameters per statement was 999 before 3.32).
 NAMES_PER_STATEMENT = 500
@@ -46,6 +50,8 @@ NAMES_PER_STATEMENT = 500
 # ``deleted == false()``, never ``deleted IS false``: PostgreSQL uses no index
 # for IS, so a host's live rows were found by scanning all its dead ones
 # (bench/db_scale.py; the column is NOT NULL, so both say the same).
+
+LOG = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -147,9 +153,21 @@ class Database:
             transaction_pooling=transaction_pooling,
         )
         self._statements_guard = green.native_lock()  # statements run on many threads
-        event.listen(self.engine, "before_cursor_execute", self._count)
-        for name in ("begin", "commit", "rollback"):
-            event.listen(self.engine, name, self._count_one)
+        self._counted(self.engine)
+        self.pool_size = pool_size
+        # Transactions of many rows at once (_bulk_turn): all connections but one.
+        self._bulk_turns: contextlib.AbstractContextManager[Any] = green.Semaphore(
+            max(1, pool_size - 1)
+        )
+        # The service row's writes when every pooled connection is busy (a
+        # sync's long transactions on a distant server held them past the
+        # heartbeat's wait): a connection of their own, opened for the write
+        # and closed after it, so an idle agent still holds one.
+        self._side_engine: Engine | None = None
+        self._side_guard = green.native_lock()
+        self.side_connections = 0  # opened so, since start
+        self._side_said = 0.0  # monotonic: when the last line said so
+        self._transaction_pooling = transaction_pooling
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._cas_cache: dict[tuple[tuple[str, ...], tuple[tuple[str, bool], ...]], sa.Update] = {}
         # SQLite's work goes to the native thread pool, one call at a time:
@@ -168,6 +186,11 @@ class Database:
         n = len(parameters) if many else 1
         with self._statements_guard:
             self.statements += n
+
+    def _counted(self, engine: Engine) -> None:
+        event.listen(engine, "before_cursor_execute", self._count)
+        for name in ("begin", "commit", "rollback"):
+            event.listen(engine, name, self._count_one)
 
     def _count_one(self, *args: Any) -> None:
         """BEGIN, COMMIT, ROLLBACK and the pool's check run on the server too."""
@@ -204,13 +227,19 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._side_engine is not None:
+            self._side_engine.dispose()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[Session]:
-        """A session inside one transaction, committed on success."""
+    def transaction(self, *, urgent: bool = False) -> Iterator[Session]:
+        """A session inside one transaction, committed on success.
+
+        ``urgent``: the service row's writes, which must not wait behind
+        the agent's other work for a pooled connection.
+        """
         with (
             unreachable_as_typed(),
-            self._connect() as conn,
+            self._urgent_connect() if urgent else self._connect() as conn,
             self._sessions(bind=conn) as session,
             session.begin(),
         ):
@@ -221,6 +250,56 @@ class Database:
         """A Core connection inside one transaction, committed on success."""
         with unreachable_as_typed(), self._connect() as conn, conn.begin():
             yield conn
+
+    def _bulk_turn(self, rows: int) -> contextlib.AbstractContextManager[Any]:
+        """A turn for a transaction of many rows: at most all pooled connections but one.
+
+        On a distant server a sync's batch of 500 writes holds its
+        connection for seconds (a round trip a row); more batches than
+        connections waited out the pool's 30 s and failed, 1000 rows of
+        3000 at 5 ms each way. Turns wait without a deadline, and the
+        connection left over serves the heartbeat, operations and reads.
+        """
+        if self.offloaded or rows <= 1:
+            return contextlib.nullcontext()
+        return self._bulk_turns
+
+    def _urgent_connect(self) -> sa.Connection:
+        """A pooled connection if one is free, else one of its own, closed after use.
+
+        A heartbeat that waited for the pool behind a sync's transactions
+        (each row of an executemany is a round trip: seconds on a distant
+        server) failed beat after beat, and the host looked down while it
+        worked. SQLite has one connection, used one call at a time.
+        """
+        pool = self.engine.pool
+        if self.offloaded or pool.checkedout() < self.pool_size:  # type: ignore[attr-defined]
+            return self._connect()
+        with self._side_guard:
+            if self._side_engine is None:
+                self._side_engine = create_engine(
+                    self.url,
+                    1,
+                    self.deadlines,
+                    self._count_one,
+                    transaction_pooling=self._transaction_pooling,
+                    pooled=False,
+                )
+                self._counted(self._side_engine)
+            self.side_connections += 1
+            engine, opened, now = self._side_engine, self.side_connections, green.monotonic()
+            say = opened == 1 or now - self._side_said >= SIDE_CONNECTION_LOG_S
+            if say:
+                self._side_said = now
+        if say:
+            LOG.warning(
+                "all %d pooled database connections busy: the service row written on a "
+                "connection of its own (%d time(s) since start; a slow or distant server "
+                "under a big sync?)",
+                self.pool_size,
+                opened,
+            )
+        return engine.connect()
 
     def _connect(self) -> sa.Connection:
         """A pooled connection; a second one refused for load waits for our first to come back.
@@ -330,7 +409,7 @@ class Database:
         (callers that never claimed a row).
         """
         now = utcnow()
-        with self.transaction() as s:
+        with self.transaction(urgent=True) as s:
             stmt = sa.update(Service).where(Service.id == service_id)
             if owner is not None:
                 stmt = stmt.where(Service.owner == owner)
@@ -345,7 +424,7 @@ class Database:
     @_offloaded
     def service_stopped(self, service_id: int, owner: str | None = None) -> bool:
         """Mark the service stopped, only while ``owner`` holds it; whether it was."""
-        with self.transaction() as s:
+        with self.transaction(urgent=True) as s:
             stmt = sa.update(Service).where(Service.id == service_id)
             if owner is not None:
                 stmt = stmt.where(Service.owner == owner)
@@ -571,7 +650,7 @@ class Database:
         several times more.
         """
         now = utcnow()
-        with self._begin() as conn:
+        with self._bulk_turn(len(writes)), self._begin() as conn:
             if self.offloaded and self.engine.dialect.supports_sane_multi_rowcount:
                 outcomes = self._cas_grouped(conn, writes, now)
             else:

@@ -28,8 +28,12 @@ def create_engine(
     counted: Callable[[], None],
     *,
     transaction_pooling: bool = False,
+    pooled: bool = True,
 ) -> Engine:
     """An engine for ``url`` with ``deadlines`` on every wait.
+
+    ``pooled`` False: a connection per use, closed after it (the
+    heartbeat's, when every pooled one is busy).
 
     ``counted`` is called for each statement SQLAlchemy's events do not
     see: the pool's check of a pooled connection, and the per-transaction
@@ -40,8 +44,10 @@ def create_engine(
     under load, the extra ones closed as they are given back. A fleet of
     hosts then costs the server one connection per idle host.
     """
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
-    if url.get_backend_name() == "sqlite":
+    kwargs: dict[str, Any] = {"pool_pre_ping": pooled}
+    if not pooled:
+        kwargs.update(poolclass=sa.pool.NullPool)
+    elif url.get_backend_name() == "sqlite":
         # One connection: every call runs in a native thread, one at a time.
         kwargs.update(poolclass=sa.pool.QueuePool, pool_size=1, max_overflow=0)
     else:
@@ -51,11 +57,11 @@ def create_engine(
             max_overflow=max(0, pool_size - 1),
             pool_recycle=3600,
         )
-    pooled = transaction_pooling and url.get_driver_name() == "pg8000"
-    kwargs["connect_args"] = connect_args(url, deadlines, transaction_pooling=pooled)
+    behind_pooler = transaction_pooling and url.get_driver_name() == "pg8000"
+    kwargs["connect_args"] = connect_args(url, deadlines, transaction_pooling=behind_pooler)
     engine = sa.create_engine(url, **kwargs)
     event.listen(engine, "connect", _statement_deadline(deadlines.statement))
-    if pooled:
+    if behind_pooler:
         _transaction_deadline(engine, deadlines.statement, counted)
     _ping_deadline(engine, deadlines, counted)
     if url.get_backend_name() == "sqlite":

@@ -12,6 +12,9 @@ native when not (a benchmark); the class works the same either way::
     proxy.start()           # proxy.port is the port to use instead of 5432
     proxy.freeze(); proxy.thaw()
     proxy.stop()
+
+With ``delay`` it is also a distant server: each chunk waits that long
+before it goes on, each way.
 """
 
 from __future__ import annotations
@@ -33,8 +36,13 @@ class FrozenProxy:
     thread's read (eventlet refuses that), so every wait polls ``_POLL``.
     """
 
-    def __init__(self, target_host: str, target_port: int, *, frozen: bool = False) -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, frozen: bool = False, delay: float = 0.0
+    ) -> None:
+        """``delay``: seconds each chunk waits before it is forwarded, each way (a
+        distant server: a round trip costs twice that)."""
         self.target = (target_host, target_port)
+        self.delay = delay
         self.port = 0
         self.accepted = 0
         self._thawed = threading.Event()
@@ -129,6 +137,8 @@ class FrozenProxy:
                     continue
                 if not data or not self._wait_thawed():
                     break
+                if self.delay:
+                    time.sleep(self.delay)
                 dst.sendall(data)
         except (OSError, EOFError):
             pass

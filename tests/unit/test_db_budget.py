@@ -22,6 +22,7 @@ from compute_agent.rpc import BINARY
 from compute_agent.service import NodeService
 from tests.busy_role import BusyAccount
 from tests.conftest import PGBOUNCER, SERVER_DB, SERVER_URLS, backend_params
+from tests.helpers import create_instance
 
 SERVERS = backend_params("postgresql", "mysql")
 POOL_SIZE = 3
@@ -90,9 +91,78 @@ def test_idle_one_connection_peak_pool_size_extras_closed(server_db):
     assert after == 1
 
 
-def _hold(db: Database) -> None:
+def _hold(db: Database, seconds: float = HOLD_S) -> None:
     with db._begin() as conn:
-        conn.execute(sa.text(_sleep_sql(db)))
+        conn.execute(sa.text(_sleep_sql(db).replace(str(HOLD_S), str(seconds))))
+
+
+def test_the_heartbeat_is_written_while_every_pooled_connection_is_busy(server_db, conf, caplog):
+    """A sync's long transactions on a distant server (each row of an executemany is a
+    round trip) held every pooled connection past the heartbeat's wait: it failed beat
+    after beat and the host looked down while it worked."""
+    db, count = server_db
+    conf.set_override("report_interval", 2)  # the heartbeat waits 1.6 s
+    svc = NodeService(conf, db)
+    svc.claim()
+    holding = [green.submit(_hold, db, 6.0, name=f"hold-{i}") for i in range(POOL_SIZE)]
+    assert _eventually(lambda: db.engine.pool.checkedout() == POOL_SIZE)
+    assert _eventually(lambda: count() == POOL_SIZE)
+    t0 = green.monotonic()
+    with caplog.at_level(logging.WARNING, logger="compute_agent.db.api"):
+        assert svc.heartbeat() == 1
+    took = green.monotonic() - t0
+    during = count()
+    assert not any(t.done() for t in holding)  # the pool was full all along
+    for t in holding:
+        t.result(30)
+    print(f"\n{db.url.get_backend_name()}: heartbeat beside a full pool in {took:.3f} s")
+    assert took < 1.6, took
+    assert db.side_connections == 1
+    said = [r.getMessage() for r in caplog.records if r.name == "compute_agent.db.api"]
+    assert said and said[0].startswith("all 3 pooled database connections busy"), said
+    assert during == POOL_SIZE  # the heartbeat's own connection closed after its write
+    assert db.service_stopped(svc.row.id, svc.owner)  # the stop's write: the same way
+    row = db.service_get(conf.host, BINARY)
+    assert row is not None and row.report_count == 1 and row.stopped_at is not None
+
+
+def test_batches_of_writes_leave_one_pooled_connection_free(server_db, conf, monkeypatch):
+    """On a distant server each batch holds its connection for seconds: more batches
+    than connections waited out the pool's 30 s and failed (1000 rows of a 3000-row
+    sync, bench/distant_db.py). Batches now take turns: all connections but one."""
+    db, _count = server_db
+    svc = NodeService(conf, db)
+    svc.claim()
+    batches = [[create_instance(db) for _ in range(8)] for _ in range(POOL_SIZE + 1)]
+    real = Database._pause
+    monkeypatch.setattr(Database, "_pause", lambda self: (green.sleep(0.05), real(self)))
+    writes = [
+        [(i, {"power_state": "shutdown"}, {"updated_at": i.updated_at}, []) for i in batch]
+        for batch in batches
+    ]
+    running = [
+        green.submit(db.instance_compare_and_set_many, w, name=f"batch-{n}")
+        for n, w in enumerate(writes)
+    ]
+    peak = 0
+    beats = 0
+    while not all(t.done() for t in running):
+        peak = max(peak, db.engine.pool.checkedout())
+        if beats == 0 and peak == POOL_SIZE - 1:
+            beats = svc.heartbeat()  # on the connection left over, at once
+        green.sleep(0.01)
+    assert all(all(t.result(30)) for t in running)
+    assert peak == POOL_SIZE - 1, peak
+    assert beats == 1 and db.side_connections == 0
+
+
+def _eventually(check, timeout: float = 10.0) -> bool:
+    end = green.monotonic() + timeout
+    while not check():
+        if green.monotonic() > end:
+            return False
+        green.sleep(0.02)
+    return True
 
 
 @pytest.fixture(params=SERVERS)
