@@ -268,7 +268,10 @@ class NativeQueue:
 
     ``put`` is safe from any native thread (a libvirt callback, say) and never
     touches the hub: it appends and writes one byte to a pipe. ``get`` waits
-    greenly for the pipe to become readable.
+    greenly for the pipe to become readable. A ``put`` after ``close`` is
+    dropped: a connection's close callback comes after the queue's close,
+    and its byte went to the pipe's old descriptor number, by then perhaps
+    another file's (a socket, another pipe).
     """
 
     def __init__(self) -> None:
@@ -277,15 +280,19 @@ class NativeQueue:
         _native_os.set_blocking(self._rfd, False)
         _native_os.set_blocking(self._wfd, False)
         self._closed = False
+        # The write end's use and its close, one at a time: held for a
+        # system call, never across a switch.
+        self._write_guard = _native_threading.Lock()
 
     def put(self, item: Any) -> None:
-        self._items.append(item)
-        try:
-            _native_os.write(self._wfd, b"!")
-        except BlockingIOError:
-            pass  # the pipe is full, so the reader is already due to wake
-        except OSError:
-            pass  # closed while a callback was in flight
+        with self._write_guard:
+            if self._closed:
+                return
+            self._items.append(item)
+            try:
+                _native_os.write(self._wfd, b"!")
+            except BlockingIOError:
+                pass  # the pipe is full, so the reader is already due to wake
 
     def get(self, timeout: float | None = None) -> Any:
         """The next item; raise QueueEmpty if none came within ``timeout``."""
@@ -309,11 +316,13 @@ class NativeQueue:
                 pass
 
     def close(self) -> None:
-        if not self._closed:
+        with self._write_guard:
+            if self._closed:
+                return
             self._closed = True
             _native_os.close(self._wfd)
-            eventlet.hubs.notify_close(self._rfd)
-            _native_os.close(self._rfd)
+        eventlet.hubs.notify_close(self._rfd)
+        _native_os.close(self._rfd)
 
 
 class Event:

@@ -1,12 +1,16 @@
 """The green-concurrency module, and that it is the only one touching eventlet."""
 
+import array
 import ast
 import errno
+import fcntl
 import inspect
+import os
 import pathlib
 import re
 import socket
 import sys
+import termios
 import threading
 
 import pytest
@@ -491,3 +495,25 @@ def test_start_soon_runs_the_task_without_its_caller_starting_a_thread():
     assert ran.wait(10)
     handle.result(10)
     assert seen[-1] == ("value", "started-soon")
+
+
+def test_a_put_after_close_is_dropped_and_writes_to_no_other_file():
+    """A libvirt close callback came after Host.stop closed its queue: the put's byte
+    went to the pipe's old descriptor number, by then perhaps another file's."""
+    queue = green.NativeQueue()
+    queue.put("before")
+    assert queue.get(1) == "before"
+    queue.close()
+    r, w = os.pipe()  # takes the lowest free numbers: likely the queue's old ones
+    try:
+        done = green.native_event()
+        green.native_thread(lambda: (queue.put("late"), done.set()), name="late-put")
+        assert done.wait(5)
+        waiting = array.array("i", [0])
+        fcntl.ioctl(r, termios.FIONREAD, waiting)  # never waits, on either backend
+        assert waiting[0] == 0  # nothing arrived
+        with pytest.raises(green.QueueEmpty):
+            queue.get(0.01)
+    finally:
+        os.close(r)
+        os.close(w)
