@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import signal
 import socket as _socket
 import sys
 import threading
@@ -323,6 +324,38 @@ class NativeQueue:
             _native_os.close(self._wfd)
         eventlet.hubs.notify_close(self._rfd)
         _native_os.close(self._rfd)
+
+
+_signal_wakeup: list[int] = []  # the wake-up pipe's read end, once made
+
+
+def wake_on_signals() -> None:
+    """Have a signal's handler act at once, not at the hub's next timer.
+
+    Python runs a handler on the main thread, here the hub's, between two
+    bytecodes: a signal arriving while the hub sleeps in poll runs the
+    handler, and poll is then retried for the rest of its timeout (PEP 475),
+    so the task the handler spawns waited for the next timer (a SIGTERM was
+    acted on up to 0.5 s late). Python also writes each signal's number to
+    the wake-up descriptor, here a pipe the hub watches, so the retried poll
+    returns at once. Call from the main thread; a second call does nothing.
+    """
+    if _signal_wakeup:
+        return
+    rfd, wfd = _native_os.pipe2(_native_os.O_NONBLOCK | _native_os.O_CLOEXEC)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    _signal_wakeup.append(rfd)
+
+    def drain() -> None:
+        while True:
+            eventlet.hubs.trampoline(rfd, read=True)
+            try:
+                while _native_os.read(rfd, 512):
+                    pass
+            except BlockingIOError:
+                pass  # drained: the handlers themselves already ran
+
+    spawn(drain, name="signal-wakeup")
 
 
 class Event:

@@ -315,6 +315,15 @@ def unproxy(obj: Any) -> Any:
     return obj
 
 
+def wake_on_signals() -> None:
+    """Nothing to do: a handler runs when the main thread's wait is interrupted.
+
+    Under eventlet the hub's poll would sleep on; here the main thread waits
+    on a lock or a sleep, which a signal interrupts (PEP 475), and a task the
+    handler spawns is a thread of its own that starts at once.
+    """
+
+
 def native_sleep(seconds: float) -> None:
     """Block the calling thread, as a slow C call would (not a switch point)."""
     time.sleep(seconds)

@@ -24,6 +24,8 @@ The API:
   ``Pool``; ``sleep``, ``yield_now``; ``current_name``/``name_current``.
 - ``execute(fn)``/``proxy(obj)`` run blocking C calls (libvirt) off the hub,
   and the ``native_*`` names give OS-level threads, locks and queues.
+- ``wake_on_signals()``: a signal handler's task runs at once (under eventlet
+  the hub's poll would otherwise sleep on until its next timer).
 - ``recv_by(sock, size, deadline)``/``send_by(sock, data, deadline)``: socket
   I/O with a deadline (TimeoutError past it); under threads what is ready
   moves without giving up the GIL, where each system call of the socket

@@ -212,6 +212,7 @@ def run(argv: Sequence[str]) -> int:
         log.setup(CONF, background=True)
     except OSError as exc:
         raise Fatal(f"cannot open the log: {exc}") from None
+    green.wake_on_signals()  # a signal's task runs at once, not at the hub's next timer
     hup_reopens_log_while_starting()
     if CONF.debug:
         # Every option's value, as OpenStack services log them; oslo.config

@@ -63,10 +63,11 @@ def server_db(request, db_url_factory) -> Iterator[tuple[Database, ServerCount]]
     count.close()
 
 
-def _sleep_sql(db: Database) -> str:
+def _sleep_sql(db: Database) -> sa.TextClause:
+    """The server sleeps ``:seconds`` inside the statement, holding its connection."""
     if db.url.get_backend_name() == "postgresql":
-        return f"SELECT pg_sleep({HOLD_S})"
-    return f"SELECT SLEEP({HOLD_S})"
+        return sa.text("SELECT pg_sleep(:seconds)")
+    return sa.text("SELECT SLEEP(:seconds)")
 
 
 def test_idle_one_connection_peak_pool_size_extras_closed(server_db):
@@ -93,7 +94,7 @@ def test_idle_one_connection_peak_pool_size_extras_closed(server_db):
 
 def _hold(db: Database, seconds: float = HOLD_S) -> None:
     with db._begin() as conn:
-        conn.execute(sa.text(_sleep_sql(db).replace(str(HOLD_S), str(seconds))))
+        conn.execute(_sleep_sql(db), {"seconds": seconds})
 
 
 def test_the_heartbeat_is_written_while_every_pooled_connection_is_busy(server_db, conf, caplog):

@@ -147,6 +147,52 @@ def test_a_stuck_native_call_does_not_keep_the_process_alive(abandon):
     assert rc == (0 if abandon else None)
 
 
+SIGNAL_WHILE_ASLEEP = """
+import os, signal, sys, time
+from compute_agent import green
+green.monkey_patch()
+ran = []
+done = green.Event()
+def mark():  # the time is taken when the spawned task runs
+    ran.append(time.monotonic())
+    done.set()
+def on_signal(*_):
+    green.spawn(mark, name="sig")
+signal.signal(signal.SIGUSR1, on_signal)
+if sys.argv[1] == "wake":
+    green.wake_on_signals()
+sent = []
+def send():
+    time.sleep(0.3)
+    sent.append(time.monotonic())
+    os.kill(os.getpid(), signal.SIGUSR1)  # to the process, as systemd's SIGTERM
+green.native_thread(send, name="sender")
+done.wait(4)  # the hub (or the main thread) has nothing else to wake for
+print(round(ran[0] - sent[0], 3), flush=True)
+"""
+
+
+def _signal_to_task_s(mode: str) -> float:
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_ASLEEP, mode],
+        capture_output=True, text=True, cwd=ROOT.parent, timeout=30, check=True,
+    ).stdout
+    return float(out)
+
+
+def test_a_signal_handlers_task_runs_at_once_not_at_the_next_timer():
+    """A SIGTERM to an idle eventlet agent waited up to 0.5 s for the hub's poll to end."""
+    assert _signal_to_task_s("wake") < 1.0  # typically a few ms; 3.7 s when it waits
+
+
+@eventlet_only
+def test_without_the_wakeup_the_hub_sleeps_through_a_signal():
+    """The control: the bound above separates the two cases on this machine."""
+    assert _signal_to_task_s("plain") > 3.0
+
+
 def test_call_later_cancelled_before_its_start_never_runs():
     ran = []
     task = green.call_later(0.05, ran.append, 1, name="late")

@@ -61,18 +61,22 @@ def test_request_stop_releases_wait(service):
 
 @pytest.mark.slow
 def test_native_blocking_task_never_delays_the_heartbeat(service, sqlite_db):
-    """A task blocked 30 s in a native call: heartbeat lateness stays under 50 ms."""
+    """A task blocked 10 s in a native call: heartbeat lateness stays under 50 ms.
+
+    The story's agent froze for a minute at 30 VMs; ten beats of 1 s each
+    show the same: each would be late by the whole block if it held the hub.
+    """
     service.start()
     blocker = service.add_periodic(
-        "blocker", lambda: green.execute(green.native_sleep, 30), 1000, fuzzy=False
+        "blocker", lambda: green.execute(green.native_sleep, 10), 1000, fuzzy=False
     )
     blocker.start()
-    green.sleep(30.5)
-    assert blocker.runs == 1 and blocker.last_duration >= 30
+    green.sleep(10.5)
+    assert blocker.runs == 1 and blocker.last_duration >= 10
     beat = service.runner.tasks[HEARTBEAT]
-    assert beat.runs >= 29
+    assert beat.runs >= 9
     assert beat.max_lateness < 0.05, beat.max_lateness
-    assert sqlite_db.service_get("test-host", BINARY).report_count >= 29
+    assert sqlite_db.service_get("test-host", BINARY).report_count >= 9
 
 
 @pytest.mark.hub_only("no hub for a task to block")
