@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 from collections.abc import Callable
@@ -81,6 +82,10 @@ class NodeService:
         # Set by a start step's end or a stop request, whichever comes first.
         self._step_over: green.Event | None = None
         self._given_up: green.Task | None = None  # the start step a stop request left
+        # A claim between its last look at the stop request and storing its
+        # row: the stop waits for it (see _claim_goes_ahead).
+        self._claim_guard = green.native_lock()
+        self._claim_committing = False
         self._stopped = False
         self._heartbeat_write: green.Task | None = None
         self._heartbeat_started = 0.0
@@ -99,16 +104,37 @@ class NodeService:
     # -- life cycle -------------------------------------------------------
 
     def claim(self) -> None:
-        """Claim this host's service row; ServiceOwned, writing nothing, if a live agent has it."""
-        self.row = self.db.service_start(
+        """Claim this host's service row; ServiceOwned, writing nothing, if a live agent has it.
+
+        Stopping, writing nothing, if a stop was requested before the claim
+        could commit: a claim the start gave up waiting for (a row locked
+        elsewhere) went on in its native thread and committed after the
+        agent had stopped, leaving the row claimed and not marked stopped.
+        """
+        row = self.db.service_start(
             self.host,
             BINARY,
             self.owner,
             down_time=self.conf.service_down_time,
             predecessor=self.predecessor,
+            before_commit=self._claim_goes_ahead,
         )
+        with self._claim_guard:
+            self.row = row
+            self._claim_committing = False
         self.last_heartbeat = self.started_at_mono = green.monotonic()
-        self.disabled = bool(self.row.disabled)
+        self.disabled = bool(row.disabled)
+
+    def _claim_goes_ahead(self) -> None:
+        """The claim's last look at a stop request, in its transaction, before the commit.
+
+        Under the guard, so that either the claim sees the request and is
+        undone, or the stop sees a claim committing and waits for its row.
+        """
+        with self._claim_guard:
+            if self._stop_requested.is_set():
+                raise exception.Stopping("stop requested while claiming the service row")
+            self._claim_committing = True
 
     def release_claim(self) -> None:
         """Give the row back (mark it stopped) when start fails right after the claim."""
@@ -151,7 +177,7 @@ class NodeService:
         self.runner.start()
         freeze_long_lived_objects()
 
-    def run_start_step(self, what: str, step: Callable[[], object]) -> bool:
+    def run_start_step(self, what: str, step: Callable[[], object], *, cancel: bool = True) -> bool:
         """Run one step of the start in a task; True once it ended, False if a stop came first.
 
         A step can wait on a silent dependency for its whole deadline (a
@@ -162,6 +188,9 @@ class NodeService:
         step blocked in a C call sees the cancel when the call returns,
         and the start checks for a stop between its components. A step's
         error is raised here; False also when a stop came while it ran.
+        ``cancel=False`` leaves the step running to the process's exit (the
+        claim: under eventlet a killed greenthread would leave its native
+        commit unwatched; the claim undoes itself when it sees the request).
         """
         over = green.Event()
         self._step_over = over  # request_stop sets it from here on
@@ -172,10 +201,15 @@ class NodeService:
         while not over.wait(0.5):
             pass
         if task.done():
+            if self._stop_requested.is_set():
+                with contextlib.suppress(exception.Stopping):  # the step saw the request
+                    task.result()
+                return False
             task.result()
-            return not self._stop_requested.is_set()
+            return True
         LOG.info("stop requested while %s: the start is given up", what)
-        task.cancel()
+        if cancel:
+            task.cancel()
         self._given_up = task
         return False
 
@@ -217,8 +251,16 @@ class NodeService:
                 LOG.exception("error stopping %s", type(component).__name__)
         self.runner.stop(grace)
         self.lag_monitor.stop()
+        with self._claim_guard:
+            committing = self._claim_committing
         if (left := self._given_up) is not None and not left.done():
-            LOG.info("a start step is still in a call that cannot be cancelled; not waiting for it")
+            if committing:  # its commit is under way: the row is marked stopped below
+                with contextlib.suppress(Exception, green.Cancelled):
+                    left.result(STOP_WRITE_WAIT)
+            else:
+                LOG.info(
+                    "a start step is still in a call that cannot be cancelled; not waiting for it"
+                )
         if self.row is not None and not self.displaced:
             self._mark_stopped()
         self.db.dispose()

@@ -249,8 +249,12 @@ def serve(notifier: sdnotify.Notifier) -> int:
     loop = sdnotify.NotifyLoop(notifier, service.status, CONF.report_interval)
     # A stop request ends either step's wait at once (a locked row, a hung
     # libvirtd); refused (Fatal): one line, nothing written, nothing to stop.
+    # The claim is not cancelled: it undoes itself if it gets to commit after
+    # the request, and the stop waits for a commit already under way.
     claimed = service.run_start_step(
-        "claiming the service row", lambda: claim_host(service, admin, metrics, busy)
+        "claiming the service row",
+        lambda: claim_host(service, admin, metrics, busy),
+        cancel=False,
     )
     try:
         if claimed:

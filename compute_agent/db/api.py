@@ -338,6 +338,7 @@ class Database:
         *,
         down_time: float | None = None,
         predecessor: str | Sequence[str] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ) -> Service:
         """Find or create this host's service row, claim it for ``owner``, mark it started.
 
@@ -346,7 +347,8 @@ class Database:
         is ours or a ``predecessor``'s (the tokens our lock file inherited), says
         it stopped, or its heartbeat is older than ``down_time``. The claim is
         a conditional UPDATE on what was read, so of two agents claiming at
-        once one wins and the other is refused.
+        once one wins and the other is refused. ``before_commit`` runs once
+        the claim is made, before its commit: what it raises undoes the claim.
         """
         now = utcnow()
         with self.transaction() as s:
@@ -374,6 +376,8 @@ class Database:
                         f"the service row of host {host} was created by another agent "
                         "starting at the same moment"
                     ) from None
+                if before_commit is not None:
+                    before_commit()
                 return svc
             if down_time is not None:
                 held = _held_by_other(svc, owner, predecessor, down_time, now)
@@ -398,6 +402,8 @@ class Database:
             s.expunge(svc)  # the UPDATE wrote it: no second write at commit
             for name, value in values.items():
                 setattr(svc, name, value)
+            if before_commit is not None:
+                before_commit()
         return svc
 
     @_offloaded

@@ -3,15 +3,16 @@
 A scrape at thousands of instances builds tens of thousands of lines;
 built on the hub, that would stall every greenthread for its whole
 length. Here the listening socket is a native one: one native thread
-accepts connections and reads their requests (non-blocking, each under a
-deadline), and a fixed pool of native threads renders and sends the
-scrapes queued to it, so the hub only loses the GIL for a switch
-interval at a time. Nothing here touches eventlet, logs, or calls
+accepts connections, reads their requests and sends what a reply's
+reader has not taken yet (non-blocking, each under a deadline), and a
+fixed pool of native threads renders the scrapes queued to it, so the hub
+only loses the GIL for a switch interval at a time. Nothing here touches eventlet, logs, or calls
 libvirt or the database.
 """
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Iterator
 from typing import Any, Protocol
 
@@ -34,6 +35,8 @@ READ_TIMEOUT_S = 5.0
 WRITE_TIMEOUT_S = 10.0
 # Connections whose request is still coming; a new one drops the oldest.
 MAX_PENDING = 64
+# Replies whose reader is slow, sent by the accept thread; a new one drops the oldest.
+MAX_SENDING = 64
 # Threads that render and send scrapes (a fixed pool: a flood never adds threads).
 MAX_CLIENTS = 4
 # Whole requests waiting for one of them, served in turn; one more gets 503.
@@ -78,6 +81,11 @@ class MetricsServer:
         # before that share it instead of rendering again (see _body).
         self._last: tuple[float, bytes] | None = None
         self._sock: Any = None
+        # Replies a scrape thread could not send at once, for the accept
+        # thread to finish; the socket pair wakes its poll when one comes.
+        self._outbox: collections.deque[_Sending] = collections.deque()
+        self._wake_r: Any = None
+        self._wake_w: Any = None
         self._stopping = False
         self._thread: Any = None
         self.scrapes = 0
@@ -116,6 +124,9 @@ class MetricsServer:
     def start(self, service: Any = None) -> None:
         if self._sock is None:
             self.listen()
+        self._wake_r, self._wake_w = _socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self._workers = [
             green.native_thread(self._work, name=f"metrics-scrape-{n}") for n in range(MAX_CLIENTS)
         ]
@@ -139,6 +150,9 @@ class MetricsServer:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        for end in (self._wake_r, self._wake_w):
+            if end is not None:
+                end.close()  # a late hand-over's send then fails, and it closes its reply
 
     # -- serving (native threads) -----------------------------------------
 
@@ -175,18 +189,28 @@ class MetricsServer:
         them and every scrape got 503. Here each connection has
         READ_TIMEOUT_S in all to send its request, and at most MAX_PENDING
         wait at once (the oldest is dropped for a new one).
+
+        The rest of a reply its scraper was slow to take is sent from here
+        too, as the socket takes it: four scrapers that never read held the
+        four scrape threads for WRITE_TIMEOUT_S each, and every other scrape
+        waited behind them. Each has WRITE_TIMEOUT_S in all, and at most
+        MAX_SENDING are sent at once (the oldest is dropped for a new one).
         """
         listener = self._sock
         listener.setblocking(False)
         poller = _select.poll()
         poller.register(listener.fileno(), _select.POLLIN)
-        pending: dict[int, _Pending] = {}  # by fd, oldest first
+        poller.register(self._wake_r.fileno(), _select.POLLIN)
+        pending: dict[int, _Timed] = {}  # requests still coming, by fd, oldest first
+        sending: dict[int, _Timed] = {}  # replies still going, by fd, oldest first
         try:
             while not self._stopping:
                 now = green.monotonic()
                 wait = ACCEPT_POLL_S
-                if pending:
-                    wait = min(wait, max(0.0, next(iter(pending.values())).deadline - now))
+                for table in (pending, sending):
+                    first = next(iter(table.values()), None)
+                    if first is not None:
+                        wait = min(wait, max(0.0, first.deadline - now))
                 try:
                     ready = poller.poll(wait * 1000)
                 except InterruptedError:
@@ -194,16 +218,23 @@ class MetricsServer:
                 for fd, _ in ready:
                     if fd == listener.fileno():
                         self._accept(listener, poller, pending)
-                    elif fd in pending:
-                        self._read(pending[fd], poller, pending)
+                    elif fd == self._wake_r.fileno():
+                        self._take_outbox(poller, sending)
+                    elif isinstance(waiting := pending.get(fd), _Pending):
+                        self._read(waiting, poller, pending)
+                    elif isinstance(reply := sending.get(fd), _Sending):
+                        self._send_more(reply, poller, sending)
                 now = green.monotonic()
-                for fd in [fd for fd, p in pending.items() if p.deadline <= now]:
-                    self._drop(pending.pop(fd), poller)
+                for table in (pending, sending):
+                    for fd in [fd for fd, p in table.items() if p.deadline <= now]:
+                        self._drop(table.pop(fd), poller)
         finally:
-            for waiting in pending.values():
+            for waiting in (*pending.values(), *sending.values()):
                 waiting.conn.close()
+            while self._outbox:
+                self._outbox.popleft().conn.close()
 
-    def _accept(self, listener: Any, poller: Any, pending: dict[int, _Pending]) -> None:
+    def _accept(self, listener: Any, poller: Any, pending: dict[int, _Timed]) -> None:
         try:
             conn, _ = listener.accept()
         except OSError:
@@ -216,11 +247,39 @@ class MetricsServer:
         pending[conn.fileno()] = _Pending(conn, green.monotonic() + READ_TIMEOUT_S)
         poller.register(conn.fileno(), _select.POLLIN)
 
-    def _drop(self, waiting: _Pending, poller: Any) -> None:
+    def _drop(self, waiting: _Timed, poller: Any) -> None:
         poller.unregister(waiting.conn.fileno())
         waiting.conn.close()
 
-    def _read(self, waiting: _Pending, poller: Any, pending: dict[int, _Pending]) -> None:
+    def _take_outbox(self, poller: Any, sending: dict[int, _Timed]) -> None:
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except BlockingIOError:
+            pass
+        while self._outbox:
+            reply = self._outbox.popleft()
+            if len(sending) >= MAX_SENDING:
+                self._drop(sending.pop(next(iter(sending))), poller)
+            sending[reply.conn.fileno()] = reply
+            poller.register(reply.conn.fileno(), _select.POLLOUT)
+
+    def _send_more(self, reply: _Sending, poller: Any, sending: dict[int, _Timed]) -> None:
+        if _send_some(reply):
+            del sending[reply.conn.fileno()]
+            self._drop(reply, poller)
+
+    def _hand_over(self, reply: _Sending) -> None:
+        """From a scrape thread: the accept thread sends the rest of this reply."""
+        self._outbox.append(reply)
+        try:
+            self._wake_w.send(b"!")
+        except BlockingIOError:
+            pass  # the pair is full: the accept thread is already due to look
+        except OSError:
+            reply.conn.close()  # stopped meanwhile: nobody will send it
+
+    def _read(self, waiting: _Pending, poller: Any, pending: dict[int, _Timed]) -> None:
         conn = waiting.conn
         try:
             chunk = conn.recv(4096)
@@ -257,12 +316,14 @@ class MetricsServer:
         conn.close()
 
     def _work(self) -> None:
-        """A scrape thread: serve queued scrapes, in the order they came, until stopped.
+        """A scrape thread: render queued scrapes, in the order they came, until stopped.
 
         A flood fills the queue, not the process with threads; a
         legitimate scrape waits its turn there instead of losing every
         race for a free thread to the flood's retries (it got 503 at
-        each of 59 tries at 16 flooding clients).
+        each of 59 tries at 16 flooding clients). The thread sends what
+        the socket takes at once and hands the rest to the accept thread,
+        so a scraper that stops reading never holds it.
         """
         while True:
             item = self._queue.get()
@@ -271,39 +332,71 @@ class MetricsServer:
                     item[0].close()
                 return
             conn, head, arrived = item
-            try:
-                # sendall's timeout bounds the whole reply: a scraper that
-                # stops reading frees the thread after WRITE_TIMEOUT_S.
-                conn.settimeout(WRITE_TIMEOUT_S)
-                self._scrape(conn, head, arrived)
-            except OSError:
-                pass
-            finally:
+            reply = _Sending(conn, self._scrape(head, arrived), WRITE_TIMEOUT_S)
+            if _send_some(reply) or self._stopping:
                 conn.close()
+            else:
+                self._hand_over(reply)
 
-    def _scrape(self, conn: Any, head: bool, arrived: float) -> None:
+    def _scrape(self, head: bool, arrived: float) -> bytes:
+        """The whole reply to a scrape: the body, or a 500 saying why there is none."""
         try:
             body = self._body(arrived)
         except Exception as exc:  # noqa: BLE001 - reported to the scraper, never ends the server
             with self._counts_guard:
                 self.errors += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
-            _reply(conn, 500, f"cannot render metrics: {self.last_error}\n".encode())
-            return
+            return _response(500, f"cannot render metrics: {self.last_error}\n".encode())
         with self._counts_guard:
             self.scrapes += 1
-        _reply(conn, 200, body, content_type=CONTENT_TYPE, head=head)
+        return _response(200, body, content_type=CONTENT_TYPE, head=head)
 
 
-class _Pending:
-    """A connection whose request is still coming, and when it must have come."""
+class _Timed:
+    """A connection the accept thread watches, and when it is dropped."""
 
-    __slots__ = ("conn", "deadline", "data")
+    __slots__ = ("conn", "deadline")
 
     def __init__(self, conn: Any, deadline: float) -> None:
         self.conn = conn
         self.deadline = deadline
+
+
+class _Pending(_Timed):
+    """A connection whose request is still coming."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, conn: Any, deadline: float) -> None:
+        super().__init__(conn, deadline)
         self.data = bytearray()
+
+
+class _Sending(_Timed):
+    """A reply on its way, and what is left of it.
+
+    Invariant: ``sent`` never exceeds ``len(data)``; the socket is non-blocking.
+    """
+
+    __slots__ = ("data", "sent")
+
+    def __init__(self, conn: Any, data: bytes, within: float) -> None:
+        conn.setblocking(False)
+        super().__init__(conn, green.monotonic() + within)
+        self.data = memoryview(data)
+        self.sent = 0
+
+
+def _send_some(reply: _Sending) -> bool:
+    """Send what the socket takes now; True once the reply is done with (all sent, or failed)."""
+    try:
+        while reply.sent < len(reply.data):
+            reply.sent += reply.conn.send(reply.data[reply.sent :])
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # the scraper went away: nothing more to send
+    return True
 
 
 _REASONS = {
@@ -335,15 +428,14 @@ def _parse_request(conn: Any, data: bytes) -> tuple[str, str] | None:
     return method, path
 
 
-def _reply(
-    conn: Any,
+def _response(
     status: int,
     body: bytes,
     *,
     content_type: str = "text/plain; charset=utf-8",
     head: bool = False,
     extra: list[tuple[str, str]] | None = None,
-) -> None:
+) -> bytes:
     headers = [
         f"HTTP/1.0 {status} {_REASONS.get(status, 'Error')}",
         f"Content-Type: {content_type}",
@@ -351,7 +443,12 @@ def _reply(
         "Connection: close",
         *(f"{k}: {v}" for k, v in extra or []),
     ]
+    return ("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + (b"" if head else body)
+
+
+def _reply(conn: Any, status: int, body: bytes, **kwargs: Any) -> None:
+    """A short reply from the accept thread: what the socket takes at once (a few hundred bytes)."""
     try:
-        conn.sendall(("\r\n".join(headers) + "\r\n\r\n").encode("ascii") + (b"" if head else body))
+        conn.sendall(_response(status, body, **kwargs))
     except OSError:
         pass

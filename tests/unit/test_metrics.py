@@ -242,6 +242,55 @@ def test_slow_and_silent_clients_never_take_the_scrape_slots(agent):
         server.stop()
 
 
+class _BigBody:
+    """A collector whose text is larger than the kernel's buffers on loopback take."""
+
+    def __init__(self, megabytes: int) -> None:
+        self.text = "x" * (megabytes * 1_000_000)
+
+    def collect(self):
+        return iter(())
+
+    def instance_text(self) -> str:
+        return self.text
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_scrapers_that_never_read_hold_no_scrape_thread(monkeypatch):
+    """Eight scrapers of an 8 MB body that never read held the four scrape threads
+    WRITE_TIMEOUT_S each: a scrape beside them waited two rounds of it (19.6 s at 10 s,
+    bench.metrics_attack nonreader). The accept thread now sends what they leave."""
+    monkeypatch.setattr(server_mod, "WRITE_TIMEOUT_S", 4.0)
+    server = MetricsServer("127.0.0.1", 0, _BigBody(8))
+    server.start()
+    port = server.bound_port
+    before = _open_fds()
+    hold = []
+    try:
+        for _ in range(2 * server_mod.MAX_CLIENTS):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            hold.append(sock)
+        assert eventually(lambda: server.scrapes == len(hold), 10, "the eight renders")
+        started = green.monotonic()
+        assert scrape(port) == 200
+        took = green.monotonic() - started
+        assert took < 2.0, f"a scrape waited {took:.1f} s behind scrapers that never read"
+        # Each non-reader's reply is dropped at its deadline: the server's side is closed.
+        assert eventually(lambda: _open_fds() == before + len(hold), 15, "the replies dropped")
+    finally:
+        for sock in hold:
+            sock.close()
+        server.stop()
+
+
 def test_a_trickling_request_is_cut_at_its_deadline(agent, monkeypatch):
     """READ_TIMEOUT_S bounds the whole request, not each read of it."""
     monkeypatch.setattr(server_mod, "READ_TIMEOUT_S", 1.0)
