@@ -5,9 +5,9 @@ built on the hub, that would stall every greenthread for its whole
 length. Here the listening socket is a native one: one native thread
 accepts connections, reads their requests and sends what a reply's
 reader has not taken yet (non-blocking, each under a deadline), and a
-fixed pool of native threads renders the scrapes queued to it, so the hub
-only loses the GIL for a switch interval at a time. Nothing here touches eventlet, logs, or calls
-libvirt or the database.
+fixed pool of native threads renders the scrapes queued to it, so the
+hub only loses the GIL for a switch interval at a time. Nothing here
+touches eventlet, logs, or calls libvirt or the database.
 """
 
 from __future__ import annotations
