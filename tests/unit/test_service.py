@@ -172,24 +172,28 @@ def test_a_start_given_up_in_an_uncancellable_call_starts_nothing_after_it(conf,
     assert svc.runner.tasks[HEARTBEAT].runs == 0  # the periodic tasks never started
 
 
-def _claim_with_a_stop(conf, sqlite_db, monkeypatch, *, hold_before: float, hold_after: float):
-    """A claim whose statement is held (a row locked elsewhere) ``hold_before`` s in a
-    native call before it reaches the database, and whose return is held ``hold_after``
-    s after its commit; a stop request comes 0.1 s in. Returns the row once all is over."""
+def _claim_with_a_stop(conf, sqlite_db, monkeypatch, *, stop_before_commit: bool):
+    """A claim that a stop request meets held in a native call for 0.5 s (a row locked
+    elsewhere), either before its statement reaches the database or just after its
+    commit; the request comes from the claim itself, so no clock decides which.
+    Returns the row once all is over."""
     real = sqlite_db.service_start
+    svc = NodeService(conf, sqlite_db)
 
     def held(*args, **kwargs):
-        green.execute(green.native_sleep, hold_before)  # not cancellable, as a C call
+        if stop_before_commit:
+            svc.request_stop("test")
+            green.execute(green.native_sleep, 0.5)  # not cancellable, as a C call
+            return real(*args, **kwargs)
         row = real(*args, **kwargs)
-        green.execute(green.native_sleep, hold_after)
+        svc.request_stop("test")
+        green.execute(green.native_sleep, 0.5)
         return row
 
     monkeypatch.setattr(sqlite_db, "service_start", held)
-    svc = NodeService(conf, sqlite_db)
-    green.call_later(0.1, svc.request_stop, "test")
     assert svc.run_start_step("claiming the service row", svc.claim, cancel=False) is False
     svc.stop()
-    green.sleep(hold_before + hold_after + 0.5)  # whatever the step does after, it has done
+    green.sleep(1.0)  # whatever the step does after, it has done
     return sqlite_db.service_get(conf.host, BINARY)
 
 
@@ -198,14 +202,14 @@ def test_a_claim_that_reaches_the_database_after_a_stop_request_is_undone(
 ):
     """The CI's SIGTERM 0.6 s into a loaded start: the claim the start gave up went on in
     its thread and committed after the stop, leaving the row claimed and not stopped."""
-    row = _claim_with_a_stop(conf, sqlite_db, monkeypatch, hold_before=0.5, hold_after=0)
+    row = _claim_with_a_stop(conf, sqlite_db, monkeypatch, stop_before_commit=True)
     assert row is None  # the claim saw the request before its commit: nothing written
 
 
 def test_a_claim_committing_when_the_stop_comes_is_waited_for_and_marked_stopped(
     conf, sqlite_db, monkeypatch
 ):
-    row = _claim_with_a_stop(conf, sqlite_db, monkeypatch, hold_before=0, hold_after=0.5)
+    row = _claim_with_a_stop(conf, sqlite_db, monkeypatch, stop_before_commit=False)
     assert row is not None and row.stopped_at is not None
 
 
